@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up tensorslim on a fresh Debian machine: Fashion-MNIST (Debian package) and a
+# virtual environment in .venv with CPU torch, tensorslim and its test/benchmark extras.
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  elif command -v sudo >/dev/null; then
+    sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "setup: cannot install dataset-fashion-mnist (not root, no sudo); set TENSORSLIM_DATA to a folder with the four Fashion-MNIST *-ubyte.gz files" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# constraints.txt pins the CPU torch build so no dependency drags in a CUDA one.
+.venv/bin/pip install -q -c constraints.txt torch==2.13.0
+.venv/bin/pip install -q -c constraints.txt -e ".[test,bench]"

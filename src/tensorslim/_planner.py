@@ -1,0 +1,293 @@
+"""The planner behind :func:`tensorslim.make_plan`: trace shapes, enumerate rank candidates
+per layer, and pick ranks from the goal (manual ranks, energy, or a whole-model budget)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from math import prod
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .cost import CostReport, count
+from .plan import KEEP, METHODS, CompressionPlan, LayerSpec
+
+GOALS = ("ranks", "target_macs", "target_params", "energy")
+OPTIONS = ("include", "exclude", "objective", "measure_error", "tt_order")
+_CONV = (nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class _Layer:
+    """A compressible layer being planned."""
+
+    name: str
+    module: nn.Module
+    method: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    params: int
+    macs: int
+    options: dict
+    cls: type | None = None
+    calls: int = 1
+
+
+def auto_method(module: nn.Module) -> str:
+    """``auto``: Tucker-2 for convs with a spatial kernel, SVD for Linear and 1x1 convs."""
+    if isinstance(module, _CONV) and prod(module.kernel_size) > 1:
+        return "tucker"
+    return "svd"
+
+
+def factorize(n: int, d: int) -> tuple[int, ...]:
+    """Split ``n`` into ``d`` balanced integer factors (largest first), e.g. 4096,3 -> 16,16,16."""
+    from .layers.tt import factorize as _f
+
+    return tuple(_f(n, d))
+
+
+def _check_goal(method: str, goal: dict) -> tuple[str, Any]:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    unknown = set(goal) - set(GOALS) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown make_plan arguments {sorted(unknown)}; accepted: {GOALS + OPTIONS}")
+    given = [g for g in GOALS if goal.get(g) is not None]
+    if len(given) != 1:
+        raise ValueError(f"make_plan needs exactly one of {GOALS}, got {given or 'none'}")
+    kind = given[0]
+    value = goal[kind]
+    if kind in ("target_macs", "target_params", "energy"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"{kind} must be a number in (0, 1], got {value!r}")
+    objective = goal.get("objective", "macs")
+    if objective not in ("macs", "params"):
+        raise ValueError(f"objective must be 'macs' or 'params', got {objective!r}")
+    return kind, value
+
+
+def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
+    if include is not None and not any(fnmatch(name, p) for p in _patterns(include, "include")):
+        return False
+    return not (exclude is not None and any(fnmatch(name, p) for p in _patterns(exclude, "exclude")))
+
+
+def _patterns(p: str | Sequence[str], what: str) -> Sequence[str]:
+    if isinstance(p, str):
+        return [p]
+    if not all(isinstance(x, str) for x in p):
+        raise TypeError(f"{what} must be a glob string or a list of them, got {p!r}")
+    return p
+
+
+def _collect(model: nn.Module, method: str, report: CostReport, goal: dict) -> tuple[list[_Layer], list[LayerSpec]]:
+    """Split counted layers into compressible ones and specs of layers kept as they are."""
+    from .layers import FactorizedLayer, layer_for
+
+    modules = dict(model.named_modules())
+    todo, kept = [], []
+    for lc in report.layers:
+        mod = modules[lc.name]
+        keep = dict(name=lc.name, layer_type=lc.type, method=KEEP, rank=None, params_before=lc.params,
+                    params_after=lc.params, macs_before=lc.macs, macs_after=lc.macs,
+                    in_shape=lc.in_shape, out_shape=lc.out_shape)
+        if isinstance(mod, FactorizedLayer):
+            kept.append(LayerSpec(**keep, reason="already factorized"))
+            continue
+        if not _selected(lc.name, goal.get("include"), goal.get("exclude")):
+            kept.append(LayerSpec(**keep, reason="not selected by include/exclude"))
+            continue
+        if lc.macs == 0 or not lc.out_shape:
+            kept.append(LayerSpec(**keep, reason="not called by the example inputs"))
+            continue
+        m = auto_method(mod) if method == "auto" else method
+        try:
+            cls = layer_for(m, mod)
+        except ValueError as e:
+            kept.append(LayerSpec(**keep, reason=str(e)))
+            continue
+        layer = _Layer(lc.name, mod, m, lc.in_shape, lc.out_shape, lc.params, lc.macs, {}, cls)
+        if m == "tt":
+            d = int(goal.get("tt_order", 3))
+            layer.options = {"in_modes": factorize(mod.in_features, d), "out_modes": factorize(mod.out_features, d)}
+        dense_macs = _dense_call_macs(mod, lc.out_shape)
+        layer.calls = max(1, round(lc.macs / dense_macs)) if dense_macs else 1
+        todo.append(layer)
+    return todo, kept
+
+
+def _dense_call_macs(mod: nn.Module, out_shape: tuple[int, ...]) -> int:
+    if isinstance(mod, nn.Linear):
+        return prod(out_shape) * mod.in_features
+    return prod(out_shape) * (mod.in_channels // mod.groups) * prod(mod.kernel_size)
+
+
+def layer_cost(layer: _Layer, rank: Any) -> tuple[int, int]:
+    """(params, MACs for the example inputs) of ``layer`` factorized at ``rank``."""
+    batch = layer.in_shape[0] if layer.in_shape else 1
+    p, m = layer.cls.cost(layer.module, rank, layer.in_shape[1:], layer.out_shape[1:], **layer.options)
+    return int(p), int(m) * batch * layer.calls
+
+
+def rank_candidates(layer: _Layer, objective: int) -> list[tuple[Any, tuple[int, int]]]:
+    """Valid ranks of ``layer`` whose ``objective`` cost (0 params, 1 MACs) is below dense,
+    sorted by that cost."""
+    dense = (layer.params, layer.macs)
+    out = []
+    for r in _rank_space(layer):
+        try:
+            c = layer_cost(layer, r)
+        except ValueError:
+            continue
+        if c[objective] < dense[objective]:
+            out.append((r, c))
+    out.sort(key=lambda rc: (rc[1][objective], rc[1][1 - objective]))
+    return out
+
+
+def _rank_space(layer: _Layer) -> list[Any]:
+    mod, m = layer.module, layer.method
+    if isinstance(mod, nn.Linear):
+        out_f, in_f = mod.out_features, mod.in_features
+    else:
+        out_f, in_f = mod.out_channels, mod.in_channels
+    if m == "svd":
+        k = 1 if isinstance(mod, nn.Linear) else prod(mod.kernel_size) * mod.in_channels // mod.groups
+        return list(range(1, min(out_f, k) + 1))
+    if m == "tucker":
+        n = max(in_f, out_f)
+        pairs = {(max(1, round(i * in_f / n)), max(1, round(i * out_f / n))) for i in range(1, n + 1)}
+        return sorted(pairs, key=lambda p: (p[0] * p[1], p))
+    if m == "cp":
+        per_rank = in_f + out_f + sum(mod.kernel_size)
+        hi = layer.params // max(1, per_rank) + 2
+        return list(range(1, hi + 1))
+    if m == "tt":
+        ins, outs = layer.options["in_modes"], layer.options["out_modes"]
+        per_rank2 = sum(a * b for a, b in zip(ins, outs))
+        hi = int((layer.params / max(1, per_rank2)) ** 0.5) + 2
+        return list(range(1, hi + 1))
+    raise ValueError(f"no rank space for method {m!r}")
+
+
+def build_plan(model: nn.Module, method: str, example_inputs: Any, goal: dict) -> CompressionPlan:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"make_plan expects an nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        raise ValueError("make_plan needs example_inputs (a tensor or tuple) to trace layer shapes")
+    kind, value = _check_goal(method, goal)
+    objective = "params" if kind == "target_params" else "macs" if kind == "target_macs" else goal.get("objective", "macs")
+    obj = 0 if objective == "params" else 1
+    report = count(model, example_inputs)
+    todo, kept = _collect(model, method, report, goal)
+    if kind == "ranks":
+        chosen = {l.name: _manual_rank(l, value) for l in todo}
+    elif kind == "energy":
+        chosen = {l.name: _energy_rank(l, value) for l in todo}
+    else:
+        from .rank.budget import solve_budget
+
+        cands = {l.name: rank_candidates(l, obj) for l in todo}
+        total = report.total_params if obj == 0 else report.total_macs
+        chosen = solve_budget(todo, cands, total, value, obj, kind)
+    specs = kept + [_spec(l, chosen[l.name], obj, objective) for l in todo]
+    order = {lc.name: i for i, lc in enumerate(report.layers)}
+    specs.sort(key=lambda s: order[s.name])
+    if goal.get("measure_error"):
+        specs = [_with_error(model, s) for s in specs]
+    goal_json = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in goal.items() if v is not None}
+    plan = CompressionPlan(
+        layers=(), method=method, goal={**goal_json, "objective": objective},
+        params_before=report.total_params, params_after=report.total_params,
+        macs_before=report.total_macs, macs_after=report.total_macs,
+    )
+    return plan.with_layers(tuple(specs))
+
+
+def _spec(layer: _Layer, rank: Any, obj: int, objective: str) -> LayerSpec:
+    base = dict(name=layer.name, layer_type=type(layer.module).__name__, params_before=layer.params,
+                macs_before=layer.macs, in_shape=layer.in_shape, out_shape=layer.out_shape)
+    if isinstance(rank, str):  # a reason to keep the layer dense
+        return LayerSpec(**base, method=KEEP, rank=None, params_after=layer.params, macs_after=layer.macs, reason=rank)
+    p, m = layer_cost(layer, rank)
+    if (p, m)[obj] >= (layer.params, layer.macs)[obj]:
+        return LayerSpec(**base, method=KEEP, rank=None, params_after=layer.params, macs_after=layer.macs,
+                         reason=f"{layer.method} at rank {rank} would not reduce {objective} "
+                                f"({(p, m)[obj]:,d} >= {(layer.params, layer.macs)[obj]:,d}); kept dense")
+    return LayerSpec(**base, method=layer.method, rank=rank, params_after=p, macs_after=m,
+                     options=dict(layer.options), reason="")
+
+
+def _manual_rank(layer: _Layer, ranks: Any) -> Any:
+    if isinstance(ranks, dict):
+        if layer.name not in ranks:
+            return "no rank given for this layer"
+        r = ranks[layer.name]
+    else:
+        r = ranks
+    if isinstance(r, float) and not isinstance(r, bool):
+        if not 0 < r <= 1:
+            raise ValueError(f"layer {layer.name}: a fractional rank must be in (0, 1], got {r}")
+        return _fraction_rank(layer, r)
+    if isinstance(r, list):
+        r = tuple(r)
+    if layer.method == "tucker" and isinstance(r, int):
+        r = (r, r)
+    if layer.method == "tucker" and not isinstance(ranks, dict):
+        mod = layer.module
+        r = (min(r[0], mod.in_channels), min(r[1], mod.out_channels))
+    try:
+        layer_cost(layer, r)  # validates the rank against the layer
+    except ValueError as e:
+        raise ValueError(f"layer {layer.name} ({type(layer.module).__name__}): {e}") from None
+    return r
+
+
+def _fraction_rank(layer: _Layer, f: float) -> Any:
+    mod = layer.module
+    out_f = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+    in_f = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
+    if layer.method == "tucker":
+        return (max(1, round(f * in_f)), max(1, round(f * out_f)))
+    space = _rank_space(layer)
+    return space[max(0, min(len(space) - 1, round(f * len(space)) - 1))]
+
+
+def _energy_rank(layer: _Layer, energy: float) -> Any:
+    from .tensor import unfold
+
+    w = layer.module.weight.detach().double()
+    if layer.method == "svd":
+        return _keep_energy(w.reshape(w.shape[0], -1), energy)
+    if layer.method == "tucker":
+        return (_keep_energy(unfold(w, 1), energy), _keep_energy(unfold(w, 0), energy))
+    if layer.method == "tt":
+        from .tensor import tt_matrix
+
+        eps = (1.0 - energy) ** 0.5
+        tt = tt_matrix(w, layer.options["in_modes"], layer.options["out_modes"], eps=eps)
+        return max(tt.ranks)
+    raise ValueError(
+        f"layer {layer.name}: the energy rule works for svd, tucker and tt; CP has no nested "
+        f"optimal truncation, so use ranks= or target_macs=/target_params= with method 'cp'"
+    )
+
+
+def _keep_energy(m: torch.Tensor, energy: float) -> int:
+    s2 = torch.linalg.svdvals(m) ** 2
+    frac = torch.cumsum(s2, 0) / s2.sum()
+    return int(torch.searchsorted(frac, torch.tensor(energy, dtype=frac.dtype) - 1e-12).item()) + 1
+
+
+def _with_error(model: nn.Module, spec: LayerSpec) -> LayerSpec:
+    if not spec.compressed:
+        return spec
+    from dataclasses import replace
+
+    from .surgery import build_layer
+
+    layer = build_layer(model.get_submodule(spec.name), spec, decompose=True)
+    return replace(spec, error=layer.approx_error)
+

@@ -1,0 +1,271 @@
+"""Command line: thin argument parsing into the public API (no logic here).
+
+    tensorslim train    --model vgg16 --width 0.25 --epochs 30 --out runs/train
+    tensorslim compress --model vgg16 --method tucker --target-macs 0.25 --finetune-steps 400 --out runs/c
+    tensorslim evaluate --checkpoint runs/c --test-subset 2000 [--json]
+    tensorslim sweep    --model vgg16 --layers features.3,features.24 --ranks 4,8,16,32 --out runs/sweep
+    tensorslim export   --checkpoint runs/c --out runs/c/model.onnx
+    tensorslim demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from .plan import METHODS
+
+_EPILOG = ("A model is --model NAME (registry; the shipped weights unless --weights PATH is given) "
+           "or --checkpoint DIR (a folder written by `tensorslim compress`/tensorslim.save, or by "
+           "`tensorslim train`). Bad input exits with code 2 and a message.")
+
+
+def _ranks(text: str) -> Any:
+    """--ranks: an int, a fraction in (0, 1], or a JSON object {layer: rank}."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected an int (8), a fraction in (0, 1] (0.25) or a JSON object "
+            f"'{{\"features.3\": 8}}', got {text!r}")
+    return value
+
+
+def _names(text: str) -> tuple[str, ...]:
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 4,8,16, got {text!r}") from None
+
+
+def _source(args: argparse.Namespace) -> Any:
+    from .workflows import Source
+
+    return Source(model=args.model, weights=args.weights, checkpoint=args.checkpoint,
+                  width=args.width, pad_to_32=args.pad_to_32)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(model=args.model, method=args.method, target_macs=args.target_macs,
+                        finetune_steps=args.finetune_steps, threads=args.threads,
+                        test_subset=args.test_subset, out_dir=args.out))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train_registry_model
+
+    train_registry_model(args.model, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
+                         lr=args.lr, seed=args.seed, out_dir=args.out, threads=args.threads,
+                         pad_to_32=args.pad_to_32, val_size=args.val_size, subset=args.subset,
+                         max_steps=args.max_steps, progress=True)
+    return 0
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from .workflows import CompressConfig, run_compress
+
+    goal = {k: getattr(args, k) for k in ("ranks", "target_macs", "target_params", "energy",
+                                           "include", "exclude") if getattr(args, k) is not None}
+    run_compress(CompressConfig(source=_source(args), method=args.method, goal=goal, out_dir=args.out,
+                                finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+                                batch_size=args.batch_size, latency_batch=args.latency_batch,
+                                threads=args.threads, test_subset=args.test_subset, seed=args.seed))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .workflows import SweepConfig, run_sweep_config
+
+    run_sweep_config(SweepConfig(source=_source(args), layers=args.layers, ranks=args.ranks,
+                                 methods=args.methods, finetune_steps=args.finetune_steps,
+                                 finetune_lr=args.finetune_lr, batch_size=args.batch_size,
+                                 test_subset=args.test_subset, latency_batch=args.latency_batch,
+                                 threads=args.threads, repeats=args.repeats, out_dir=args.out,
+                                 seed=args.seed))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .report import ModelSummary, summary_table
+    from .workflows import run_evaluate
+
+    res = run_evaluate(_source(args), test_subset=args.test_subset, latency_batch=args.latency_batch,
+                       threads=args.threads, with_accuracy=not args.no_accuracy)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(summary_table([ModelSummary(res["label"], res["accuracy"], res["params"], res["macs"],
+                                          res["latency_ms"])]))
+        print(f"(test images: {res['test_images']}, input {res['input_size']}x{res['input_size']}, "
+              f"MACs per image, latency at batch {res['latency_batch']} with {res['threads']} threads)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .workflows import run_export
+
+    res = run_export(_source(args), args.out, check=not args.no_check, opset=args.opset,
+                     dynamo=args.dynamo, latency_batch=args.latency_batch, threads=args.threads)
+    print(json.dumps(res.as_dict(), indent=2) if args.json else res.table())
+    if res.matches is False:
+        print("tensorslim export: error: onnxruntime outputs differ from torch beyond the tolerance",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (one of --model NAME [--weights PATH] or --checkpoint DIR)")
+    g.add_argument("--model", help="registry model name (e.g. vgg16)")
+    g.add_argument("--weights", help="state dict (.safetensors with its .json record, or .pt) for --model")
+    g.add_argument("--checkpoint", help="checkpoint folder (tensorslim.save or tensorslim train output)")
+    g.add_argument("--width", type=float, help="width of --model for a bare state dict (default 1.0)")
+    g.add_argument("--pad-to-32", action="store_true", default=None,
+                   help="feed 32x32 inputs (default: as recorded with the weights, else 28x28)")
+
+
+def _add_run(p: argparse.ArgumentParser, *, finetune: int | None = None) -> None:
+    p.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--latency-batch", type=int, default=64, help="batch size for latency (default 64)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    if finetune is not None:
+        p.add_argument("--finetune-steps", type=int, default=finetune,
+                       help=f"SGD fine-tune steps, distilled from the dense model (default {finetune})")
+        p.add_argument("--finetune-lr", type=float, default=0.01)
+        p.add_argument("--batch-size", type=int, default=128, help="fine-tune batch size")
+        p.add_argument("--seed", type=int, default=0)
+
+
+def _add_demo(sub: Any) -> None:
+    d = sub.add_parser("demo", help="compress the shipped Fashion-MNIST model to a MAC target, fine-tune, report",
+                       description="Load the shipped VGG-16, compress it whole-model (default Tucker-2 to 4x "
+                                   "fewer MACs), fine-tune briefly with distillation, print a table and write a report.")
+    d.add_argument("--model", default="vgg16")
+    d.add_argument("--method", default="tucker", choices=["tucker", "cp", "svd", "auto"])
+    d.add_argument("--target-macs", type=float, default=0.25, help="fraction of MACs to keep (0.25 = 4x fewer)")
+    d.add_argument("--finetune-steps", type=int, default=400)
+    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images only")
+    d.add_argument("--out", default="runs/demo", help="output folder (report.md, PNGs, checkpoint)")
+    d.set_defaults(func=_demo)
+
+
+def _add_train(sub: Any) -> None:
+    t = sub.add_parser("train", help="train a registry model on Fashion-MNIST",
+                       description="Train a registry model on the seeded 55k Fashion-MNIST training split "
+                                   "and write OUT/NAME.safetensors + OUT/NAME.json (use them with "
+                                   "--checkpoint OUT or --weights OUT/NAME.safetensors).")
+    t.add_argument("--model", default="vgg16")
+    t.add_argument("--width", type=float, default=0.25, help="channel width multiplier (default 0.25)")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="runs/train", help="output folder")
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--pad-to-32", action="store_true", help="train on 32x32 (padded) inputs")
+    t.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
+    t.add_argument("--subset", type=int, help="train on the first N training images only")
+    t.add_argument("--max-steps", type=int, help="stop after N SGD steps")
+    t.set_defaults(func=_train)
+
+
+def _add_compress(sub: Any) -> None:
+    c = sub.add_parser("compress", help="compress a model to a goal, fine-tune, save checkpoint + report",
+                       description="Plan (one goal), decompose, optionally fine-tune with distillation, print "
+                                   "the plan and a before/after table, and write OUT/ (model.safetensors, "
+                                   "plan.json, meta.json, report.md, summary.png, layers.png).", epilog=_EPILOG)
+    _add_source(c)
+    c.add_argument("--method", default="tucker", choices=METHODS, help="default tucker")
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ranks", type=_ranks, help="int, fraction in (0, 1], or JSON {layer: rank}")
+    g.add_argument("--target-macs", type=float, help="keep this fraction of MACs (0.25 = 4x fewer)")
+    g.add_argument("--target-params", type=float, help="keep this fraction of parameters")
+    g.add_argument("--energy", type=float, help="fraction of squared singular values kept per layer")
+    c.add_argument("--include", action="append", help="glob of layer names to compress (repeatable)")
+    c.add_argument("--exclude", action="append", help="glob of layer names to keep dense (repeatable)")
+    _add_run(c, finetune=0)
+    c.add_argument("--out", default="runs/compress", help="output folder")
+    c.set_defaults(func=_compress)
+
+
+def _add_sweep(sub: Any) -> None:
+    s = sub.add_parser("sweep", help="per-layer CP/Tucker rank sweep (params, speed-up, error, accuracy)",
+                       description="For each layer (one at a time, the rest dense), each method and rank: "
+                                   "parameter reduction, measured layer speed-up, approximation error, "
+                                   "accuracy before/after a short fine-tune. Writes OUT/sweep.csv and "
+                                   "OUT/sweep_<layer>.png.", epilog=_EPILOG)
+    _add_source(s)
+    s.add_argument("--layers", type=_names, required=True, help="comma-separated layer names")
+    s.add_argument("--ranks", type=_ints, required=True, help="comma-separated ranks, e.g. 4,8,16,32")
+    s.add_argument("--methods", type=_names, default=("cp", "tucker"), help="cp,tucker (default), svd")
+    s.add_argument("--repeats", type=int, default=20, help="latency repeats (median)")
+    _add_run(s, finetune=50)
+    s.add_argument("--out", default="runs/sweep", help="output folder")
+    s.set_defaults(func=_sweep)
+
+
+def _add_evaluate(sub: Any) -> None:
+    e = sub.add_parser("evaluate", help="accuracy, params, MACs and latency of a model",
+                       description="Test accuracy (Fashion-MNIST), parameters, MACs per image and CPU "
+                                   "latency of a checkpoint or registry model.", epilog=_EPILOG)
+    _add_source(e)
+    _add_run(e)
+    e.add_argument("--no-accuracy", action="store_true", help="skip the test-set evaluation")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(func=_evaluate)
+
+
+def _add_export(sub: Any) -> None:
+    x = sub.add_parser("export", help="export a model to ONNX and check it with onnxruntime",
+                       description="Export to ONNX (dynamic batch axis), run onnxruntime on the example "
+                                   "input, report the max difference from torch and both latencies. "
+                                   "Exit code 1 if the outputs differ beyond the tolerance.", epilog=_EPILOG)
+    _add_source(x)
+    x.add_argument("--out", required=True, help="path of the .onnx file to write")
+    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter")
+    x.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    x.add_argument("--latency-batch", type=int, default=64)
+    x.add_argument("--threads", type=int, default=2)
+    x.add_argument("--json", action="store_true", help="print JSON instead of text")
+    x.set_defaults(func=_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tensorslim", description="Compress trained PyTorch networks with tensor methods.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_train, _add_compress, _add_sweep, _add_evaluate, _add_export):
+        add(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"tensorslim {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""Factorized layers that RUN the factorized form (CP, Tucker-2, SVD, Tensor-Train).
+
+Each class replaces one dense module type; ``LAYERS`` maps (method, dense type) -> class and
+``layer_for(method, module)`` looks it up. Every class has ``from_dense(module, rank, **opts)``
+(decompose), ``like(module, rank, **opts)`` (random init, same geometry) and
+``cost(module, rank, in_shape, out_shape, **opts) -> (params, MACs per sample)``.
+"""
+from .base import FactorizedLayer, LayerTypeError
+from .cp import CPConv1d, CPConv2d
+from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
+from .registry import LAYERS, layer_for
+from .tt import TTLinear, factorize
+from .tucker import TuckerConv1d, TuckerConv2d
+
+__all__ = [
+    "FactorizedLayer",
+    "LayerTypeError",
+    "CPConv2d",
+    "CPConv1d",
+    "TuckerConv2d",
+    "TuckerConv1d",
+    "LowRankLinear",
+    "LowRankConv2d",
+    "LowRankConv1d",
+    "TTLinear",
+    "factorize",
+    "LAYERS",
+    "layer_for",
+]

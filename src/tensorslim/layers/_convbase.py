@@ -1,0 +1,167 @@
+"""``FactorizedConv``: what CP, Tucker-2 and low-rank convs share (geometry, like, cost)."""
+from math import prod
+from typing import Any, ClassVar, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._conv import ConvGeometry, Stage, is_channels_last, stages_cost
+from .base import FactorizedLayer, Rank
+
+
+CHUNK_BYTES = 32 << 20  # glibc's largest mmap threshold: bigger buffers page-fault on every call
+
+
+class FactorizedConv(FactorizedLayer):
+    """Base of the factorized ``nn.Conv1d`` / ``nn.Conv2d`` replacements.
+
+    The constructor mirrors ``nn.Conv{dims}d`` plus ``rank``. Subclasses define ``_check_rank``
+    (validate/normalise the rank), ``_stages`` (the convs they run, for ``cost``) and
+    ``_build`` (create the child modules), ``_fan_ins`` (for the init) and ``forward``.
+    """
+
+    dims: ClassVar[int] = 2
+    __jit_ignored_attributes__ = ["method", "dense_types", "dims", "geometry"]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Union[int, Sequence[int]],
+        rank: Rank,
+        stride: Union[int, Sequence[int]] = 1,
+        padding: Union[str, int, Sequence[int]] = 0,
+        dilation: Union[int, Sequence[int]] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+    ) -> None:
+        super().__init__()
+        geo = ConvGeometry.make(type(self).__name__, self.dims, in_channels, out_channels,
+                                kernel_size, stride, padding, dilation, groups, bias, padding_mode)
+        self.geometry = geo
+        self.rank = self._check_rank(geo, rank)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.groups = groups
+        # Padding decisions, fixed here so forward has no data-dependent control flow.
+        self.explicit_pad = geo.explicit_pad
+        self.pad = geo.fpad
+        self.pad_mode = geo.fpad_mode
+        self.channels_last = self.dims == 2
+        # widest intermediate (channels) and the eager batch-chunking threshold
+        self.widest = max(st.out_channels for st in self._stages(geo, self.rank)[:-1])
+        self.chunk_bytes = CHUNK_BYTES
+        self._build(geo)
+        self.reset_parameters()
+
+    # -- to implement -------------------------------------------------------------------------
+    @classmethod
+    def _check_rank(cls, geo: ConvGeometry, rank: Any) -> Rank:
+        raise NotImplementedError
+
+    @classmethod
+    def _stages(cls, geo: ConvGeometry, rank: Rank) -> list[Stage]:
+        raise NotImplementedError
+
+    def _build(self, geo: ConvGeometry) -> None:
+        raise NotImplementedError
+
+    def _chain(self) -> tuple[list[Tensor], list[int], Any]:
+        """(weights in order, their fan-ins, the bias) for ``reset_parameters``."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Random init whose output variance matches the dense conv's default init."""
+        from .base import chain_uniform_, dense_bias_
+
+        geo = self.geometry
+        dense_fan_in = geo.in_group * prod(geo.kernel)
+        weights, fan_ins, bias = self._chain()
+        chain_uniform_(weights, fan_ins)
+        dense_bias_(bias, dense_fan_in)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, S, *spatial) -> (B, T, *spatial_out), in the input's memory format."""
+        if torch.jit.is_scripting():
+            return self._forward(x)
+        return self._forward_eager(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        """Eager mode: when the widest intermediate of the whole batch would exceed
+        ``CHUNK_BYTES`` (every allocation that large is a fresh, page-faulting mmap with glibc),
+        run the batch in chunks whose intermediates stay small and in cache. Same numbers;
+        traced / exported / compiled graphs run the batch whole."""
+        b = x.shape[0]
+        per_sample = self.widest * (x.numel() // max(b * x.shape[1], 1)) * x.element_size()
+        exporting = (torch.jit.is_tracing() or torch.compiler.is_compiling()
+                     or torch.compiler.is_exporting())
+        if self.chunk_bytes <= 0 or b * per_sample <= self.chunk_bytes or b < 2 or exporting:
+            return self._forward(x)
+        chunk = max(1, (self.chunk_bytes // 2) // max(per_sample, 1))
+        return torch.cat([self._forward(c) for c in x.split(chunk)])
+
+    def _cl_out(self, x: Tensor) -> bool:
+        """Whether to return channels-last output: iff the input is channels-last (2-D)."""
+        return self.channels_last and is_channels_last(x)
+
+    def _pad(self, y: Tensor) -> Tensor:
+        """The dense conv's padding, when its spatial conv(s) cannot do it (see _conv.py)."""
+        if self.explicit_pad:
+            y = F.pad(y, self.pad, self.pad_mode)
+            if self.channels_last:
+                y = y.contiguous(memory_format=torch.channels_last)
+        return y
+
+    @classmethod
+    def _geometry(cls, module: nn.Module) -> ConvGeometry:
+        return ConvGeometry.of(cls.__name__, module, cls.dims)
+
+    @classmethod
+    def like(cls, module: nn.Module, rank: Rank, **opts: Any) -> "FactorizedConv":
+        """Randomly initialised layer with ``module``'s geometry (dtype/device of its weight)."""
+        if opts:
+            raise TypeError(f"{cls.__name__}.like: unexpected options {sorted(opts)}")
+        geo = cls._geometry(module)
+        layer = cls(**geo.conv_kwargs(), rank=rank)
+        return layer.to(device=module.weight.device, dtype=module.weight.dtype)
+
+    @classmethod
+    def cost(
+        cls,
+        module: nn.Module,
+        rank: Rank,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        **opts: Any,
+    ) -> tuple[int, int]:
+        """(params, MACs per sample); ``in_shape`` is (C, *spatial) without batch."""
+        if opts:
+            raise TypeError(f"{cls.__name__}.cost: unexpected options {sorted(opts)}")
+        geo = cls._geometry(module)
+        spatial = geo.check_in_shape(cls.__name__, in_shape)
+        return stages_cost(cls._stages(geo, cls._check_rank(geo, rank)), spatial)
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, rank: Rank, **opts: Any) -> "FactorizedConv":
+        return cls.from_conv(module, rank, **opts)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, rank: Rank, **opts: Any) -> "FactorizedConv":
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        s = (f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel}, rank={self.rank}, "
+             f"stride={g.stride}, pads={g.pads}, dilation={g.dilation}")
+        if g.groups != 1:
+            s += f", groups={g.groups}"
+        if g.padding_mode != "zeros":
+            s += f", padding_mode={g.padding_mode!r}"
+        return s + ("" if g.bias else ", bias=False")

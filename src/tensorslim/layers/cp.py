@@ -1,0 +1,169 @@
+"""CP convolutions (Lebedev et al. 2015).
+
+A kernel W (T, S, kh, kw) ~= sum_r w_r a_r o b_r o c_r o d_r runs as
+``1x1 (S -> R) -> depthwise (kh x 1) -> depthwise (1 x kw) -> 1x1 (R -> T, bias)``, the CP
+weights w folded into the last 1x1. Conv1d: ``1x1 -> depthwise k -> 1x1``. The first depthwise
+conv carries the vertical stride/dilation, the second the horizontal ones. A grouped conv is
+decomposed per group (R split evenly across groups) and runs with grouped 1x1 convs.
+"""
+from math import prod
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._conv import ConvGeometry, Stage, assign_, group_blocks, pointwise, spatial_conv
+from ._convbase import FactorizedConv
+from .base import Rank, check_int_rank, rel_error
+
+
+def max_cp_rank(shape: Sequence[int]) -> int:
+    """Generic upper bound of the CP rank of a tensor: min over n of prod of the other dims."""
+    return min(prod(shape) // s for s in shape)
+
+
+class _CPConvNd(FactorizedConv):
+    method = "cp"
+
+    @classmethod
+    def _check_rank(cls, geo: ConvGeometry, rank: Any) -> int:
+        per_group = max_cp_rank((geo.out_group, geo.in_group) + geo.kernel)
+        return check_int_rank(cls.__name__, "rank", rank, 1, per_group * geo.groups, geo.groups)
+
+    @classmethod
+    def _depth_stages(cls, geo: ConvGeometry, r: int) -> list[Stage]:
+        """One depthwise stage per spatial dim; stage i convolves dim i only."""
+        stages = []
+        for i in range(geo.dims):
+            kernel = tuple(k if j == i else 1 for j, k in enumerate(geo.kernel))
+            stride = tuple(s if j == i else 1 for j, s in enumerate(geo.stride))
+            dil = tuple(d if j == i else 1 for j, d in enumerate(geo.dilation))
+            if geo.explicit_pad:  # F.pad pads every dim before the first depthwise conv
+                pads = geo.pads if i == 0 else tuple((0, 0) for _ in geo.pads)
+            else:
+                pads = tuple(p if j == i else (0, 0) for j, p in enumerate(geo.pads))
+            stages.append(Stage(r, r, kernel, stride, dil, r, False, pads))
+        return stages
+
+    @classmethod
+    def _stages(cls, geo: ConvGeometry, rank: Rank) -> list[Stage]:
+        r = int(rank)  # type: ignore[arg-type]
+        one = (1,) * geo.dims
+        zero = tuple((0, 0) for _ in range(geo.dims))
+        g = geo.groups
+        return [
+            Stage(geo.in_channels, r, one, one, one, g, False, zero),
+            *cls._depth_stages(geo, r),
+            Stage(r, geo.out_channels, one, one, one, g, geo.bias, zero),
+        ]
+
+    def _build(self, geo: ConvGeometry) -> None:
+        r = self.rank
+        d = self.dims
+        self.project_in = pointwise(d, geo.in_channels, r, geo.groups, False)
+        depth = []
+        for st in self._depth_stages(geo, r):
+            conv_pad = (0,) * d if geo.explicit_pad else tuple(a for a, _ in st.pads)
+            depth.append(spatial_conv(d, st, conv_pad))
+        if d == 2:
+            self.depth_h, self.depth_w = depth
+        else:
+            self.depth = depth[0]
+        self.project_out = pointwise(d, r, geo.out_channels, geo.groups, geo.bias)
+
+    def _depthwise(self, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _chain(self) -> tuple[list[Tensor], list[int], Optional[Tensor]]:
+        geo = self.geometry
+        depth = [self.depth_h, self.depth_w] if self.dims == 2 else [self.depth]
+        return (
+            [self.project_in.weight, *[m.weight for m in depth], self.project_out.weight],
+            [geo.in_group, *[m.weight[0, 0].numel() for m in depth], self.rank // geo.groups],
+            self.project_out.bias,
+        )
+
+    def _forward(self, x: Tensor) -> Tensor:
+        """(B, S, *spatial) -> (B, T, *spatial_out), the factorized stages."""
+        cl = self._cl_out(x)
+        y = self.project_in(x)
+        y = self._pad(y)
+        y = self._depthwise(y)
+        return self.project_out(y, cl)
+
+    @classmethod
+    def from_factors(cls, conv: nn.Module, cps: Sequence[Any]) -> "_CPConvNd":
+        """Build from one CP per group of ``conv``'s kernel.
+
+        ``cps[i]``: weights (R/g,), factors (T/g, R/g), (S/g, R/g), then (k_j, R/g) per spatial
+        dim. The CP weights are folded into the last 1x1; the bias is copied from ``conv``.
+        """
+        geo = cls._geometry(conv)
+        if len(cps) != geo.groups:
+            raise ValueError(f"{cls.__name__}: got {len(cps)} CP tensors for groups={geo.groups};"
+                             f" need one per group")
+        for cp in cps:
+            if len(cp.factors) != 2 + geo.dims:
+                raise ValueError(f"{cls.__name__}: a CP of a {2 + geo.dims}-way kernel needs "
+                                 f"{2 + geo.dims} factors, got {len(cp.factors)}")
+        rank = sum(int(cp.weights.shape[0]) for cp in cps)
+        layer = cls(**geo.conv_kwargs(), rank=rank)
+        layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        one = (1,) * geo.dims
+        rg = rank // geo.groups
+        first = torch.cat([cp.factors[1].t() for cp in cps])  # (R, S/g)
+        assign_(layer.project_in.weight, first.reshape(rank, geo.in_group, *one))
+        last = torch.cat([cp.factors[0] * cp.weights for cp in cps])  # (T, R/g)
+        assign_(layer.project_out.weight, last.reshape(geo.out_channels, rg, *one))
+        depth = [layer.depth_h, layer.depth_w] if geo.dims == 2 else [layer.depth]
+        for i, mod in enumerate(depth):
+            f = torch.cat([cp.factors[2 + i] for cp in cps], dim=1).t()  # (R, k_i)
+            assign_(mod.weight, f.reshape(mod.weight.shape))
+        if conv.bias is not None:
+            assign_(layer.project_out.bias, conv.bias)
+        return layer
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, rank: Rank, **cp_opts: Any) -> "_CPConvNd":
+        """CP-ALS (``tensorslim.tensor.cp_als``) of each group's kernel at rank R/g.
+
+        Sets ``approx_error`` = ||W - W^|| / ||W||.
+        """
+        geo = cls._geometry(conv)
+        r = cls._check_rank(geo, rank)
+        g = geo.groups
+        w = conv.weight.detach().to(torch.float64)
+        from ..tensor import cp_als
+        parts = [cp_als(wg, r // g, **cp_opts) for wg in group_blocks(w, g)]
+        layer = cls.from_factors(conv, parts)
+        layer.approx_error = rel_error(torch.cat([p.to_tensor() for p in parts]), w)
+        return layer
+
+
+class CPConv2d(_CPConvNd):
+    """CP replacement of an ``nn.Conv2d``.
+
+    ``CPConv2d(in_channels, out_channels, kernel_size, rank, stride=1, padding=0, dilation=1,
+    groups=1, bias=True, padding_mode="zeros")``. Children: ``project_in`` 1x1 (S -> R),
+    ``depth_h`` depthwise (kh x 1), ``depth_w`` depthwise (1 x kw), ``project_out`` 1x1
+    (R -> T, bias). Shapes: (B, S, H, W) -> (B, T, H', W').
+    """
+
+    dims = 2
+    dense_types = (nn.Conv2d,)
+
+    def _depthwise(self, y: Tensor) -> Tensor:
+        return self.depth_w(self.depth_h(y))
+
+
+class CPConv1d(_CPConvNd):
+    """CP replacement of an ``nn.Conv1d``: 1x1 (S -> R), depthwise k, 1x1 (R -> T).
+
+    Children ``project_in``, ``depth``, ``project_out``. Shapes: (B, S, L) -> (B, T, L').
+    """
+
+    dims = 1
+    dense_types = (nn.Conv1d,)
+
+    def _depthwise(self, y: Tensor) -> Tensor:
+        return self.depth(y)

@@ -1,0 +1,209 @@
+"""Low-rank (truncated SVD) Linear and conv layers.
+
+``LowRankLinear``: W (M, N) ~= U S Vh runs as Linear(N -> r, no bias) then Linear(r -> M, bias).
+``LowRankConv{1,2}d``: SVD of the kernel reshaped (T, S*prod(k)) runs as a k-conv (S -> r;
+stride, padding, dilation) then a 1x1 (r -> T, bias); grouped convs per group.
+sqrt(S) is split evenly between the two factors (balanced, which fine-tunes better).
+"""
+from math import prod
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._conv import ConvGeometry, Stage, assign_, group_blocks, pointwise, spatial_conv
+from ._convbase import FactorizedConv
+from .base import FactorizedLayer, LayerTypeError, Rank, chain_uniform_, check_int_rank, \
+    dense_bias_, rel_error
+
+
+def _split(svd: Any) -> tuple[Tensor, Tensor]:
+    """(U sqrt(S), sqrt(S) Vh) of an SVDResult."""
+    root = svd.S.clamp_min(0).sqrt()
+    return svd.U * root, root[:, None] * svd.Vh
+
+
+class LowRankLinear(FactorizedLayer):
+    """``LowRankLinear(in_features, out_features, rank, bias=True)``: y = B (A x) + b.
+
+    Children ``project_in`` = Linear(N -> r, no bias), ``project_out`` = Linear(r -> M, bias).
+    Shapes: (*, N) -> (*, M).
+    """
+
+    method = "svd"
+    dense_types = (nn.Linear,)
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.rank = self._check_rank(in_features, out_features, rank)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.project_in = nn.Linear(in_features, self.rank, bias=False)
+        self.project_out = nn.Linear(self.rank, out_features, bias=bias)
+        self.reset_parameters()
+
+    @classmethod
+    def _check_rank(cls, n: int, m: int, rank: Any) -> int:
+        return check_int_rank(cls.__name__, "rank", rank, 1, min(n, m))
+
+    def reset_parameters(self) -> None:
+        """Output variance matches a dense ``nn.Linear``'s default init."""
+        chain_uniform_([self.project_in.weight, self.project_out.weight],
+                       [self.in_features, self.rank])
+        dense_bias_(self.project_out.bias, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(*, N) -> (*, M)."""
+        return self.project_out(self.project_in(x))
+
+    @classmethod
+    def _linear(cls, module: nn.Module) -> nn.Linear:
+        cls._check_type(module)
+        return module  # type: ignore[return-value]
+
+    @classmethod
+    def like(cls, module: nn.Module, rank: Rank, **opts: Any) -> "LowRankLinear":
+        if opts:
+            raise TypeError(f"{cls.__name__}.like: unexpected options {sorted(opts)}")
+        lin = cls._linear(module)
+        layer = cls(lin.in_features, lin.out_features, rank, lin.bias is not None)  # type: ignore[arg-type]
+        return layer.to(device=lin.weight.device, dtype=lin.weight.dtype)
+
+    @classmethod
+    def cost(cls, module: nn.Module, rank: Rank, in_shape: Sequence[int],
+             out_shape: Sequence[int], **opts: Any) -> tuple[int, int]:
+        """(params, MACs per sample); ``in_shape`` is (..., N) without batch."""
+        if opts:
+            raise TypeError(f"{cls.__name__}.cost: unexpected options {sorted(opts)}")
+        lin = cls._linear(module)
+        n, m = lin.in_features, lin.out_features
+        r = cls._check_rank(n, m, rank)
+        if not in_shape or int(in_shape[-1]) != n:
+            raise ValueError(f"{cls.__name__}: in_shape={tuple(in_shape)} must end with {n}")
+        rows = prod(int(s) for s in in_shape[:-1])
+        params = r * n + m * r + (m if lin.bias is not None else 0)
+        return params, rows * (n * r + r * m)
+
+    @classmethod
+    def from_factors(cls, linear: nn.Module, svd: Any) -> "LowRankLinear":
+        """Build from an SVDResult of ``linear.weight`` (U (M, r), S (r,), Vh (r, N))."""
+        lin = cls._linear(linear)
+        layer = cls(lin.in_features, lin.out_features, int(svd.S.shape[0]), lin.bias is not None)
+        layer.to(device=lin.weight.device, dtype=lin.weight.dtype)
+        us, svh = _split(svd)
+        assign_(layer.project_in.weight, svh)
+        assign_(layer.project_out.weight, us)
+        if lin.bias is not None:
+            assign_(layer.project_out.bias, lin.bias)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, rank: int, **svd_opts: Any) -> "LowRankLinear":
+        """Truncated SVD (``tensorslim.tensor.svd``) of ``linear.weight``; sets approx_error."""
+        lin = cls._linear(linear)
+        r = cls._check_rank(lin.in_features, lin.out_features, rank)
+        w = lin.weight.detach().to(torch.float64)
+        from ..tensor import svd
+        res = svd(w, r, **svd_opts)
+        layer = cls.from_factors(lin, res)
+        layer.approx_error = rel_error(res.to_tensor(), w)
+        return layer
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, rank: Rank, **opts: Any) -> "LowRankLinear":
+        return cls.from_linear(module, rank, **opts)  # type: ignore[arg-type]
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}"
+
+
+class _LowRankConvNd(FactorizedConv):
+    method = "svd"
+
+    @classmethod
+    def _check_rank(cls, geo: ConvGeometry, rank: Any) -> int:
+        per_group = min(geo.out_group, geo.in_group * prod(geo.kernel))
+        return check_int_rank(cls.__name__, "rank", rank, 1, per_group * geo.groups, geo.groups)
+
+    @classmethod
+    def _stages(cls, geo: ConvGeometry, rank: Rank) -> list[Stage]:
+        r = int(rank)  # type: ignore[arg-type]
+        one = (1,) * geo.dims
+        zero = tuple((0, 0) for _ in range(geo.dims))
+        g = geo.groups
+        return [
+            Stage(geo.in_channels, r, geo.kernel, geo.stride, geo.dilation, g, False, geo.pads),
+            Stage(r, geo.out_channels, one, one, one, g, geo.bias, zero),
+        ]
+
+    def _build(self, geo: ConvGeometry) -> None:
+        core, last = self._stages(geo, self.rank)
+        self.core = spatial_conv(self.dims, core, geo.conv_padding)
+        self.project_out = pointwise(self.dims, last.in_channels, last.out_channels, geo.groups,
+                                     geo.bias)
+
+    def _chain(self) -> tuple[list[Tensor], list[int], Optional[Tensor]]:
+        geo = self.geometry
+        return ([self.core.weight, self.project_out.weight],
+                [geo.in_group * prod(geo.kernel), self.rank // geo.groups],
+                self.project_out.bias)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        """(B, S, *spatial) -> (B, T, *spatial_out), the factorized stages."""
+        cl = self._cl_out(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = self.core(self._pad(x))
+        return self.project_out(y, cl)
+
+    @classmethod
+    def from_factors(cls, conv: nn.Module, svds: Sequence[Any]) -> "_LowRankConvNd":
+        """Build from one SVDResult per group of the kernel reshaped (T/g, S/g * prod(k))."""
+        geo = cls._geometry(conv)
+        if len(svds) != geo.groups:
+            raise ValueError(f"{cls.__name__}: got {len(svds)} SVDs for groups={geo.groups}; "
+                             f"need one per group")
+        rank = sum(int(s.S.shape[0]) for s in svds)
+        layer = cls(**geo.conv_kwargs(), rank=rank)
+        layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        lasts, firsts = zip(*[_split(s) for s in svds])
+        one = (1,) * geo.dims
+        assign_(layer.core.weight, torch.cat(firsts).reshape(rank, geo.in_group, *geo.kernel))
+        assign_(layer.project_out.weight,
+                torch.cat(lasts).reshape(geo.out_channels, rank // geo.groups, *one))
+        if conv.bias is not None:
+            assign_(layer.project_out.bias, conv.bias)
+        return layer
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, rank: Rank, **svd_opts: Any) -> "_LowRankConvNd":
+        """Truncated SVD of each group's (T/g, S/g * prod(k)) kernel; sets approx_error."""
+        geo = cls._geometry(conv)
+        r = cls._check_rank(geo, rank)
+        g = geo.groups
+        w = conv.weight.detach().to(torch.float64)
+        from ..tensor import svd
+        parts = [svd(wg.reshape(wg.shape[0], -1), r // g, **svd_opts) for wg in group_blocks(w, g)]
+        layer = cls.from_factors(conv, parts)
+        approx = torch.cat([p.to_tensor() for p in parts]).reshape(w.shape)
+        layer.approx_error = rel_error(approx, w)
+        return layer
+
+
+class LowRankConv2d(_LowRankConvNd):
+    """SVD replacement of an ``nn.Conv2d``: ``core`` k x k conv (S -> r) then ``project_out``
+    1x1 (r -> T, bias). Constructor mirrors ``nn.Conv2d`` plus ``rank``.
+    Shapes: (B, S, H, W) -> (B, T, H', W')."""
+
+    dims = 2
+    dense_types = (nn.Conv2d,)
+
+
+class LowRankConv1d(_LowRankConvNd):
+    """SVD replacement of an ``nn.Conv1d``; see ``LowRankConv2d``. (B, S, L) -> (B, T, L')."""
+
+    dims = 1
+    dense_types = (nn.Conv1d,)
+
+
+__all__ = ["LowRankLinear", "LowRankConv2d", "LowRankConv1d", "LayerTypeError"]

@@ -1,0 +1,33 @@
+"""Registry of factorized layers: (method, dense module type) -> layer class."""
+from torch import nn
+
+from .base import FactorizedLayer
+from .cp import CPConv1d, CPConv2d
+from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
+from .tt import TTLinear
+from .tucker import TuckerConv1d, TuckerConv2d
+
+LAYERS: dict[tuple[str, type], type[FactorizedLayer]] = {
+    ("cp", nn.Conv2d): CPConv2d,
+    ("cp", nn.Conv1d): CPConv1d,
+    ("tucker", nn.Conv2d): TuckerConv2d,
+    ("tucker", nn.Conv1d): TuckerConv1d,
+    ("svd", nn.Linear): LowRankLinear,
+    ("svd", nn.Conv2d): LowRankConv2d,
+    ("svd", nn.Conv1d): LowRankConv1d,
+    ("tt", nn.Linear): TTLinear,
+}
+
+
+def layer_for(method: str, module: nn.Module) -> type[FactorizedLayer]:
+    """The layer class that replaces ``module`` with ``method`` (subclasses of the dense type
+    count, e.g. ``nn.modules.linear.NonDynamicallyQuantizableLinear``)."""
+    for cls in type(module).__mro__:
+        layer = LAYERS.get((method, cls))
+        if layer is not None:
+            return layer
+    known = ", ".join(f"({m!r}, {t.__name__})" for m, t in LAYERS)
+    raise ValueError(
+        f"layer_for: no factorized layer for method={method!r} and module type "
+        f"{type(module).__name__}; known combinations: {known}"
+    )

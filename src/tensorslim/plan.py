@@ -1,0 +1,184 @@
+"""Compression plans: which layer gets which factorization at which rank, and why.
+
+A plan is data: frozen dataclasses that round-trip through JSON, so it can be read, edited,
+saved next to the weights and replayed by :func:`tensorslim.compress` / :func:`tensorslim.load`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Mapping
+
+PLAN_VERSION = 1
+METHODS = ("cp", "tucker", "svd", "tt", "auto")
+KEEP = "keep"
+
+
+def _freeze(v: Any) -> Any:
+    """JSON lists back to tuples (recursively) so specs stay hashable and comparable."""
+    if isinstance(v, list):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _freeze(x) for k, x in v.items()}
+    return v
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What happens to one layer.
+
+    ``method`` is one of ``cp``, ``tucker``, ``svd``, ``tt`` or ``keep`` (left dense, see
+    ``reason``). ``rank`` is an int (cp, svd, tt max TT-rank) or a tuple (tucker: (r_in, r_out)).
+    ``options`` holds method extras (tt: in_modes/out_modes). MACs are for the plan's example
+    inputs (with their batch). ``error`` is the relative weight approximation error
+    ||W - W^|| / ||W||, when measured.
+    """
+
+    name: str
+    layer_type: str
+    method: str
+    rank: int | tuple[int, ...] | None
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    in_shape: tuple[int, ...] = ()
+    out_shape: tuple[int, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+    error: float | None = None
+    reason: str = ""
+
+    @property
+    def compressed(self) -> bool:
+        return self.method != KEEP
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LayerSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown LayerSpec fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: _freeze(v) for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """A per-layer compression plan plus the goal that produced it and model totals."""
+
+    layers: tuple[LayerSpec, ...]
+    method: str
+    goal: Mapping[str, Any] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    version: int = PLAN_VERSION
+
+    def __getitem__(self, name: str) -> LayerSpec:
+        for spec in self.layers:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"plan has no layer {name!r}; layers: {[s.name for s in self.layers]}")
+
+    @property
+    def compressed(self) -> tuple[LayerSpec, ...]:
+        return tuple(s for s in self.layers if s.compressed)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    def with_layers(self, layers: tuple[LayerSpec, ...]) -> "CompressionPlan":
+        """A copy with new layer specs and totals recomputed."""
+        dp = sum(s.params_after - s.params_before for s in layers)
+        dm = sum(s.macs_after - s.macs_before for s in layers)
+        old_dp = sum(s.params_after - s.params_before for s in self.layers)
+        old_dm = sum(s.macs_after - s.macs_before for s in self.layers)
+        return replace(
+            self, layers=layers,
+            params_after=self.params_after - old_dp + dp, macs_after=self.macs_after - old_dm + dm,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CompressionPlan":
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a plan must be a JSON object, got {type(d).__name__}")
+        version = d.get("version")
+        if version != PLAN_VERSION:
+            raise ValueError(f"unsupported plan version {version!r}; this tensorslim reads version {PLAN_VERSION}")
+        d = dict(d)
+        layers = tuple(LayerSpec.from_dict(x) for x in d.pop("layers", ()))
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown plan fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(layers=layers, **{k: _freeze(v) for k, v in d.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> "CompressionPlan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"plan is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the plan as JSON atomically (temp file + rename)."""
+        from .io import write_text_atomic
+
+        write_text_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CompressionPlan":
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+    def table(self) -> str:
+        """A human-readable table of the plan (what will change, before it changes)."""
+        head = f"{'layer':32s} {'type':10s} {'method':7s} {'rank':>12s} {'params':>19s} {'MACs':>25s}  reason"
+        rows = [head]
+        for s in self.layers:
+            rank = "" if s.rank is None else str(s.rank)
+            rows.append(
+                f"{s.name:32s} {s.layer_type:10s} {s.method:7s} {rank:>12s} "
+                f"{s.params_before:>9,d}->{s.params_after:<9,d} {s.macs_before:>12,d}->{s.macs_after:<12,d} {s.reason}"
+            )
+        rows.append(
+            f"total: params {self.params_before:,d} -> {self.params_after:,d} ({self.params_ratio:.3f}x), "
+            f"MACs {self.macs_before:,d} -> {self.macs_after:,d} ({self.macs_ratio:.3f}x)"
+        )
+        return "\n".join(rows)
+
+
+def make_plan(model: Any, method: str = "tucker", example_inputs: Any = None, **goal: Any) -> CompressionPlan:
+    """Choose a method and rank for every compressible layer of ``model``.
+
+    Args:
+        model: the dense ``nn.Module``.
+        method: ``cp`` | ``tucker`` | ``svd`` | ``tt`` | ``auto`` (tucker for k>1 convs, svd for
+            Linear and 1x1 convs).
+        example_inputs: a tensor or tuple of inputs used to trace shapes (MACs depend on them).
+        ranks: an int for every layer, a float in (0, 1] (fraction of each mode's full rank),
+            or a mapping from layer name to rank.
+        target_macs / target_params: keep this fraction of the whole model's MACs / params
+            (``target_macs=0.25`` = 4x fewer), met to within 2% when reachable.
+        energy: fraction of squared singular values kept per layer (svd, tucker, tt).
+        include / exclude: glob patterns on qualified layer names.
+        objective: ``macs`` (default) or ``params``: the cost a layer must reduce to be
+            compressed; a layer that would not get cheaper is kept dense with the reason.
+        measure_error: decompose every chosen layer now and record the approximation error.
+    """
+    from ._planner import build_plan
+
+    return build_plan(model, method, example_inputs, dict(goal))

@@ -1,0 +1,36 @@
+"""Pure tensor math on torch tensors (never imports torch.nn).
+
+Algebra: :func:`unfold`, :func:`fold`, :func:`mode_dot`, :func:`multi_mode_dot`, :func:`kron`,
+:func:`khatri_rao`, :func:`hadamard`, :func:`rel_error`.
+Decompositions (pure functions returning the small frozen result types):
+:func:`svd` -> :class:`SVDResult`, :func:`cp_als` -> :class:`CPTensor`,
+:func:`tucker` -> :class:`TuckerTensor`, :func:`tt_svd` -> :class:`TTTensor`,
+:func:`tt_matrix` -> :class:`TTMatrix`.
+"""
+from .cp import cp_als
+from .ops import fold, hadamard, khatri_rao, kron, mode_dot, multi_mode_dot, rel_error, unfold
+from .results import CPTensor, SVDResult, TTMatrix, TTTensor, TuckerTensor
+from .svd import svd
+from .tt import tt_matrix, tt_svd
+from .tucker import tucker
+
+__all__ = [
+    "CPTensor",
+    "SVDResult",
+    "TTMatrix",
+    "TTTensor",
+    "TuckerTensor",
+    "cp_als",
+    "fold",
+    "hadamard",
+    "khatri_rao",
+    "kron",
+    "mode_dot",
+    "multi_mode_dot",
+    "rel_error",
+    "svd",
+    "tt_matrix",
+    "tt_svd",
+    "tucker",
+    "unfold",
+]

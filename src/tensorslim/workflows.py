@@ -1,0 +1,279 @@
+"""The pipelines behind the command line (``tensorslim compress | evaluate | sweep | export``),
+so ``cli.py`` only parses arguments. Each is one function of a frozen config.
+
+A model comes from a registry name with the shipped weights, a registry name plus a weights
+file (``--weights``), or a checkpoint folder (``--checkpoint``: a ``tensorslim.save`` folder
+or a ``tensorslim train`` output folder).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .report import ModelSummary
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model comes from: exactly one of ``checkpoint`` or ``model`` (with optional
+    ``weights``). ``width`` builds a registry model for a bare state dict (default 1.0);
+    ``pad_to_32`` overrides the input size recorded with the weights (28 or 32 pixels)."""
+
+    model: str | None = None
+    weights: str | None = None
+    checkpoint: str | None = None
+    width: float | None = None
+    pad_to_32: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None and self.weights is not None:
+            raise ValueError(f"--weights goes with --model NAME, not with --checkpoint DIR "
+                             f"(got weights={self.weights!r}, checkpoint={self.checkpoint!r})")
+        if self.checkpoint is None and self.model is None and self.weights is None:
+            raise ValueError("no model given: pass --model NAME (registry, shipped weights or "
+                             "--weights PATH) or --checkpoint DIR")
+
+
+@dataclass
+class Loaded:
+    """A loaded model (eval mode), a description, and the input size it expects."""
+
+    model: nn.Module
+    description: str
+    pad_to_32: bool
+
+    @property
+    def size(self) -> int:
+        return 32 if self.pad_to_32 else 28
+
+    def example(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
+        return torch.randn(batch, 1, self.size, self.size, generator=torch.Generator().manual_seed(seed))
+
+
+def _pad(info: Mapping[str, Any] | None) -> bool:
+    inp = (info or {}).get("input") or {}
+    return bool(inp.get("pad_to_32", False)) if isinstance(inp, Mapping) else False
+
+
+def load_source(src: Source) -> Loaded:
+    """Load the model ``src`` names (raises FileNotFoundError / ValueError with the fix)."""
+    if src.checkpoint is not None:
+        loaded = _from_checkpoint(Path(src.checkpoint), src.model)
+    elif src.weights is not None:
+        loaded = _from_weights(Path(src.weights), src.model, src.width)
+    else:
+        loaded = _from_registry(src.model)  # type: ignore[arg-type]
+    if src.pad_to_32 is not None:
+        loaded.pad_to_32 = src.pad_to_32
+    loaded.model.eval()
+    return loaded
+
+
+def _from_registry(name: str) -> Loaded:
+    from .models import available_pretrained, list_models, load_pretrained, pretrained_info
+
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    if name not in available_pretrained():
+        raise ValueError(f"no shipped weights for {name!r} (shipped: {available_pretrained() or 'none'}); "
+                         f"pass --weights PATH, --checkpoint DIR, or train one with `tensorslim train`")
+    return Loaded(load_pretrained(name), f"{name}, shipped weights", _pad(pretrained_info(name)))
+
+
+def _from_weights(path: Path, name: str | None, width: float | None) -> Loaded:
+    from .io import load_state_checked, load_state_dict_file
+    from .models import create, list_models, load_checkpoint
+
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    record = path.with_suffix(".json")
+    if path.suffix == ".safetensors" and record.is_file():
+        info = json.loads(record.read_text())
+        arch = (info.get("arch") or {}).get("name")
+        if name is not None and arch != name:
+            raise ValueError(f"{path} holds a {arch!r} model ({record}), not {name!r}")
+        return Loaded(load_checkpoint(path.stem, path.parent), f"{arch}, weights {path}", _pad(info))
+    if name is None:
+        raise ValueError(f"{path} has no {record.name} record of its architecture; also give "
+                         f"--model NAME (known: {', '.join(list_models())}) and --width")
+    model = create(name, width=1.0 if width is None else width)
+    load_state_checked(model, load_state_dict_file(path), str(path))
+    return Loaded(model, f"{name} (width {width or 1.0}), weights {path}", False)
+
+
+def _from_checkpoint(path: Path, name: str | None) -> Loaded:
+    from .io import META, load, read_meta
+    from .models import available_pretrained, checkpoint_info, load_checkpoint
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    if (path / META).is_file():
+        meta = read_meta(path)
+        return Loaded(load(path), f"checkpoint {path}", _pad(meta.get("extra")))
+    names = available_pretrained(path)
+    if name in names or (name is None and len(names) == 1):
+        pick = name or names[0]
+        return Loaded(load_checkpoint(pick, path), f"{pick}, weights {path / pick}.safetensors",
+                      _pad(checkpoint_info(pick, path)))
+    raise FileNotFoundError(f"{path} is not a checkpoint folder: it has no {META} (tensorslim.save) "
+                            f"and no single NAME.safetensors + NAME.json pair (found: {names or 'none'})")
+
+
+def test_loader(pad_to_32: bool, subset: int | None, batch_size: int = 500) -> Any:
+    """The official Fashion-MNIST test set (first ``subset`` images when given)."""
+    from .data import FashionMNIST, TensorBatchLoader, Transform, load_fashion_mnist
+
+    if subset is not None and (not isinstance(subset, int) or not 1 <= subset <= 10000):
+        raise ValueError(f"test subset must be an int in [1, 10000], got {subset!r}")
+    images, labels = load_fashion_mnist("test")
+    ds = FashionMNIST("test", transform=Transform(pad_to_32=pad_to_32), images=images, labels=labels)
+    if subset is not None:
+        ds = ds.subset(torch.arange(subset))
+    return TensorBatchLoader(ds, batch_size)
+
+
+def train_loader(pad_to_32: bool, batch_size: int, seed: int) -> Any:
+    """Augmented Fashion-MNIST training batches (the seeded 55k split, validation held out)."""
+    from .data import make_loaders
+
+    return make_loaders(batch_size, seed=seed, augment=True, pad_to_32=pad_to_32).train
+
+
+def summarize(label: str, model: nn.Module, test: Any, x1: torch.Tensor, xb: torch.Tensor,
+              threads: int, repeats: int = 15) -> ModelSummary:
+    """Accuracy on ``test`` (None if ``test`` is None), params, MACs per image on ``x1``
+    (1, C, H, W), median latency on the batch ``xb``."""
+    from .cost import count, measure_latency
+    from .train import evaluate
+
+    acc = evaluate(model, test)["accuracy"] if test is not None else None
+    c = count(model, x1)
+    lat = measure_latency(model, xb, repeats=repeats, warmup=3, threads=threads)
+    return ModelSummary(label, acc, c.total_params, c.total_macs, lat.median_ms)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """``tensorslim compress``: ``goal`` is one of ranks / target_macs / target_params /
+    energy (plus include / exclude), passed to :func:`tensorslim.make_plan`."""
+
+    source: Source
+    method: str
+    goal: Mapping[str, Any] = field(default_factory=dict)
+    out_dir: str = "runs/compress"
+    finetune_steps: int = 0
+    finetune_lr: float = 0.01
+    batch_size: int = 128
+    latency_batch: int = 64
+    threads: int = 2
+    test_subset: int | None = None
+    seed: int = 0
+
+
+def run_compress(cfg: CompressConfig) -> dict[str, Any]:
+    """Plan, compress, optionally fine-tune (KD from the dense model), compare and save:
+    ``out_dir`` gets the checkpoint (model.safetensors, plan.json, meta.json), report.md,
+    summary.png and layers.png. Returns ``{"rows", "plan", "report"}``."""
+    from .io import save
+    from .methods import oneshot
+    from .report import summary_table, write_report
+    from .train import fine_tune
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    src = load_source(cfg.source)
+    test = test_loader(src.pad_to_32, cfg.test_subset)
+    x1, xb = src.example(1), src.example(cfg.latency_batch)
+    rows = [summarize("dense", src.model, test, x1, xb, cfg.threads)]
+    res = oneshot(src.model, cfg.method, x1, progress=True, **dict(cfg.goal))
+    print(res.plan.table(), flush=True)
+    rows.append(summarize(f"{cfg.method} (no fine-tune)", res.model, test, x1, xb, cfg.threads))
+    if cfg.finetune_steps:
+        train = train_loader(src.pad_to_32, cfg.batch_size, cfg.seed)
+        epochs = max(1, -(-cfg.finetune_steps // len(train)))
+        fine_tune(res.model, train, epochs=epochs, max_steps=cfg.finetune_steps, lr=cfg.finetune_lr,
+                  teacher=src.model, seed=cfg.seed, log_every=0)
+        res.model.eval()
+        rows.append(summarize(f"{cfg.method} + {cfg.finetune_steps} steps KD", res.model, test, x1,
+                              xb, cfg.threads))
+    print("\n" + summary_table(rows), flush=True)
+    out = Path(cfg.out_dir)
+    save(res.model, res.plan, out, extra={"input": {"pad_to_32": src.pad_to_32},
+                                          "source": src.description})
+    notes = [f"base model: {src.description}",
+             f"goal: {cfg.method}, {dict(cfg.goal)}",
+             f"fine-tune: {cfg.finetune_steps} SGD steps (batch {cfg.batch_size}, lr {cfg.finetune_lr}, "
+             f"distilled from the dense model)",
+             f"test set: official Fashion-MNIST test, {cfg.test_subset or 10000} images; latency: batch "
+             f"{cfg.latency_batch}, {cfg.threads} threads, median of 15",
+             f"wall time: {time.perf_counter() - t0:.0f} s"]
+    report = write_report(out, f"tensorslim compress: {src.description}", rows, res.plan, notes)
+    print(f"\nwrote checkpoint + report to {out}", flush=True)
+    return {"rows": rows, "plan": res.plan, "report": report}
+
+
+def run_evaluate(source: Source, *, test_subset: int | None, latency_batch: int, threads: int,
+                 with_accuracy: bool = True) -> dict[str, Any]:
+    """Accuracy, params, MACs per image and latency of one model, as a JSON-able dict."""
+    torch.set_num_threads(threads)
+    src = load_source(source)
+    test = test_loader(src.pad_to_32, test_subset) if with_accuracy else None
+    s = summarize(src.description, src.model, test, src.example(1), src.example(latency_batch), threads)
+    return {**s.as_dict(), "test_images": (test_subset or 10000) if with_accuracy else 0,
+            "input_size": src.size, "latency_batch": latency_batch, "threads": threads}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """``tensorslim sweep``: see :func:`tensorslim.sweep.run_sweep`."""
+
+    source: Source
+    layers: tuple[str, ...]
+    ranks: tuple[int, ...]
+    methods: tuple[str, ...] = ("cp", "tucker")
+    finetune_steps: int = 50
+    finetune_lr: float = 0.01
+    batch_size: int = 128
+    test_subset: int | None = None
+    latency_batch: int = 64
+    threads: int = 2
+    repeats: int = 20
+    out_dir: str = "runs/sweep"
+    seed: int = 0
+
+
+def run_sweep_config(cfg: SweepConfig) -> list[Any]:
+    """Load the model and data, run the sweep, print its table; returns the rows."""
+    from .sweep import CSV_NAME, run_sweep, sweep_table
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    src = load_source(cfg.source)
+    test = test_loader(src.pad_to_32, cfg.test_subset)
+    train = train_loader(src.pad_to_32, cfg.batch_size, cfg.seed) if cfg.finetune_steps else None
+    rows = run_sweep(src.model, list(cfg.layers), list(cfg.ranks), list(cfg.methods),
+                     test_loader=test, train_loader=train, finetune_steps=cfg.finetune_steps,
+                     example_input=src.example(1), latency_batch=cfg.latency_batch,
+                     threads=cfg.threads, out_dir=cfg.out_dir, finetune_lr=cfg.finetune_lr,
+                     repeats=cfg.repeats)
+    print(sweep_table(rows))
+    print(f"\nwrote {Path(cfg.out_dir) / CSV_NAME} and sweep_<layer>.png plots", flush=True)
+    return rows
+
+
+def run_export(source: Source, out: str, *, check: bool, opset: int, dynamo: bool,
+               latency_batch: int, threads: int) -> Any:
+    """Export the model to ONNX at ``out``; returns the :class:`~tensorslim.export.ExportResult`."""
+    from .export import export_onnx
+
+    torch.set_num_threads(threads)
+    src = load_source(source)
+    return export_onnx(src.model, src.example(1), out, check=check, opset=opset, dynamo=dynamo,
+                       latency_input=src.example(latency_batch), threads=threads)

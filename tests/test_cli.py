@@ -1,0 +1,131 @@
+import json
+
+import pytest
+
+import tensorslim as ts
+from tensorslim.cli import build_parser, main
+
+COMMANDS = ["demo", "train", "compress", "sweep", "evaluate", "export"]
+
+
+def _code(argv) -> int:
+    """Exit code of ``tensorslim argv``, whether argparse exits or main returns."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    for cmd in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: tensorslim " + cmd in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_tiny_settings(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--finetune-steps", "10", "--test-subset", "500", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "tucker + 10 steps KD" in text and "MACs ratio" in text
+    for name in ["report.md", "summary.png", "layers.png", "checkpoint/plan.json", "checkpoint/model.safetensors"]:
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    assert "| model | test acc % |" in report and "## Per-layer plan" in report
+
+
+def test_bad_argument_is_a_clear_error(capsys):
+    assert main(["demo", "--target-macs", "7", "--out", "/nonexistent/x"]) == 2
+    assert "target_macs must be a number in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny VGG-16 (width 1/8) trained 150 steps on real Fashion-MNIST by `tensorslim train`."""
+    out = tmp_path_factory.mktemp("train")
+    assert main(["train", "--model", "vgg16", "--width", "0.125", "--epochs", "1", "--max-steps", "150",
+                 "--batch-size", "64", "--subset", "9600", "--threads", "1", "--out", str(out)]) == 0
+    info = json.loads((out / "vgg16.json").read_text())
+    assert info["arch"]["kwargs"]["width"] == 0.125 and info["steps"] == 150
+    assert info["test_accuracy"] > 0.4  # 10 classes: far above chance after 150 steps
+    return out
+
+
+def test_compress_evaluate_export_end_to_end(trained, tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["compress", "--checkpoint", str(trained), "--method", "tucker", "--target-macs", "0.5",
+                 "--finetune-steps", "10", "--test-subset", "300", "--latency-batch", "8",
+                 "--threads", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "tucker + 10 steps KD" in text and "MACs ratio" in text and "total: params" in text
+    for name in ["model.safetensors", "plan.json", "meta.json", "report.md", "summary.png", "layers.png"]:
+        assert (out / name).is_file(), name
+    plan = ts.CompressionPlan.load(out / "plan.json")
+    assert plan.macs_ratio <= 0.5 * 1.02 and plan.compressed
+
+    assert main(["evaluate", "--checkpoint", str(out), "--test-subset", "300", "--latency-batch", "4",
+                 "--threads", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["macs"] == plan.macs_after and res["params"] == plan.params_after
+    assert res["test_images"] == 300 and 0.0 <= res["accuracy"] <= 1.0 and res["latency_ms"] > 0
+    assert main(["evaluate", "--checkpoint", str(out), "--no-accuracy", "--latency-batch", "2",
+                 "--threads", "1"]) == 0
+    assert f"{plan.params_after:,d}" in capsys.readouterr().out
+
+    onnx_path = out / "model.onnx"
+    assert main(["export", "--checkpoint", str(out), "--out", str(onnx_path), "--latency-batch", "4",
+                 "--threads", "1", "--json"]) == 0
+    exp = json.loads(capsys.readouterr().out)
+    assert onnx_path.is_file() and exp["matches"] is True and exp["max_abs_diff"] <= 1e-4
+
+
+def test_compress_with_per_layer_ranks_and_weights_file(trained, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["compress", "--model", "vgg16", "--weights", str(trained / "vgg16.safetensors"),
+                 "--method", "cp", "--ranks", '{"features.24": 4}', "--test-subset", "200",
+                 "--latency-batch", "2", "--threads", "1", "--out", str(out)]) == 0
+    plan = ts.CompressionPlan.load(out / "plan.json")
+    assert [(s.name, s.rank) for s in plan.compressed] == [("features.24", 4)]
+    assert "cp (no fine-tune)" in capsys.readouterr().out
+
+
+def test_sweep_command(trained, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["sweep", "--checkpoint", str(trained), "--layers", "features.24", "--ranks", "2,8",
+                 "--methods", "cp,tucker", "--finetune-steps", "2", "--test-subset", "200",
+                 "--latency-batch", "2", "--repeats", "2", "--threads", "1", "--out", str(out)]) == 0
+    lines = (out / "sweep.csv").read_text().splitlines()
+    assert lines[0].startswith("layer,method,rank,params_dense") and len(lines) == 1 + 4
+    assert (out / "sweep_features.24.png").is_file()
+    assert "features.24" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["compress", "--model", "vgg16", "--method", "foo", "--ranks", "4"], "invalid choice: 'foo'"),
+    (["compress", "--model", "vgg16", "--ranks", "4", "--target-macs", "0.5"],
+     "argument --target-macs: not allowed with argument --ranks"),
+    (["compress", "--model", "vgg16"], "one of the arguments --ranks --target-macs --target-params --energy is required"),
+    (["compress", "--model", "vgg16", "--ranks", "lots"], "expected an int (8), a fraction in (0, 1]"),
+    (["compress", "--checkpoint", "/nonexistent/ckpt", "--ranks", "4"], "checkpoint folder /nonexistent/ckpt does not exist"),
+    (["evaluate", "--checkpoint", "/nonexistent/ckpt"], "checkpoint folder /nonexistent/ckpt does not exist"),
+    (["export", "--model", "vgg16", "--weights", "/nonexistent/w.safetensors", "--out", "/tmp/x.onnx"],
+     "weights file /nonexistent/w.safetensors does not exist"),
+    (["evaluate", "--model", "nope"], "unknown model 'nope'; known models: resnet18, resnet20, vgg16"),
+    (["evaluate"], "no model given: pass --model NAME"),
+    (["sweep", "--model", "vgg16", "--layers", "features.3", "--ranks", "4,x"], "expected comma-separated ints"),
+])
+def test_bad_inputs_exit_2_with_a_message(argv, msg, capsys):
+    assert _code(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_bad_sweep_layer_and_method(trained, capsys):
+    base = ["sweep", "--checkpoint", str(trained), "--ranks", "4", "--finetune-steps", "0",
+            "--test-subset", "100", "--threads", "1"]
+    assert _code(base + ["--layers", "features.99"]) == 2
+    assert "accepted conv layers: features.0, features.3" in capsys.readouterr().err
+    assert _code(base + ["--layers", "features.3", "--methods", "cp,tt"]) == 2
+    assert "unknown sweep method(s) ['tt']; known: cp, tucker, svd" in capsys.readouterr().err

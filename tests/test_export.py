@@ -1,0 +1,115 @@
+"""ONNX export of compressed models: onnxruntime must reproduce the torch outputs."""
+import numpy as np
+import pytest
+import torch
+
+import tensorslim as ts
+from tensorslim.data import load_fashion_mnist
+from tensorslim.export import ExportResult, export_onnx
+from tensorslim.layers import FactorizedLayer
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def _images(n: int) -> torch.Tensor:
+    """The first ``n`` real Fashion-MNIST test images as normalised (n, 1, 28, 28) inputs."""
+    from tensorslim.data import Transform, to_inputs
+
+    images, _ = load_fashion_mnist("test")
+    return to_inputs(images[:n], Transform())
+
+
+def _compressed(method: str, **goal):
+    torch.manual_seed(0)
+    model = ts.models.create("vgg16", width=0.125).eval()
+    plan = ts.make_plan(model, method, _images(1), **goal)
+    return ts.compress(model, plan, progress=False).eval()
+
+
+def _ort(path, x: torch.Tensor) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("method,goal", [
+    ("cp", dict(target_macs=0.5)),
+    ("tucker", dict(target_macs=0.3)),
+    ("auto", dict(ranks=0.5)),
+])
+def test_compressed_model_matches_onnxruntime(tmp_path, method, goal):
+    torch.set_num_threads(1)
+    model = _compressed(method, **goal)
+    assert any(isinstance(m, FactorizedLayer) for m in model.modules())
+    x = _images(2)
+    res = export_onnx(model, x, tmp_path / "m.onnx", threads=1, repeats=3, warmup=1)
+    assert isinstance(res, ExportResult)
+    assert res.matches is True and res.checked_batches == (2, 4)
+    assert res.max_abs_diff is not None and res.max_abs_diff <= 1e-4
+    assert res.torch_latency_ms > 0 and res.ort_latency_ms > 0 and res.threads == 1
+    assert res.size_bytes == (tmp_path / "m.onnx").stat().st_size > 0
+    # independently: another batch size through the dynamic batch axis
+    xb = _images(7)
+    with torch.no_grad():
+        ref = model(xb).numpy()
+    np.testing.assert_allclose(_ort(tmp_path / "m.onnx", xb), ref, rtol=1e-4, atol=1e-5)
+    # the factorized form is what is exported (no dense weight rebuilt): the file stores no more
+    # numbers than the compressed model has (BN may be folded into the convs), fewer than dense
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    stored = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    own = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    dense = sum(p.numel() for p in ts.models.create("vgg16", width=0.125).parameters())
+    assert stored <= own and sum(p.numel() for p in model.parameters()) < dense
+    assert "OK" in res.table() and "max |ort - torch|" in res.table()
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_static_batch_and_no_check(tmp_path):
+    model = _compressed("tucker", ranks=4)
+    x = _images(3)
+    res = export_onnx(model, x, tmp_path / "s.onnx", check=False, dynamic_batch=False)
+    assert res.checked is False and res.matches is None and res.max_abs_diff is None
+    dims = onnx.load(str(tmp_path / "s.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [3, 1, 28, 28]
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(tmp_path / "s.onnx", x), model(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert res.as_dict()["path"] == str(tmp_path / "s.onnx")
+
+
+def test_export_restores_training_mode(tmp_path):
+    model = _compressed("svd", ranks=0.5).train()
+    export_onnx(model, _images(2), tmp_path / "t.onnx", check=False)
+    assert model.training
+
+
+def test_dynamo_exporter(tmp_path):
+    model = _compressed("cp", ranks=4, include="features.2*")
+    res = export_onnx(model, _images(1), tmp_path / "d.onnx", dynamo=True, threads=1, repeats=2, warmup=0)
+    assert res.exporter == "dynamo" and res.matches is True and res.checked_batches == (1, 3)
+    assert not list(tmp_path.glob("*.data"))  # weights embedded in the one file
+
+
+class _Broken(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def test_failed_export_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        export_onnx(_Broken(), torch.zeros(1, 4), tmp_path / "b.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,exc,msg", [
+    ((torch.nn.Linear(2, 2), torch.zeros(1, 2), "x.pt"), ValueError, "must end in .onnx"),
+    (("model", torch.zeros(1, 2), "x.onnx"), TypeError, "expects an nn.Module"),
+    ((torch.nn.Linear(2, 2), [1, 2], "x.onnx"), TypeError, "example_input must be a batched torch.Tensor"),
+])
+def test_bad_arguments(tmp_path, args, exc, msg):
+    model, x, name = args
+    with pytest.raises(exc, match=msg):
+        export_onnx(model, x, tmp_path / name)

@@ -1,0 +1,86 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tensorslim as ts
+
+
+@pytest.fixture(params=["tucker", "cp", "svd", "auto"])
+def compressed(request, small_cnn, image):
+    dense = copy.deepcopy(small_cnn)
+    plan = ts.make_plan(small_cnn, request.param, image, target_macs=0.4)
+    model = ts.compress(small_cnn, plan, progress=False)
+    return dense, model, plan
+
+
+def test_compress_replaces_only_planned_layers(compressed, image):
+    dense, model, plan = compressed
+    names = {s.name for s in plan.compressed}
+    assert names
+    from tensorslim.layers import FactorizedLayer
+
+    for name, mod in model.named_modules():
+        if name in names:
+            assert isinstance(mod, FactorizedLayer) and 0 <= mod.approx_error < 1
+    for spec in plan.layers:
+        if not spec.compressed:
+            assert type(model.get_submodule(spec.name)) is type(dense.get_submodule(spec.name))
+    out, ref = model(image), dense(image)
+    assert out.shape == ref.shape
+    assert ts.tensor.rel_error(ref, out) < 1.0
+
+
+def test_exact_low_rank_layers_are_reproduced(seq_net, sequence):
+    dense = copy.deepcopy(seq_net).double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # make every weight exactly rank 8
+        for mod in (dense.conv, dense.proj):
+            w = mod.weight
+            flat = torch.randn(w.shape[0], 8, generator=g, dtype=w.dtype) @ torch.randn(
+                8, w[0].numel(), generator=g, dtype=w.dtype)
+            w.copy_(flat.reshape(w.shape))
+    plan = ts.make_plan(dense, "svd", sequence.double(), ranks=8)
+    assert {s.name for s in plan.compressed} == {"conv", "proj"}  # 'out' (96->8) cannot save
+    model = ts.compress(copy.deepcopy(dense), plan, progress=False)
+    torch.testing.assert_close(model(sequence.double()), dense(sequence.double()), rtol=1e-9, atol=1e-9)
+
+
+def test_rebuild_from_plan_and_reload_state_dict(compressed, image):
+    dense, model, plan = compressed
+    fresh = ts.compress(copy.deepcopy(dense), plan, decompose=False, progress=False)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(image), model(image))
+
+
+def test_jit_script_trace_export(compressed, image):
+    _, model, _ = compressed
+    ref = model(image)
+    torch.testing.assert_close(torch.jit.script(model)(image), ref)
+    torch.testing.assert_close(torch.jit.trace(model, image)(image), ref)
+    ep = torch.export.export(model, (image,))
+    torch.testing.assert_close(ep.module()(image), ref)
+
+
+def test_onnx_export_matches_onnxruntime(compressed, image, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    _, model, _ = compressed
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (image,), str(path), input_names=["x"], output_names=["y"], dynamo=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {"x": image.numpy()})
+    np.testing.assert_allclose(out, model(image).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_compress_rejects_mismatched_model(small_cnn, image, seq_net):
+    plan = ts.make_plan(small_cnn, "tucker", image, target_macs=0.5)
+    with pytest.raises(ValueError, match="does not have"):
+        ts.compress(seq_net, plan, progress=False)
+    other = copy.deepcopy(small_cnn)
+    other.features[5] = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="features.5"):
+        ts.compress(other, plan, progress=False)
+    with pytest.raises(TypeError, match="CompressionPlan"):
+        ts.compress(small_cnn, {"layers": []})

@@ -1,0 +1,196 @@
+"""Training loop: learning on real data, determinism, distillation, errors, and 2-process DDP."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import tensorslim.models as models
+from tensorslim.data import FashionMNIST, TensorBatchLoader, make_loaders
+from tensorslim.data import fashion_mnist as fm
+from tensorslim.train import (
+    _lr_factor,
+    distillation_loss,
+    evaluate,
+    fine_tune,
+    train,
+    train_registry_model,
+)
+
+needs_data = pytest.mark.skipif(
+    not (fm.SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="apt-get install dataset-fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _toy_loader(n: int = 64, batch: int = 16) -> TensorBatchLoader:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+    ds = FashionMNIST(images=images, labels=torch.arange(n) % 10)
+    return TensorBatchLoader(ds, batch, shuffle=True, drop_last=True)
+
+
+def _tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return models.create("resnet20", width=0.125)
+
+
+def test_same_seed_same_weights() -> None:
+    runs = []
+    for _ in range(2):
+        model = _tiny()
+        hist = train(model, _toy_loader(), epochs=2, lr=0.05, seed=3, progress=False, log_every=0)
+        runs.append((model.state_dict(), hist))
+    (sd_a, hist_a), (sd_b, hist_b) = runs
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert hist_a["loss"] == hist_b["loss"] and hist_a["steps"] == 8 and hist_a["epoch"] == [1, 2]
+
+
+def test_max_steps_and_history_shape() -> None:
+    model = _tiny()
+    hist = train(model, _toy_loader(), epochs=5, max_steps=6, optimizer="adamw", lr=1e-3,
+                 val_loader=_toy_loader(32), progress=False, log_every=0)
+    assert hist["steps"] == 6 and hist["epoch"] == [1, 2]  # 4 batches per epoch
+    assert len(hist["val_acc"]) == 2 and 0.0 <= hist["val_acc"][0] <= 1.0
+    assert hist["world_size"] == 1 and hist["lr"][-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_schedule() -> None:
+    assert _lr_factor(0, 100, 0, "cosine") == 1.0
+    assert _lr_factor(50, 100, 0, "cosine") == pytest.approx(0.5)
+    assert _lr_factor(100, 100, 0, "cosine") == pytest.approx(0.0)
+    assert _lr_factor(4, 100, 10, "cosine") == pytest.approx(0.5)  # warm-up
+    assert _lr_factor(70, 100, 0, "constant") == 1.0
+
+
+def test_evaluate_counts_and_restores_mode() -> None:
+    model = _tiny().train()
+    loader = TensorBatchLoader(_toy_loader(50).dataset, 16)
+    res = evaluate(model, loader)
+    assert res["n"] == 50 and model.training
+    model.eval()
+    with torch.no_grad():
+        xs = torch.cat([x for x, _ in loader])
+        ys = torch.cat([y for _, y in loader])
+        out = model(xs)
+    assert res["accuracy"] == pytest.approx((out.argmax(1) == ys).double().mean().item())
+    assert res["loss"] == pytest.approx(torch.nn.functional.cross_entropy(out, ys).item(), rel=1e-5)
+
+
+def test_distillation() -> None:
+    logits = torch.randn(8, 10)
+    assert distillation_loss(logits, logits, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(logits, torch.randn(8, 10), 4.0).item() > 0
+    teacher, student = _tiny(), models.create("resnet20", width=0.125)
+    before = [p.clone() for p in teacher.parameters()]
+    hist = fine_tune(student, _toy_loader(), teacher=teacher, distill_alpha=0.7, progress=False,
+                     log_every=0)
+    assert hist["steps"] == 4 and torch.isfinite(torch.tensor(hist["loss"])).all()
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+
+
+def test_argument_errors() -> None:
+    model, loader = _tiny(), _toy_loader()
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'.*sgd"):
+        train(model, loader, optimizer="adam")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        train(model, loader, schedule="step")
+    with pytest.raises(ValueError, match="epochs"):
+        train(model, loader, epochs=0)
+    with pytest.raises(ValueError, match="distill_alpha"):
+        fine_tune(model, loader, distill_alpha=2.0)
+
+
+@needs_data
+@pytest.mark.slow
+def test_learns_fashion_mnist_subset() -> None:
+    loaders = make_loaders(64, subset=2000, augment=False)
+    held_out = TensorBatchLoader(loaders.test.dataset.subset(torch.arange(1000)), 500)
+    torch.manual_seed(0)
+    model = models.create("vgg16", width=0.125)
+    hist = train(model, loaders.train, epochs=10, max_steps=200, lr=0.05, progress=False,
+                 log_every=0, channels_last=True)
+    res = evaluate(model, held_out)
+    assert hist["steps"] == 200 and res["n"] == 1000
+    assert res["accuracy"] >= 0.70  # chance is 0.10
+
+
+@needs_data
+def test_train_registry_model_writes_checkpoint(tmp_path: Path) -> None:
+    meta = train_registry_model("resnet20", width=0.125, epochs=1, batch_size=32, lr=0.05,
+                                seed=0, out_dir=tmp_path, threads=1, subset=64, max_steps=2,
+                                log_every=0)
+    info = json.loads((tmp_path / "resnet20.json").read_text())
+    assert info["arch"] == {"name": "resnet20",
+                            "kwargs": {"width": 0.125, "in_channels": 1, "num_classes": 10}}
+    assert info["steps"] == 2 and info["seed"] == 0 and info["torch_version"] == torch.__version__
+    assert 0.0 <= info["test_accuracy"] <= 1.0 and info["command"]
+    assert meta["test_accuracy"] == info["test_accuracy"]
+    model = models.load_checkpoint("resnet20", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet20.json", "resnet20.safetensors"]
+    assert isinstance(model, models.ResNet)
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import hashlib, json, os, sys, torch
+    import tensorslim.models as models
+    from tensorslim.data import make_loaders
+    from tensorslim.train import fine_tune
+
+    def digest(model):
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    torch.set_num_threads(1)
+    out = sys.argv[1]
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(100 + rank)  # different init per rank: DDP must broadcast rank 0's
+    model = models.create("resnet20", width=0.125)
+    if rank == 0:
+        open(os.path.join(out, "init.txt"), "w").write(digest(model))
+    loaders = make_loaders(16, subset=256, val_size=500, seed=0)
+    hist = fine_tune(model, loaders.train, max_steps=5, lr=0.05, val_loader=loaders.val,
+                     progress=False, log_every=0)
+    result = {"digest": digest(model), "steps": hist["steps"], "loss": hist["loss"],
+              "val_acc": hist["val_acc"], "world_size": hist["world_size"]}
+    open(os.path.join(out, f"rank{rank}.json"), "w").write(json.dumps(result))
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_data
+@pytest.mark.slow
+def test_ddp_two_processes_agree(tmp_path: Path) -> None:
+    script = tmp_path / "ddp_job.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    init = (tmp_path / "init.txt").read_text()
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["steps"] == r1["steps"] == 5
+    assert r0["digest"] == r1["digest"] != init  # identical weights on both ranks, trained
+    assert r0["loss"] == r1["loss"] and r0["val_acc"] == r1["val_acc"]  # all-reduced metrics
+    assert len(r0["val_acc"]) == 1 and 0.0 <= r0["val_acc"][0] <= 1.0
