@@ -63,3 +63,13 @@ def test_measure_latency_records_threads(small_cnn, image):
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="repeats"):
         ts.measure_latency(small_cnn, image, repeats=0)
+
+
+def test_count_tt_linear_matches_flop_counter():
+    from tensorslim.layers import TTLinear
+
+    model = nn.Sequential(TTLinear(256, 256, in_modes=(16, 16), out_modes=(16, 16), ranks=(4,)))
+    x = torch.randn(5, 256)
+    rep = ts.count(model, x)
+    assert rep.total_macs > 0
+    assert 2 * rep.total_macs == _flops(model, x)

@@ -33,7 +33,9 @@ def primitive_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> i
     if isinstance(module, nn.Linear):
         return out.numel() * module.in_features
     custom = getattr(module, "macs", None)
-    if callable(custom) and _is_factorized(module) and not any(True for _ in module.children()):
+    if callable(custom) and _is_factorized(module) and not any(
+        isinstance(m, _CONV + (nn.Linear,)) for m in module.modules()
+    ):
         return int(custom(tuple(inp.shape)))
     return None
 

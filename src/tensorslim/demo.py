@@ -46,10 +46,10 @@ def _pretrained_or_trained(name: str, loaders: Any, seed: int) -> tuple[nn.Modul
         return load_pretrained(name), f"shipped weights tensorslim/weights/{name}.safetensors"
     from .train import train
 
-    print(f"no shipped weights for {name}; training one quickly (2 epochs) first")
+    print(f"no shipped weights for {name}; training a width-0.25 VGG-16 for 1 epoch first (ship weights with `tensorslim train` for real numbers)")
     model = create(name, width=0.25)
-    train(model, loaders.train, epochs=2, lr=0.05, seed=seed, log_every=0)
-    return model.eval(), "trained for 2 epochs by the demo (no shipped weights found)"
+    train(model, loaders.train, epochs=1, lr=0.05, seed=seed, log_every=0, channels_last=True)
+    return model.eval(), "trained for 1 epoch by the demo (no shipped weights found)"
 
 
 def _summary(label: str, model: nn.Module, test: Any, x1: torch.Tensor, xb: torch.Tensor,

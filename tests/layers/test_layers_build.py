@@ -158,8 +158,11 @@ def test_depthwise_conv_is_rejected_everywhere(cls):
     dw = dense(16, 32, 3, groups=16)
     rank = (16, 16) if cls.method == "tucker" else 16
     shape = (16, 8, 8) if cls.dims == 2 else (16, 8)
+    from tensorslim.layers import layer_for
+
     for call in (lambda: cls.like(dw, rank), lambda: cls.from_dense(dw, rank),
-                 lambda: cls.cost(dw, rank, shape, shape)):
+                 lambda: cls.cost(dw, rank, shape, shape), lambda: cls.check(dw),
+                 lambda: layer_for(cls.method, dw)):
         with pytest.raises(ValueError, match=rf"{cls.__name__}.*depthwise"):
             call()
 

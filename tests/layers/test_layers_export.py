@@ -15,7 +15,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 _EXPORT_CFG = {
     # one plain and one explicit-pad (reflect, asymmetric 'same', grouped) geometry per dims
     2: [dict(kernel_size=3, stride=2, padding=1),
-        dict(kernel_size=(4, 3), padding="same", padding_mode="reflect", groups=2)],
+        dict(kernel_size=(4, 3), padding="same", padding_mode="reflect", groups=2),
+        dict(kernel_size=3, padding=1, padding_mode="replicate"),
+        dict(kernel_size=(2, 4), padding="same")],  # asymmetric zeros
     1: [dict(kernel_size=3, padding=1),
         dict(kernel_size=4, padding="same", padding_mode="circular", groups=2)],
 }
@@ -64,6 +66,8 @@ def test_script_trace_export(method, dense, cfg):
 def test_onnx_export_matches_onnxruntime(method, dense, cfg):
     ort = pytest.importorskip("onnxruntime")
     layer, x = _build(method, dense, cfg)
+    if dense is nn.Conv2d:  # a pooling after it needs static shapes through the export
+        layer = nn.Sequential(layer, nn.AdaptiveAvgPool2d(1)).eval()
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -74,3 +78,12 @@ def test_onnx_export_matches_onnxruntime(method, dense, cfg):
     with torch.no_grad():
         ref = layer(x).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate"])
+def test_pad_by_slices_equals_f_pad(mode):
+    from tensorslim.layers._conv import pad_by_slices
+
+    x = torch.randn(2, 3, 6, 5)
+    pad = [1, 2, 0, 3]
+    assert_close(pad_by_slices(x, pad, mode), torch.nn.functional.pad(x, pad, mode=mode))

@@ -181,6 +181,33 @@ class ConvGeometry:
         return shape[1:]
 
 
+def pad_by_slices(x: Tensor, pad: list[int], mode: str) -> Tensor:
+    """``F.pad(x, pad, mode)`` for modes 'constant' (zeros), 'reflect', 'replicate' built
+    from constant slices.
+
+    Same values; used when tracing, because the TorchScript ONNX exporter loses static shapes
+    through ``Pad`` (then e.g. a following AdaptiveAvgPool2d cannot be exported).
+    """
+    for i in range(len(pad) // 2):
+        dim = x.dim() - 1 - i
+        before, after = pad[2 * i], pad[2 * i + 1]
+        parts = []
+        if mode == "reflect":
+            if before > 0:
+                parts.append(x.narrow(dim, 1, before).flip(dim))
+            parts.append(x)
+            if after > 0:
+                parts.append(x.narrow(dim, x.shape[dim] - 1 - after, after).flip(dim))
+        elif mode == "replicate":
+            parts = [x.narrow(dim, 0, 1)] * before + [x]
+            parts += [x.narrow(dim, x.shape[dim] - 1, 1)] * after
+        else:
+            zero = torch.zeros_like(x.narrow(dim, 0, 1))
+            parts = [zero] * before + [x] + [zero] * after
+        x = torch.cat(parts, dim)
+    return x
+
+
 def conv_out_size(size: int, kernel: int, stride: int, dilation: int, pad: tuple[int, int]) -> int:
     return (size + pad[0] + pad[1] - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -230,7 +257,8 @@ def is_channels_last(x: Tensor) -> bool:
 class Pointwise2d(nn.Conv2d):
     """A 1x1 ``nn.Conv2d`` (stride 1, no padding) that writes the memory format asked for.
 
-    ``forward(x, cl_out)``: channels-last input and output -> oneDNN conv (fastest); otherwise
+    ``forward(x, cl_out)``: channels-last input and output -> oneDNN conv (fastest); when
+    tracing (jit.trace, ONNX export) -> a plain conv, whose shapes ONNX can infer; otherwise
     one batched matmul that reads NCHW or channels-last input without a copy and writes
     channels-last (``cl_out=True``) or contiguous NCHW output. Grouped: a grouped conv.
     Shapes: (B, C_in, H, W) -> (B, C_out, H, W).
@@ -242,6 +270,9 @@ class Pointwise2d(nn.Conv2d):
 
     def forward(self, x: Tensor, cl_out: bool = True) -> Tensor:
         bias = self.bias
+        if torch.jit.is_tracing():  # plain conv: static shapes for ONNX shape inference
+            y = F.conv2d(x, self.weight, bias, 1, 0, 1, self.groups)
+            return y if cl_out else y.contiguous()
         if self.groups != 1 or (cl_out and is_channels_last(x)):
             y = F.conv2d(x.contiguous(memory_format=torch.channels_last), self.weight, bias,
                          1, 0, 1, self.groups)
@@ -275,7 +306,7 @@ class Pointwise1d(nn.Conv1d):
 
     def forward(self, x: Tensor, cl_out: bool = False) -> Tensor:
         bias = self.bias
-        if self.groups != 1:
+        if self.groups != 1 or torch.jit.is_tracing():
             return F.conv1d(x, self.weight, bias, 1, 0, 1, self.groups)
         b = x.shape[0]
         wb = self.weight.flatten(1).unsqueeze(0).expand(b, -1, -1)

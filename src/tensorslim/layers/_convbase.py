@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._conv import ConvGeometry, Stage, is_channels_last, stages_cost
+from ._conv import ConvGeometry, Stage, is_channels_last, pad_by_slices, stages_cost
 from .base import FactorizedLayer, Rank
 
 
@@ -18,7 +18,7 @@ class FactorizedConv(FactorizedLayer):
 
     The constructor mirrors ``nn.Conv{dims}d`` plus ``rank``. Subclasses define ``_check_rank``
     (validate/normalise the rank), ``_stages`` (the convs they run, for ``cost``) and
-    ``_build`` (create the child modules), ``_fan_ins`` (for the init) and ``forward``.
+    ``_build`` (create the child modules), ``_chain`` (for the init) and ``_forward``.
     """
 
     dims: ClassVar[int] = 2
@@ -98,11 +98,12 @@ class FactorizedConv(FactorizedLayer):
         ``CHUNK_BYTES`` (every allocation that large is a fresh, page-faulting mmap with glibc),
         run the batch in chunks whose intermediates stay small and in cache. Same numbers;
         traced / exported / compiled graphs run the batch whole."""
+        if (self.chunk_bytes <= 0 or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.compiler.is_exporting()):
+            return self._forward(x)
         b = x.shape[0]
         per_sample = self.widest * (x.numel() // max(b * x.shape[1], 1)) * x.element_size()
-        exporting = (torch.jit.is_tracing() or torch.compiler.is_compiling()
-                     or torch.compiler.is_exporting())
-        if self.chunk_bytes <= 0 or b * per_sample <= self.chunk_bytes or b < 2 or exporting:
+        if b < 2 or b * per_sample <= self.chunk_bytes:
             return self._forward(x)
         chunk = max(1, (self.chunk_bytes // 2) // max(per_sample, 1))
         return torch.cat([self._forward(c) for c in x.split(chunk)])
@@ -114,10 +115,17 @@ class FactorizedConv(FactorizedLayer):
     def _pad(self, y: Tensor) -> Tensor:
         """The dense conv's padding, when its spatial conv(s) cannot do it (see _conv.py)."""
         if self.explicit_pad:
-            y = F.pad(y, self.pad, self.pad_mode)
+            if torch.jit.is_tracing() and self.pad_mode != "circular":
+                y = pad_by_slices(y, self.pad, self.pad_mode)
+            else:
+                y = F.pad(y, self.pad, self.pad_mode)
             if self.channels_last:
                 y = y.contiguous(memory_format=torch.channels_last)
         return y
+
+    @classmethod
+    def check(cls, module: nn.Module) -> None:
+        cls._geometry(module)
 
     @classmethod
     def _geometry(cls, module: nn.Module) -> ConvGeometry:

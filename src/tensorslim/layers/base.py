@@ -75,6 +75,12 @@ class FactorizedLayer(nn.Module):
         """
         raise NotImplementedError
 
+    @classmethod
+    def check(cls, module: nn.Module) -> None:
+        """Raise ValueError (LayerTypeError for a wrong type) if no rank of this layer can
+        replace ``module`` (e.g. a depthwise conv); the message says why."""
+        cls._check_type(module)
+
     # -- helpers for subclasses ---------------------------------------------------------------
     @classmethod
     def _check_type(cls, module: nn.Module) -> None:

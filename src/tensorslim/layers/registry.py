@@ -21,10 +21,14 @@ LAYERS: dict[tuple[str, type], type[FactorizedLayer]] = {
 
 def layer_for(method: str, module: nn.Module) -> type[FactorizedLayer]:
     """The layer class that replaces ``module`` with ``method`` (subclasses of the dense type
-    count, e.g. ``nn.modules.linear.NonDynamicallyQuantizableLinear``)."""
+    count, e.g. ``nn.modules.linear.NonDynamicallyQuantizableLinear``).
+
+    ValueError if the combination is unknown, or if that layer can replace no module like
+    this one at any rank (e.g. a depthwise conv); the message says why."""
     for cls in type(module).__mro__:
         layer = LAYERS.get((method, cls))
         if layer is not None:
+            layer.check(module)
             return layer
     known = ", ".join(f"({m!r}, {t.__name__})" for m, t in LAYERS)
     raise ValueError(

@@ -215,10 +215,11 @@ class TTLinear(FactorizedLayer):
         """Eager mode: contract ``chunk_rows`` input rows at a time so the intermediate states
         (up to r * max(m, n) times larger than the input) stay in cache instead of streaming
         through memory. Same numbers; traced / exported / compiled graphs use one chunk."""
+        if (self.chunk_rows < 1 or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.compiler.is_exporting()):
+            return self._contract(x)
         rows = x.numel() // self.in_features
-        exporting = (torch.jit.is_tracing() or torch.compiler.is_compiling()
-                     or torch.compiler.is_exporting())
-        if self.chunk_rows < 1 or rows <= self.chunk_rows or exporting:
+        if rows <= self.chunk_rows:
             return self._contract(x)
         flat = x.reshape(rows, self.in_features)
         out = torch.cat([self._contract(c) for c in flat.split(self.chunk_rows)])
