@@ -48,24 +48,24 @@ def factorize(n: int, d: int) -> tuple[int, ...]:
     return tuple(_f(n, d))
 
 
-def _check_goal(method: str, goal: dict) -> tuple[str, Any]:
+def _check_goal(method: str, goal: dict) -> tuple[str, str, Any]:
+    """(rank rule, goal kind, goal value); see ``tensorslim._rank_rules``."""
+    from ._rank_rules import RULE_OPTIONS, resolve_rule
+
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
-    unknown = set(goal) - set(GOALS) - set(OPTIONS)
+    unknown = set(goal) - set(GOALS) - set(OPTIONS) - set(RULE_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown make_plan arguments {sorted(unknown)}; accepted: {GOALS + OPTIONS}")
+        raise ValueError(f"unknown make_plan arguments {sorted(unknown)}; accepted: {GOALS + OPTIONS + RULE_OPTIONS}")
     given = [g for g in GOALS if goal.get(g) is not None]
-    if len(given) != 1:
-        raise ValueError(f"make_plan needs exactly one of {GOALS}, got {given or 'none'}")
-    kind = given[0]
-    value = goal[kind]
+    rule, kind, value = resolve_rule(goal, given, GOALS)
     if kind in ("target_macs", "target_params", "energy"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise ValueError(f"{kind} must be a number in (0, 1], got {value!r}")
     objective = goal.get("objective", "macs")
     if objective not in ("macs", "params"):
         raise ValueError(f"objective must be 'macs' or 'params', got {objective!r}")
-    return kind, value
+    return rule, kind, value
 
 
 def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
@@ -154,7 +154,7 @@ def _rank_space(layer: _Layer) -> list[Any]:
     else:
         out_f, in_f = mod.out_channels, mod.in_channels
     if m == "svd":
-        k = 1 if isinstance(mod, nn.Linear) else prod(mod.kernel_size) * mod.in_channels // mod.groups
+        k = in_f if isinstance(mod, nn.Linear) else prod(mod.kernel_size) * mod.in_channels // mod.groups
         return list(range(1, min(out_f, k) + 1))
     if m == "tucker":
         n = max(in_f, out_f)
@@ -177,27 +177,33 @@ def build_plan(model: nn.Module, method: str, example_inputs: Any, goal: dict) -
         raise TypeError(f"make_plan expects an nn.Module, got {type(model).__name__}")
     if example_inputs is None:
         raise ValueError("make_plan needs example_inputs (a tensor or tuple) to trace layer shapes")
-    kind, value = _check_goal(method, goal)
+    rule, kind, value = _check_goal(method, goal)
     objective = "params" if kind == "target_params" else "macs" if kind == "target_macs" else goal.get("objective", "macs")
     obj = 0 if objective == "params" else 1
     report = count(model, example_inputs)
     todo, kept = _collect(model, method, report, goal)
-    if kind == "ranks":
+    total = report.total_params if obj == 0 else report.total_macs
+    notes: dict[str, str] = {}
+    if rule == "manual":
         chosen = {l.name: _manual_rank(l, value) for l in todo}
-    elif kind == "energy":
-        chosen = {l.name: _energy_rank(l, value) for l in todo}
-    else:
+    elif rule == "uniform":
         from .rank.budget import solve_budget
 
         cands = {l.name: rank_candidates(l, obj) for l in todo}
-        total = report.total_params if obj == 0 else report.total_macs
         chosen = solve_budget(todo, cands, total, value, obj, kind)
-    specs = kept + [_spec(l, chosen[l.name], obj, objective) for l in todo]
+    else:  # energy, min_error, constant, vbmf, accuracy_drop
+        from ._rank_rules import choose
+
+        chosen, notes = choose(rule, todo, goal, model=model, obj=obj, objective=objective,
+                               total=total, kind=kind, value=value, method=method)
+    specs = kept + [_noted(_spec(l, chosen[l.name], obj, objective), notes) for l in todo]
     order = {lc.name: i for i, lc in enumerate(report.layers)}
     specs.sort(key=lambda s: order[s.name])
     if goal.get("measure_error"):
         specs = [_with_error(model, s) for s in specs]
-    goal_json = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in goal.items() if v is not None}
+    from ._rank_rules import goal_record
+
+    goal_json = goal_record(rule, goal, kind, value)
     plan = CompressionPlan(
         layers=(), method=method, goal={**goal_json, "objective": objective},
         params_before=report.total_params, params_after=report.total_params,
@@ -218,6 +224,15 @@ def _spec(layer: _Layer, rank: Any, obj: int, objective: str) -> LayerSpec:
                                 f"({(p, m)[obj]:,d} >= {(layer.params, layer.macs)[obj]:,d}); kept dense")
     return LayerSpec(**base, method=layer.method, rank=rank, params_after=p, macs_after=m,
                      options=dict(layer.options), reason="")
+
+
+def _noted(spec: LayerSpec, notes: dict[str, str]) -> LayerSpec:
+    """``spec`` with the rank rule's note as its reason (compressed specs only)."""
+    if not spec.compressed or spec.name not in notes:
+        return spec
+    from dataclasses import replace
+
+    return replace(spec, reason=notes[spec.name])
 
 
 def _manual_rank(layer: _Layer, ranks: Any) -> Any:

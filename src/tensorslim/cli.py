@@ -84,11 +84,29 @@ def _compress(args: argparse.Namespace) -> int:
 
     goal = {k: getattr(args, k) for k in ("ranks", "target_macs", "target_params", "energy",
                                            "include", "exclude") if getattr(args, k) is not None}
+    goal.update(_rank_rule_goal(args))
     run_compress(CompressConfig(source=_source(args), method=args.method, goal=goal, out_dir=args.out,
                                 finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
                                 batch_size=args.batch_size, latency_batch=args.latency_batch,
-                                threads=args.threads, test_subset=args.test_subset, seed=args.seed))
+                                threads=args.threads, test_subset=args.test_subset, seed=args.seed,
+                                val_subset=args.val_subset, multi_stage=args.multi_stage,
+                                stages=args.stages, state_dir=args.state_dir))
     return 0
+
+
+_PER_LAYER_RULES = ("constant", "vbmf", "energy", "accuracy_drop")
+_GOAL_FLAGS = "--ranks --target-macs --target-params --energy"
+
+
+def _rank_rule_goal(args: argparse.Namespace) -> dict[str, Any]:
+    """--rank-rule and its parameters as make_plan arguments (validated by make_plan)."""
+    has_goal = any(getattr(args, k) is not None for k in ("ranks", "target_macs", "target_params", "energy"))
+    if not has_goal and args.rank_rule not in _PER_LAYER_RULES:
+        raise ValueError(f"one of the arguments {_GOAL_FLAGS} is required (or --rank-rule "
+                         f"{'|'.join(_PER_LAYER_RULES)}, which choose ranks per layer)")
+    out = {"rank_rule": args.rank_rule, "rate": args.rate, "vbmf_factor": args.vbmf_factor,
+           "drop": args.max_drop}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -195,13 +213,33 @@ def _add_compress(sub: Any) -> None:
                                    "plan.json, meta.json, report.md, summary.png, layers.png).", epilog=_EPILOG)
     _add_source(c)
     c.add_argument("--method", default="tucker", choices=METHODS, help="default tucker")
-    g = c.add_mutually_exclusive_group(required=True)
+    g = c.add_mutually_exclusive_group(required=False)  # required unless a per-layer --rank-rule
     g.add_argument("--ranks", type=_ranks, help="int, fraction in (0, 1], or JSON {layer: rank}")
     g.add_argument("--target-macs", type=float, help="keep this fraction of MACs (0.25 = 4x fewer)")
     g.add_argument("--target-params", type=float, help="keep this fraction of parameters")
     g.add_argument("--energy", type=float, help="fraction of squared singular values kept per layer")
     c.add_argument("--include", action="append", help="glob of layer names to compress (repeatable)")
     c.add_argument("--exclude", action="append", help="glob of layer names to keep dense (repeatable)")
+    r = c.add_argument_group("rank rule (how ranks are chosen; see tensorslim.make_plan)")
+    r.add_argument("--rank-rule", choices=("uniform", "min_error") + _PER_LAYER_RULES,
+                   help="uniform (default with --target-*: one cost fraction for all layers), min_error "
+                        "(--target-*: minimise the summed approximation error), constant (--rate), vbmf "
+                        "(--vbmf-factor), energy (--energy, default 0.9), accuracy_drop (--max-drop on "
+                        "the first --val-subset validation images)")
+    r.add_argument("--rate", type=float, help="constant: per-layer parameter reduction (default 4)")
+    r.add_argument("--vbmf-factor", type=float,
+                   help="vbmf: 1 = pure EVBMF rank, 0 = no compression (MUSCO weakening, default 1)")
+    r.add_argument("--max-drop", type=float,
+                   help="accuracy_drop: per-layer validation accuracy drop bound (default 0.005)")
+    r.add_argument("--val-subset", type=int, default=1000,
+                   help="accuracy_drop: validation images to measure the drop on (default 1000)")
+    m = c.add_argument_group("multi-stage (MUSCO: compress, fine-tune, re-compress the factors, ...)")
+    m.add_argument("--multi-stage", action="store_true",
+                   help="compress in stages, each fine-tuned for --finetune-steps; the goal is "
+                        "--target-macs (met at the last stage), --rank-rule vbmf (--vbmf-factor "
+                        "default 0.8 here) or --ranks FRACTION (of each rank, per stage)")
+    m.add_argument("--stages", type=int, default=3, help="most stages (default 3)")
+    m.add_argument("--state-dir", help="save every stage here and resume from it when re-run")
     _add_run(c, finetune=0)
     c.add_argument("--out", default="runs/compress", help="output folder")
     c.set_defaults(func=_compress)

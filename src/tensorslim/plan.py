@@ -178,6 +178,16 @@ def make_plan(model: Any, method: str = "tucker", example_inputs: Any = None, **
         objective: ``macs`` (default) or ``params``: the cost a layer must reduce to be
             compressed; a layer that would not get cheaper is kept dense with the reason.
         measure_error: decompose every chosen layer now and record the approximation error.
+        rank_rule: how ranks are chosen (recorded in ``plan.goal`` with its parameters; see
+            ``tensorslim._rank_rules``): ``"uniform"`` (default for target_macs/target_params:
+            one cost fraction for every layer), ``"min_error"`` (target_macs/target_params met
+            while minimising the summed per-layer error proxy, weighted by
+            ``layer_weights={name: w}``), ``"constant"`` (``rate=4.0``: per layer the largest
+            rank with params <= dense/rate), ``"vbmf"`` (``vbmf_factor=1.0``: EVBMF ranks,
+            MUSCO-softened; tucker/svd), ``"energy"`` (``energy=0.9``), ``"accuracy_drop"``
+            (``drop=0.005``, ``evaluate=callable(model) -> accuracy``: per layer the cheapest
+            rank whose compression alone costs at most ``drop``; the callable is recorded as a
+            description).
     """
     from ._planner import build_plan
 

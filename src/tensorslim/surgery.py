@@ -1,7 +1,7 @@
 """Model surgery: the one place in tensorslim that replaces submodules of a model."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -54,6 +54,40 @@ def compress(
     for spec in tqdm(specs, desc="decomposing" if decompose else "building", disable=not progress or not specs):
         new[spec.name] = build_layer(modules[spec.name], spec, decompose=decompose)
     for name, layer in new.items():  # swap only once every layer was built: never half-done
+        _set_submodule(model, name, layer)
+    return model
+
+
+def recompress(
+    model: nn.Module,
+    ranks: Mapping[str, Any],
+    *,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Replace already-factorized layers by their re-compression at new (smaller) ranks
+    (``layer.recompress(rank, **options[name])``, MUSCO's further stages); returns ``model``.
+
+    ``ranks``: qualified layer name -> rank. Mutates ``model`` in place; every new layer is
+    built before any is swapped in, and records ``approx_error`` relative to the layer it
+    replaces.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"recompress expects an nn.Module, got {type(model).__name__}")
+    modules = dict(model.named_modules())
+    new = {}
+    for name, rank in tqdm(ranks.items(), desc="re-compressing", disable=not progress or not ranks):
+        layer = modules.get(name)
+        if layer is None:
+            raise ValueError(f"recompress: the model has no layer {name!r}")
+        if not callable(getattr(layer, "recompress", None)):
+            raise ValueError(f"recompress: layer {name} is a {type(layer).__name__}, which cannot be "
+                             f"re-compressed; accepted: TuckerConv*, CPConv*, LowRankLinear, LowRankConv*")
+        try:
+            new[name] = layer.recompress(rank, **dict((options or {}).get(name, {})))
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"layer {name}: {e}") from None
+    for name, layer in new.items():
         _set_submodule(model, name, layer)
     return model
 

@@ -174,6 +174,29 @@ class CompressConfig:
     threads: int = 2
     test_subset: int | None = None
     seed: int = 0
+    val_subset: int = 1000  # validation images for rank_rule="accuracy_drop"
+    multi_stage: bool = False  # MUSCO: finetune_steps per stage
+    stages: int = 3
+    state_dir: str | None = None  # resumable multi-stage runs
+
+
+def validation_evaluator(pad_to_32: bool, subset: int, seed: int = 0) -> Any:
+    """``evaluate(model) -> accuracy`` on the first ``subset`` images of the seeded validation
+    split (held out of training; for ``rank_rule="accuracy_drop"``)."""
+    from .data import FashionMNIST, TensorBatchLoader, Transform, load_fashion_mnist, split_indices
+    from .train import evaluate
+
+    if isinstance(subset, bool) or not isinstance(subset, int) or not 1 <= subset <= 5000:
+        raise ValueError(f"validation subset must be an int in [1, 5000], got {subset!r}")
+    images, labels = load_fashion_mnist("train")
+    ds = FashionMNIST("train", transform=Transform(pad_to_32=pad_to_32), images=images, labels=labels)
+    _, val_idx = split_indices(len(ds), 5000, seed)
+    loader = TensorBatchLoader(ds.subset(val_idx[:subset]), 500)
+
+    def validation_accuracy(model: nn.Module) -> float:
+        return float(evaluate(model, loader)["accuracy"])
+
+    return validation_accuracy
 
 
 def run_compress(cfg: CompressConfig) -> dict[str, Any]:
@@ -186,16 +209,27 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     from .train import fine_tune
 
     t0 = time.perf_counter()
+    if cfg.multi_stage:
+        musco_arguments(cfg.goal)  # fail before any work on a goal MUSCO does not take
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     src = load_source(cfg.source)
     test = test_loader(src.pad_to_32, cfg.test_subset)
     x1, xb = src.example(1), src.example(cfg.latency_batch)
     rows = [summarize("dense", src.model, test, x1, xb, cfg.threads)]
-    res = oneshot(src.model, cfg.method, x1, progress=True, **dict(cfg.goal))
+    goal = dict(cfg.goal)
+    if goal.get("rank_rule") == "accuracy_drop" and goal.get("evaluate") is None:
+        goal["evaluate"] = validation_evaluator(src.pad_to_32, cfg.val_subset, cfg.seed)
+    if cfg.multi_stage:
+        res = run_multi_stage(cfg, src, x1, goal)
+        label = f"{cfg.method} MUSCO {res.stages_done} stages" + (
+            f" x {cfg.finetune_steps} steps KD" if cfg.finetune_steps else " (no fine-tune)")
+    else:
+        res = oneshot(src.model, cfg.method, x1, progress=True, **goal)
+        label = f"{cfg.method} (no fine-tune)"
     print(res.plan.table(), flush=True)
-    rows.append(summarize(f"{cfg.method} (no fine-tune)", res.model, test, x1, xb, cfg.threads))
-    if cfg.finetune_steps:
+    rows.append(summarize(label, res.model, test, x1, xb, cfg.threads))
+    if cfg.finetune_steps and not cfg.multi_stage:
         train = train_loader(src.pad_to_32, cfg.batch_size, cfg.seed)
         epochs = max(1, -(-cfg.finetune_steps // len(train)))
         fine_tune(res.model, train, epochs=epochs, max_steps=cfg.finetune_steps, lr=cfg.finetune_lr,
@@ -214,9 +248,44 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
              f"test set: official Fashion-MNIST test, {cfg.test_subset or 10000} images; latency: batch "
              f"{cfg.latency_batch}, {cfg.threads} threads, median of 15",
              f"wall time: {time.perf_counter() - t0:.0f} s"]
+    if cfg.multi_stage:
+        notes[2] = (f"multi-stage (MUSCO): {res.stages_done} stages, {cfg.finetune_steps} SGD steps "
+                    f"each (batch {cfg.batch_size}, lr {cfg.finetune_lr}, distilled); {res.stop_reason}")
     report = write_report(out, f"tensorslim compress: {src.description}", rows, res.plan, notes)
     print(f"\nwrote checkpoint + report to {out}", flush=True)
     return {"rows": rows, "plan": res.plan, "report": report}
+
+
+def musco_arguments(goal: Mapping[str, Any]) -> dict[str, Any]:
+    """``tensorslim compress --multi-stage`` goal -> :func:`tensorslim.methods.musco` keywords:
+    ``target_macs``, ``rank_rule`` (``vbmf``; ``ranks`` = a fraction per stage), ``vbmf_factor``,
+    ``include`` / ``exclude``. Other goals raise ValueError."""
+    goal = {k: v for k, v in goal.items() if v is not None}
+    rule = goal.pop("rank_rule", None)
+    out: dict[str, Any] = {k: goal.pop(k) for k in ("target_macs", "vbmf_factor", "include", "exclude")
+                           if k in goal}
+    if "ranks" in goal:
+        frac = goal.pop("ranks")
+        if isinstance(frac, bool) or not isinstance(frac, float) or not 0 < frac < 1:
+            raise ValueError(f"--multi-stage takes --ranks as the fraction of every rank kept per "
+                             f"stage, a number in (0, 1), got {frac!r}")
+        out["rank_rule"] = frac
+    if rule not in (None, "vbmf") or goal:
+        bad = [f"rank_rule={rule}"] if rule not in (None, "vbmf") else []
+        raise ValueError(f"--multi-stage does not support {', '.join(bad + sorted(goal))}; its goals are "
+                         f"--target-macs, --rank-rule vbmf [--vbmf-factor] or --ranks FRACTION")
+    return out
+
+
+def run_multi_stage(cfg: CompressConfig, src: Loaded, x1: torch.Tensor, goal: Mapping[str, Any]) -> Any:
+    """MUSCO on the loaded model (``cfg.finetune_steps`` KD steps per stage); the result."""
+    from .methods import musco
+
+    kwargs = musco_arguments(goal)
+    train = train_loader(src.pad_to_32, cfg.batch_size, cfg.seed) if cfg.finetune_steps else None
+    return musco(src.model, cfg.method, x1, train_loader=train, stages=cfg.stages,
+                 finetune_steps_per_stage=cfg.finetune_steps, finetune_lr=cfg.finetune_lr,
+                 state_dir=cfg.state_dir, seed=cfg.seed, progress=True, **kwargs)
 
 
 def run_evaluate(source: Source, *, test_subset: int | None, latency_batch: int, threads: int,

@@ -139,6 +139,49 @@ class _CPConvNd(FactorizedConv):
         layer.approx_error = rel_error(torch.cat([p.to_tensor() for p in parts]), w)
         return layer
 
+    def to_cp(self) -> list[Any]:
+        """The layer's current kernel as one exact CP (float64 ``CPTensor``) per group:
+        factors (T/g, R/g), (S/g, R/g), then (k_i, R/g) per spatial dim, unit-norm columns,
+        the scales in ``weights`` (R/g,); ``cat([c.to_tensor() ...])`` is the kernel."""
+        from ..tensor import CPTensor
+
+        g, r, geo = self.geometry.groups, self.rank, self.geometry
+        depth = [self.depth_h, self.depth_w] if self.dims == 2 else [self.depth]
+        first = self.project_in.weight.detach().double().reshape(r, geo.in_group)
+        last = self.project_out.weight.detach().double().reshape(geo.out_channels, r // g)
+        spatial = [m.weight.detach().double().reshape(r, -1) for m in depth]  # (R, k_i)
+        out = []
+        for i in range(g):
+            rows = slice(i * r // g, (i + 1) * r // g)
+            fs = [last[i * geo.out_group:(i + 1) * geo.out_group], first[rows].t(),
+                  *[f[rows].t() for f in spatial]]
+            norms = [f.norm(dim=0) for f in fs]
+            w = torch.stack(norms).prod(0)
+            fs = [f / n.clamp_min(torch.finfo(f.dtype).tiny) for f, n in zip(fs, norms)]
+            out.append(CPTensor(weights=w, factors=tuple(fs)))
+        return out
+
+    def recompress(self, rank: Rank, **cp_opts: Any) -> "_CPConvNd":
+        """A new layer at ``rank`` (MUSCO's further compression step); ``self`` is untouched.
+
+        CP has no nested optimal truncation, so the decomposition (``from_conv`` with
+        ``cp_opts``) is re-run on the layer's current kernel (rebuilt in float64 from
+        :meth:`to_cp`); ``approx_error`` = ||W - W'|| / ||W||, W the current kernel.
+        """
+        geo = self.geometry
+        r = self._check_rank(geo, rank)
+        if r > self.rank:
+            raise ValueError(f"{type(self).__name__}.recompress: rank={r} exceeds the current rank "
+                             f"{self.rank}; accepted: 1 <= rank <= {self.rank}")
+        conv_type = nn.Conv2d if self.dims == 2 else nn.Conv1d
+        like = self.project_in.weight
+        dense = conv_type(**geo.conv_kwargs(), device=like.device, dtype=torch.float64)
+        with torch.no_grad():
+            dense.weight.copy_(torch.cat([c.to_tensor() for c in self.to_cp()]))
+            if dense.bias is not None:
+                dense.bias.copy_(self.project_out.bias.detach())
+        return type(self).from_conv(dense, r, **cp_opts).to(dtype=like.dtype)
+
 
 class CPConv2d(_CPConvNd):
     """CP replacement of an ``nn.Conv2d``.

@@ -17,6 +17,35 @@ from .base import FactorizedLayer, LayerTypeError, Rank, chain_uniform_, check_i
     dense_bias_, rel_error
 
 
+def product_svd(b: Tensor, a: Tensor) -> Any:
+    """Exact SVD (an ``SVDResult``, float64) of ``b @ a``, b (m, r), a (r, n), r <= m, n,
+    from the QRs of both factors and the SVD of an r x r matrix."""
+    from ..tensor import SVDResult, svd
+
+    b, a = b.detach().double(), a.detach().double()
+    q_b, r_b = torch.linalg.qr(b)
+    q_a, r_a = torch.linalg.qr(a.t())
+    small = svd(r_b @ r_a.t(), min(r_b.shape[0], r_a.shape[0]), method="full")
+    return SVDResult(q_b @ small.U, small.S, small.Vh @ q_a.t(), (0.0,))
+
+
+def truncate_svd(res: Any, rank: int) -> tuple[Any, float]:
+    """(the rank-``rank`` truncation of an exact ``SVDResult``, its relative error): the best
+    approximation of that rank (Eckart-Young)."""
+    from ..tensor import SVDResult
+
+    s2 = res.S.double() ** 2
+    total = float(s2.sum())
+    err = (float(s2[rank:].sum()) / total) ** 0.5 if total else 0.0
+    return SVDResult(res.U[:, :rank], res.S[:rank], res.Vh[:rank], (err,)), err
+
+
+def _check_smaller(layer: Any, rank: int) -> None:
+    if rank > layer.rank:
+        raise ValueError(f"{type(layer).__name__}.recompress: rank={rank} exceeds the current "
+                         f"rank {layer.rank}; accepted: 1 <= rank <= {layer.rank}")
+
+
 def _split(svd: Any) -> tuple[Tensor, Tensor]:
     """(U sqrt(S), sqrt(S) Vh) of an SVDResult."""
     root = svd.S.clamp_min(0).sqrt()
@@ -88,13 +117,37 @@ class LowRankLinear(FactorizedLayer):
     def from_factors(cls, linear: nn.Module, svd: Any) -> "LowRankLinear":
         """Build from an SVDResult of ``linear.weight`` (U (M, r), S (r,), Vh (r, N))."""
         lin = cls._linear(linear)
-        layer = cls(lin.in_features, lin.out_features, int(svd.S.shape[0]), lin.bias is not None)
-        layer.to(device=lin.weight.device, dtype=lin.weight.dtype)
+        return cls._assemble(lin.in_features, lin.out_features, svd, lin.bias, lin.weight)
+
+    @classmethod
+    def _assemble(cls, n: int, m: int, svd: Any, bias: Optional[Tensor],
+                  like: Tensor) -> "LowRankLinear":
+        layer = cls(n, m, int(svd.S.shape[0]), bias is not None)
+        layer.to(device=like.device, dtype=like.dtype)
         us, svh = _split(svd)
         assign_(layer.project_in.weight, svh)
         assign_(layer.project_out.weight, us)
-        if lin.bias is not None:
-            assign_(layer.project_out.bias, lin.bias)
+        if bias is not None:
+            assign_(layer.project_out.bias, bias.detach())
+        return layer
+
+    def to_svd(self) -> Any:
+        """Exact SVD (float64 ``SVDResult``: U (M, r), S (r,), Vh (r, N)) of the current
+        weight B A (``project_out.weight @ project_in.weight``)."""
+        return product_svd(self.project_out.weight, self.project_in.weight)
+
+    def recompress(self, rank: int, **svd_opts: Any) -> "LowRankLinear":
+        """A new layer at a smaller rank (MUSCO's further compression step); ``self`` is
+        untouched. Truncates :meth:`to_svd`, so the new weight is the best rank-``rank``
+        approximation of the current one; ``approx_error`` = ||W - W'|| / ||W||."""
+        if svd_opts:
+            raise TypeError(f"{type(self).__name__}.recompress: unexpected options {sorted(svd_opts)}")
+        r = self._check_rank(self.in_features, self.out_features, rank)
+        _check_smaller(self, r)
+        res, err = truncate_svd(self.to_svd(), r)
+        layer = self._assemble(self.in_features, self.out_features, res, self.project_out.bias,
+                               self.project_in.weight)
+        layer.approx_error = err
         return layer
 
     @classmethod
@@ -159,20 +212,48 @@ class _LowRankConvNd(FactorizedConv):
     @classmethod
     def from_factors(cls, conv: nn.Module, svds: Sequence[Any]) -> "_LowRankConvNd":
         """Build from one SVDResult per group of the kernel reshaped (T/g, S/g * prod(k))."""
-        geo = cls._geometry(conv)
+        return cls._assemble(cls._geometry(conv), svds, conv.bias, conv.weight)
+
+    @classmethod
+    def _assemble(cls, geo: ConvGeometry, svds: Sequence[Any], bias: Optional[Tensor],
+                  like: Tensor) -> "_LowRankConvNd":
         if len(svds) != geo.groups:
             raise ValueError(f"{cls.__name__}: got {len(svds)} SVDs for groups={geo.groups}; "
                              f"need one per group")
         rank = sum(int(s.S.shape[0]) for s in svds)
         layer = cls(**geo.conv_kwargs(), rank=rank)
-        layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        layer.to(device=like.device, dtype=like.dtype)
         lasts, firsts = zip(*[_split(s) for s in svds])
         one = (1,) * geo.dims
         assign_(layer.core.weight, torch.cat(firsts).reshape(rank, geo.in_group, *geo.kernel))
         assign_(layer.project_out.weight,
                 torch.cat(lasts).reshape(geo.out_channels, rank // geo.groups, *one))
-        if conv.bias is not None:
-            assign_(layer.project_out.bias, conv.bias)
+        if bias is not None:
+            assign_(layer.project_out.bias, bias.detach())
+        return layer
+
+    def to_svd(self) -> list[Any]:
+        """Exact SVD (float64 ``SVDResult``) of each group's current kernel reshaped
+        (T/g, S/g * prod(k)): U (T/g, r/g), S (r/g,), Vh (r/g, S/g * prod(k))."""
+        g = self.geometry.groups
+        a = self.core.weight.reshape(self.rank, -1)
+        b = self.project_out.weight.reshape(self.geometry.out_channels, -1)
+        return [product_svd(bi, ai) for bi, ai in zip(b.chunk(g), a.chunk(g))]
+
+    def recompress(self, rank: int, **svd_opts: Any) -> "_LowRankConvNd":
+        """A new layer at a smaller rank; ``self`` is untouched. Each group's exact SVD is
+        truncated (the best approximation of that rank); ``approx_error`` as in ``from_conv``."""
+        if svd_opts:
+            raise TypeError(f"{type(self).__name__}.recompress: unexpected options {sorted(svd_opts)}")
+        geo = self.geometry
+        r = self._check_rank(geo, rank)
+        _check_smaller(self, r)
+        exact = self.to_svd()
+        parts = [truncate_svd(s, r // geo.groups)[0] for s in exact]
+        layer = self._assemble(geo, parts, self.project_out.bias, self.core.weight)
+        lost = sum(float((s.S[r // geo.groups:] ** 2).sum()) for s in exact)
+        total = sum(float((s.S ** 2).sum()) for s in exact)
+        layer.approx_error = (lost / total) ** 0.5 if total else 0.0
         return layer
 
     @classmethod

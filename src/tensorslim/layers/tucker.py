@@ -10,6 +10,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..tensor.ops import mode_dot
+from ..tensor.results import TuckerTensor
 from ._conv import ConvGeometry, Stage, assign_, group_blocks, pointwise, spatial_conv
 from ._convbase import FactorizedConv
 from .base import Rank, check_int_rank, rel_error
@@ -78,7 +80,13 @@ class _TuckerConvNd(FactorizedConv):
         ``tuckers[i]``: core (r_out/g, r_in/g, *k), factors for modes 0 (T/g, r_out/g) and
         1 (S/g, r_in/g). The bias is copied from ``conv``.
         """
-        geo = cls._geometry(conv)
+        return cls._assemble(cls._geometry(conv), tuckers, conv.bias, conv.weight)
+
+    @classmethod
+    def _assemble(cls, geo: ConvGeometry, tuckers: Sequence[Any], bias: Optional[Tensor],
+                  like: Tensor) -> "_TuckerConvNd":
+        """The layer of geometry ``geo`` from per-group Tuckers (see ``from_factors``), with
+        ``bias`` copied and the device/dtype of ``like``."""
         if len(tuckers) != geo.groups:
             raise ValueError(f"{cls.__name__}: got {len(tuckers)} Tucker factors for "
                              f"groups={geo.groups}; need one per group")
@@ -92,15 +100,63 @@ class _TuckerConvNd(FactorizedConv):
             cores.append(t.core)
         rank = (sum(u.shape[1] for u in u_ins), sum(u.shape[1] for u in u_outs))
         layer = cls(**geo.conv_kwargs(), rank=rank)
-        layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        layer.to(device=like.device, dtype=like.dtype)
         one = (1,) * geo.dims
         assign_(layer.project_in.weight,
                 torch.cat([u.t() for u in u_ins]).reshape(rank[0], geo.in_group, *one))
         assign_(layer.core.weight, torch.cat(cores))
         assign_(layer.project_out.weight,
                 torch.cat(u_outs).reshape(geo.out_channels, rank[1] // geo.groups, *one))
-        if conv.bias is not None:
-            assign_(layer.project_out.bias, conv.bias)
+        if bias is not None:
+            assign_(layer.project_out.bias, bias)
+        return layer
+
+    def to_tucker(self) -> list[TuckerTensor]:
+        """The layer's current kernel as one exact partial Tucker (modes (0, 1), float64) per
+        group, with orthonormal factors: the 1x1 weights are QR-factorized and their R factors
+        absorbed into the core. ``core`` (r_out/g, r_in/g, *k), ``factors`` (T/g, r_out/g) and
+        (S/g, r_in/g); ``cat([t.to_tensor() for t in ...])`` is the kernel (T, S/g, *k)."""
+        geo = self.geometry
+        g, (r_in, r_out) = geo.groups, self.rank
+        p = self.project_in.weight.detach().double().reshape(r_in, geo.in_group)
+        q = self.project_out.weight.detach().double().reshape(geo.out_channels, r_out // g)
+        core = self.core.weight.detach().double()
+        out = []
+        for pi, qi, ci in zip(p.chunk(g), q.chunk(g), core.chunk(g)):
+            q_o, r_q = torch.linalg.qr(qi)  # (T/g, r_out/g), (r_out/g, r_out/g)
+            p_o, r_p = torch.linalg.qr(pi.t())  # (S/g, r_in/g), (r_in/g, r_in/g)
+            ci = mode_dot(mode_dot(ci, r_q, 0), r_p, 1)
+            out.append(TuckerTensor(core=ci, factors=(q_o, p_o), modes=(0, 1)))
+        return out
+
+    def recompress(self, rank: Rank, **tucker_opts: Any) -> "_TuckerConvNd":
+        """A new layer at smaller ranks (MUSCO's further compression step); ``self`` is untouched.
+
+        The core of :meth:`to_tucker` gets a Tucker-2 (``tensorslim.tensor.tucker``) at
+        ``rank`` = (r_in', r_out') <= ``self.rank`` and its factors are merged into the 1x1
+        convs. Since the outer factors are orthonormal, the result equals the Tucker-2 of the
+        layer's reconstructed kernel at that rank (the same HOSVD + HOOI iterates, up to
+        column signs). ``approx_error`` = ||W - W'|| / ||W||, W the current kernel.
+        """
+        geo = self.geometry
+        r_in, r_out = self._check_rank(geo, rank)
+        if r_in > self.rank[0] or r_out > self.rank[1]:
+            raise ValueError(f"{type(self).__name__}.recompress: rank={(r_in, r_out)} exceeds the "
+                             f"current rank {self.rank}; accepted: r_in <= {self.rank[0]}, "
+                             f"r_out <= {self.rank[1]}")
+        from ..tensor import tucker
+        g = geo.groups
+        parts, lost, norm = [], 0.0, 0.0
+        for t in self.to_tucker():
+            small = tucker(t.core, (r_out // g, r_in // g), modes=(0, 1), **tucker_opts)
+            factors = (t.factors[0] @ small.factors[0], t.factors[1] @ small.factors[1])
+            parts.append(TuckerTensor(small.core, factors, (0, 1), small.errors))
+            sq = float(torch.linalg.vector_norm(t.core) ** 2)
+            lost, norm = lost + small.errors[-1] ** 2 * sq, norm + sq
+        bias = self.project_out.bias
+        layer = self._assemble(geo, parts, None if bias is None else bias.detach(),
+                               self.core.weight)
+        layer.approx_error = (lost / norm) ** 0.5 if norm else 0.0
         return layer
 
     @classmethod
