@@ -103,9 +103,10 @@ def main() -> None:
         c = ts.count(comp, x1)
         acc_b = evaluate(comp, test)["accuracy"]
         torch.manual_seed(args.seed)
-        fine_tune(comp, loaders.train, epochs=max(1, -(-args.steps // len(loaders.train))),
-                  max_steps=args.steps, lr=args.lr, teacher=copy.deepcopy(dense).eval(),
-                  progress=True, log_every=0)
+        if args.steps > 0:
+            fine_tune(comp, loaders.train, epochs=max(1, -(-args.steps // len(loaders.train))),
+                      max_steps=args.steps, lr=args.lr, teacher=copy.deepcopy(dense).eval(),
+                      progress=True, log_every=0)
         comp.eval()
         acc = evaluate(comp, test)["accuracy"]
         lat = latency_pair(dense, comp, xb, args.rounds, args.threads)

@@ -248,6 +248,25 @@ def test_conv_output_keeps_input_memory_format():
         assert_close(out_cl, out, rtol=1e-5, atol=1e-5)
 
 
+def test_conv_ambiguous_layout_input_gives_channels_last_output():
+    """A one-channel input is both NCHW- and channels-last-contiguous: the layer answers
+    channels-last (its fast path), and the numbers equal the dense conv's."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 12, 3, padding=1).double()
+    x = torch.randn(3, 1, 9, 7, dtype=torch.float64)
+    kernel = tensor.CPTensor(torch.ones(2, dtype=torch.float64),  # exact CP rank 2
+                             tuple(torch.randn(n, 2, dtype=torch.float64) for n in (12, 1, 3, 3)))
+    with torch.no_grad():
+        conv.weight.copy_(kernel.to_tensor())
+    for cls, rank in ((TuckerConv2d, (1, 12)), (CPConv2d, 2), (LowRankConv2d, 9)):
+        layer = cls.from_conv(conv, rank)
+        with torch.no_grad():
+            out = layer(x)
+            ref = conv(x)
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        assert_close(out, ref, rtol=1e-7, atol=1e-7)
+
+
 @pytest.mark.parametrize("cls,rank", [(TuckerConv2d, 4), (CPConv2d, 8), (LowRankConv1d, 4)])
 def test_conv_eager_chunking_is_exact_and_not_baked_into_exports(cls, rank):
     torch.manual_seed(0)

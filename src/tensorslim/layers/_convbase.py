@@ -109,8 +109,14 @@ class FactorizedConv(FactorizedLayer):
         return torch.cat([self._forward(c) for c in x.split(chunk)])
 
     def _cl_out(self, x: Tensor) -> bool:
-        """Whether to return channels-last output: iff the input is channels-last (2-D)."""
-        return self.channels_last and is_channels_last(x)
+        """Whether to return channels-last output (2-D only): when the input is channels-last,
+        and also when its layout is ambiguous (one channel or 1x1 spatial: both NCHW- and
+        channels-last-contiguous) — the stages run fastest channels-last on CPU, and the layers
+        after this one follow the layout they are given (as nn.Conv2d does)."""
+        if not self.channels_last or x.dim() != 4:
+            return False
+        return is_channels_last(x) or (x.is_contiguous()
+                                       and x.is_contiguous(memory_format=torch.channels_last))
 
     def _pad(self, y: Tensor) -> Tensor:
         """The dense conv's padding, when its spatial conv(s) cannot do it (see _conv.py)."""
