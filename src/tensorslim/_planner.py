@@ -14,7 +14,7 @@ from .cost import CostReport, count
 from .plan import KEEP, METHODS, CompressionPlan, LayerSpec
 
 GOALS = ("ranks", "target_macs", "target_params", "energy")
-OPTIONS = ("include", "exclude", "objective", "measure_error", "tt_order")
+OPTIONS = ("include", "exclude", "objective", "measure_error", "tt_order", "cp_epc")
 _CONV = (nn.Conv1d, nn.Conv2d)
 
 
@@ -65,6 +65,9 @@ def _check_goal(method: str, goal: dict) -> tuple[str, str, Any]:
     objective = goal.get("objective", "macs")
     if objective not in ("macs", "params"):
         raise ValueError(f"objective must be 'macs' or 'params', got {objective!r}")
+    if goal.get("cp_epc") is not None and (not isinstance(goal["cp_epc"], bool) or goal["cp_epc"] and method != "cp"):
+        raise ValueError(f"cp_epc must be True or False and needs method='cp' (CPD-EPC refines the CP "
+                         f"layers), got cp_epc={goal['cp_epc']!r} with method={method!r}")
     return rule, kind, value
 
 
@@ -112,6 +115,8 @@ def _collect(model: nn.Module, method: str, report: CostReport, goal: dict) -> t
         if m == "tt":
             d = int(goal.get("tt_order", 3))
             layer.options = {"in_modes": factorize(mod.in_features, d), "out_modes": factorize(mod.out_features, d)}
+        if m == "cp" and goal.get("cp_epc"):
+            layer.options = {"epc": True}  # CPD-EPC in from_conv (see layers/cp.py)
         dense_macs = _dense_call_macs(mod, lc.out_shape)
         layer.calls = max(1, round(lc.macs / dense_macs)) if dense_macs else 1
         todo.append(layer)

@@ -178,6 +178,8 @@ def make_plan(model: Any, method: str = "tucker", example_inputs: Any = None, **
         objective: ``macs`` (default) or ``params``: the cost a layer must reduce to be
             compressed; a layer that would not get cheaper is kept dense with the reason.
         measure_error: decompose every chosen layer now and record the approximation error.
+        cp_epc: with ``method="cp"``, decompose by CPD-EPC (``options={"epc": True}`` on every
+            CP layer spec: the CP-ALS error at least sensitivity, Phan et al. 2020).
         rank_rule: how ranks are chosen (recorded in ``plan.goal`` with its parameters; see
             ``tensorslim._rank_rules``): ``"uniform"`` (default for target_macs/target_params:
             one cost fraction for every layer), ``"min_error"`` (target_macs/target_params met

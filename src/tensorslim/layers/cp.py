@@ -22,8 +22,27 @@ def max_cp_rank(shape: Sequence[int]) -> int:
     return min(prod(shape) // s for s in shape)
 
 
+def _check_epc(layer: str, epc: object) -> None:
+    if not isinstance(epc, bool):
+        raise TypeError(f"{layer}: epc must be True or False (CPD-EPC after CP-ALS), got {epc!r}")
+
+
 class _CPConvNd(FactorizedConv):
     method = "cp"
+
+    @classmethod
+    def like(cls, module: nn.Module, rank: Rank, *, epc: bool = False, **opts: Any) -> "_CPConvNd":
+        """Random init with ``module``'s geometry; ``epc`` (how ``from_conv`` decomposes) does
+        not change the layer, it is accepted so a plan's options replay."""
+        _check_epc(cls.__name__, epc)
+        return super().like(module, rank, **opts)
+
+    @classmethod
+    def cost(cls, module: nn.Module, rank: Rank, in_shape: Sequence[int], out_shape: Sequence[int],
+             *, epc: bool = False, **opts: Any) -> tuple[int, int]:
+        """(params, MACs per sample), the same with or without ``epc``."""
+        _check_epc(cls.__name__, epc)
+        return super().cost(module, rank, in_shape, out_shape, **opts)
 
     @classmethod
     def _check_rank(cls, geo: ConvGeometry, rank: Any) -> int:
@@ -124,17 +143,23 @@ class _CPConvNd(FactorizedConv):
         return layer
 
     @classmethod
-    def from_conv(cls, conv: nn.Module, rank: Rank, **cp_opts: Any) -> "_CPConvNd":
-        """CP-ALS (``tensorslim.tensor.cp_als``) of each group's kernel at rank R/g.
-
-        Sets ``approx_error`` = ||W - W^|| / ||W||.
+    def from_conv(cls, conv: nn.Module, rank: Rank, *, epc: bool = False,
+                  **cp_opts: Any) -> "_CPConvNd":
+        """CP-ALS (``tensorslim.tensor.cp_als`` with ``cp_opts``) of each group's kernel at rank
+        R/g; ``epc=True`` then turns each group's CP into the CPD-EPC one
+        (``tensorslim.tensor.cp_epc`` from the ALS result: the same error, least sensitivity,
+        so fine-tuning is stable). Sets ``approx_error`` = ||W - W^|| / ||W||.
         """
+        _check_epc(cls.__name__, epc)
         geo = cls._geometry(conv)
         r = cls._check_rank(geo, rank)
         g = geo.groups
         w = conv.weight.detach().to(torch.float64)
-        from ..tensor import cp_als
-        parts = [cp_als(wg, r // g, **cp_opts) for wg in group_blocks(w, g)]
+        from ..tensor import cp_als, cp_epc
+        blocks = group_blocks(w, g)
+        parts = [cp_als(wg, r // g, **cp_opts) for wg in blocks]
+        if epc:
+            parts = [cp_epc(wg, r // g, init=p) for wg, p in zip(blocks, parts)]
         layer = cls.from_factors(conv, parts)
         layer.approx_error = rel_error(torch.cat([p.to_tensor() for p in parts]), w)
         return layer

@@ -5,9 +5,11 @@ Algebra: :func:`unfold`, :func:`fold`, :func:`mode_dot`, :func:`multi_mode_dot`,
 Decompositions (pure functions returning the small frozen result types):
 :func:`svd` -> :class:`SVDResult`, :func:`cp_als` -> :class:`CPTensor`,
 :func:`tucker` -> :class:`TuckerTensor`, :func:`tt_svd` -> :class:`TTTensor`,
-:func:`tt_matrix` -> :class:`TTMatrix`.
+:func:`tt_matrix` -> :class:`TTMatrix`, :func:`cp_epc` -> :class:`CPTensor` (CP of least
+:func:`sensitivity` within an error bound; :func:`component_intensities`).
 """
 from .cp import cp_als
+from .cp_epc import component_intensities, cp_epc, sensitivity
 from .ops import fold, hadamard, khatri_rao, kron, mode_dot, multi_mode_dot, rel_error, unfold
 from .results import CPTensor, SVDResult, TTMatrix, TTTensor, TuckerTensor
 from .svd import svd
@@ -20,7 +22,9 @@ __all__ = [
     "TTMatrix",
     "TTTensor",
     "TuckerTensor",
+    "component_intensities",
     "cp_als",
+    "cp_epc",
     "fold",
     "hadamard",
     "khatri_rao",
@@ -28,6 +32,7 @@ __all__ = [
     "mode_dot",
     "multi_mode_dot",
     "rel_error",
+    "sensitivity",
     "svd",
     "tt_matrix",
     "tt_svd",
