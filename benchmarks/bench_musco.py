@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import tensorslim as ts
+from tensorslim.calibrate import recalibrate_bn
 from tensorslim.data import TensorBatchLoader, make_loaders
 from tensorslim.models.checkpoint import WEIGHTS_DIR, load_checkpoint
 from tensorslim.train import evaluate, fine_tune
@@ -55,12 +56,19 @@ class Ctx:
                   progress=True, log_every=0)
         return model.eval()
 
+    def recalibrate(self, model):
+        if self.args.bn_steps:
+            self.loaders.train.set_epoch(9_999)
+            recalibrate_bn(model, self.loaders.train, steps=self.args.bn_steps)
+        return model.eval()
+
     def plan_and_tune(self, label: str, plan, steps: int) -> dict:
         model = ts.compress(copy.deepcopy(self.dense), plan, progress=False)
         before = self.acc(model)
+        recal = self.acc(self.recalibrate(model))
         after = self.acc(self.tune(model, steps))
-        row = {"label": label, "macs": self.macs(model), "acc_before": before, "acc_after": after,
-               "steps": steps}
+        row = {"label": label, "macs": self.macs(model), "acc_before": before, "acc_recal": recal,
+               "acc_after": after, "steps": steps}
         print(row, flush=True)
         return row
 
@@ -75,9 +83,9 @@ def part_musco(c: Ctx) -> list[dict]:
         t0 = time.perf_counter()
         res = musco(c.dense, "tucker", c.x1, train_loader=c.loaders.train, stages=a.stages,
                     finetune_steps_per_stage=a.steps // a.stages, target_macs=target,
-                    seed=a.seed, finetune_lr=a.lr, progress=True)
+                    seed=a.seed, finetune_lr=a.lr, bn_steps=a.bn_steps, progress=True)
         row = {"label": f"MUSCO tucker {1 / target:.0f}x, {res.stages_done} stages", "macs": c.macs(res.model),
-               "acc_before": None, "acc_after": c.acc(res.model), "steps": a.steps,
+               "acc_before": None, "acc_recal": None, "acc_after": c.acc(res.model), "steps": a.steps,
                "stage_macs": [h.get("macs_ratio", h.get("macs")) for h in res.history],
                "stop_reason": res.stop_reason, "wall_s": round(time.perf_counter() - t0, 1)}
         print(row, flush=True)
@@ -141,6 +149,8 @@ def main() -> None:
     p.add_argument("--epc-target", type=float, default=0.125)
     p.add_argument("--steps", type=int, default=900, help="total fine-tune steps per run")
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--bn-steps", type=int, default=50,
+                   help="BatchNorm re-calibration batches after each decomposition (0 = off)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--test-subset", type=int, default=None)
@@ -156,11 +166,12 @@ def main() -> None:
         if part not in PARTS:
             raise SystemExit(f"unknown part {part!r}; known: {', '.join(PARTS)}")
         rows = PARTS[part](c)
-        lines = [f"## {part} (dense acc {c.acc0:.4f})", "", "| run | MACs kept | acc before FT | acc after FT | FT steps |",
-                 "|---|---|---|---|---|"]
+        lines = [f"## {part} (dense acc {c.acc0:.4f}, BN re-calibration {args.bn_steps} batches)", "",
+                 "| run | MACs kept | acc before FT | acc after BN re-cal. | acc after FT | FT steps |",
+                 "|---|---|---|---|---|---|"]
         for r in rows:
-            b = "—" if r["acc_before"] is None else f"{r['acc_before']:.4f}"
-            lines.append(f"| {r['label']} | {r['macs']:.4f} | {b} | {r['acc_after']:.4f} | {r['steps']} |")
+            b, rc = ("—" if r.get(k) is None else f"{r[k]:.4f}" for k in ("acc_before", "acc_recal"))
+            lines.append(f"| {r['label']} | {r['macs']:.4f} | {b} | {rc} | {r['acc_after']:.4f} | {r['steps']} |")
         table = "\n".join(lines)
         print(table, flush=True)
         (out / f"{part}.md").write_text(table + "\n")

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 import tensorslim as ts
 from tensorslim.cli import build_parser, main
@@ -89,7 +90,18 @@ def test_compress_with_per_layer_ranks_and_weights_file(trained, tmp_path, capsy
                  "--latency-batch", "2", "--threads", "1", "--out", str(out)]) == 0
     plan = ts.CompressionPlan.load(out / "plan.json")
     assert [(s.name, s.rank) for s in plan.compressed] == [("features.24", 4)]
+    assert "cp (no fine-tune, BN re-calibrated)" in capsys.readouterr().out
+    assert "BatchNorm re-calibration: 50 training batches" in (out / "report.md").read_text()
+    # --bn-steps 0: the same factors, the dense model's BatchNorm statistics
+    raw = tmp_path / "raw"
+    assert main(["compress", "--model", "vgg16", "--weights", str(trained / "vgg16.safetensors"),
+                 "--method", "cp", "--ranks", '{"features.24": 4}', "--test-subset", "200",
+                 "--latency-batch", "2", "--threads", "1", "--bn-steps", "0", "--out", str(raw)]) == 0
     assert "cp (no fine-tune)" in capsys.readouterr().out
+    a, b = ts.load(out).state_dict(), ts.load(raw).state_dict()
+    assert torch.equal(a["features.24.project_in.weight"], b["features.24.project_in.weight"])
+    assert not torch.allclose(a["features.25.running_mean"], b["features.25.running_mean"])
+    assert int(a["features.25.num_batches_tracked"]) == 50
 
 
 def test_sweep_command(trained, tmp_path, capsys):

@@ -64,7 +64,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(model=args.model, method=args.method, target_macs=args.target_macs,
-                        finetune_steps=args.finetune_steps, threads=args.threads,
+                        finetune_steps=args.finetune_steps, bn_steps=args.bn_steps, threads=args.threads,
                         test_subset=args.test_subset, out_dir=args.out))
     return 0
 
@@ -87,7 +87,7 @@ def _compress(args: argparse.Namespace) -> int:
     goal.update(_rank_rule_goal(args))
     run_compress(CompressConfig(source=_source(args), method=args.method, goal=goal, out_dir=args.out,
                                 finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-                                batch_size=args.batch_size, latency_batch=args.latency_batch,
+                                bn_steps=args.bn_steps, batch_size=args.batch_size, latency_batch=args.latency_batch,
                                 threads=args.threads, test_subset=args.test_subset, seed=args.seed,
                                 val_subset=args.val_subset, multi_stage=args.multi_stage,
                                 stages=args.stages, state_dir=args.state_dir))
@@ -180,6 +180,8 @@ def _add_demo(sub: Any) -> None:
     d.add_argument("--method", default="tucker", choices=["tucker", "cp", "svd", "auto"])
     d.add_argument("--target-macs", type=float, default=0.25, help="fraction of MACs to keep (0.25 = 4x fewer)")
     d.add_argument("--finetune-steps", type=int, default=400)
+    d.add_argument("--bn-steps", type=int, default=50,
+                   help="batches to re-estimate BatchNorm statistics on after decomposing (default 50; 0 = off)")
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images only")
     d.add_argument("--out", default="runs/demo", help="output folder (report.md, PNGs, checkpoint)")
@@ -241,6 +243,9 @@ def _add_compress(sub: Any) -> None:
     m.add_argument("--stages", type=int, default=3, help="most stages (default 3)")
     m.add_argument("--state-dir", help="save every stage here and resume from it when re-run")
     _add_run(c, finetune=0)
+    c.add_argument("--bn-steps", type=int, default=50,
+                   help="training batches to re-estimate BatchNorm statistics on after decomposing, "
+                        "before fine-tuning (every stage with --multi-stage; default 50; 0 = off)")
     c.add_argument("--out", default="runs/compress", help="output folder")
     c.set_defaults(func=_compress)
 

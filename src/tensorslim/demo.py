@@ -21,6 +21,7 @@ class DemoConfig:
     target_macs: float = 0.25
     finetune_steps: int = 400
     finetune_lr: float = 0.01
+    bn_steps: int = 50
     batch_size: int = 128
     latency_batch: int = 64
     threads: int = 2
@@ -33,10 +34,10 @@ class DemoConfig:
             raise ValueError(f"target_macs must be a number in (0, 1], got {self.target_macs!r}")
         if self.method not in ("tucker", "cp", "svd", "auto", "tt"):
             raise ValueError(f"unknown method {self.method!r}; known: tucker, cp, svd, auto, tt")
-        for name in ("finetune_steps", "threads", "batch_size", "latency_batch"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "finetune_steps" else 1):
-                raise ValueError(f"{name} must be a {'non-negative' if name == 'finetune_steps' else 'positive'} int, got {v!r}")
+        for name in ("finetune_steps", "bn_steps", "threads", "batch_size", "latency_batch"):
+            v, zero_ok = getattr(self, name), name in ("finetune_steps", "bn_steps")
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} int, got {v!r}")
 
 
 def _pretrained_or_trained(name: str, loaders: Any, seed: int) -> tuple[nn.Module, str]:
@@ -83,8 +84,15 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     rows = [_summary(f"{cfg.model} dense", model, test, x1, xb, cfg.threads)]
     res = oneshot(model, cfg.method, x1, target_macs=cfg.target_macs, progress=True)
     rows.append(_summary(f"{cfg.method} (no fine-tune)", res.model, test, x1, xb, cfg.threads))
+    if cfg.bn_steps:
+        from .calibrate import recalibrate_bn
+
+        recalibrate_bn(res.model, loaders.train, steps=cfg.bn_steps, progress=True)
+        rows.append(_summary(f"{cfg.method} + BN re-calibration ({cfg.bn_steps} batches, no gradient steps)",
+                             res.model.eval(), test, x1, xb, cfg.threads))
     tuned = oneshot(model, cfg.method, x1, plan=res.plan, train_loader=loaders.train,
-                    finetune_steps=cfg.finetune_steps, finetune_lr=cfg.finetune_lr, progress=True)
+                    finetune_steps=cfg.finetune_steps, finetune_lr=cfg.finetune_lr,
+                    bn_steps=cfg.bn_steps, progress=True)
     rows.append(_summary(f"{cfg.method} + {cfg.finetune_steps} steps KD", tuned.model, test, x1, xb, cfg.threads))
     print(res.plan.table())
     print()
@@ -94,6 +102,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     notes = [
         f"base model: {source}",
         f"goal: {cfg.method}, target_macs={cfg.target_macs} (keep {100 * cfg.target_macs:.0f}% of MACs)",
+        f"BatchNorm re-calibration: {cfg.bn_steps} training batches after decomposing, before fine-tuning"
+        + ("" if cfg.bn_steps else " (off)"),
         f"fine-tune: {cfg.finetune_steps} SGD steps, batch {cfg.batch_size}, lr {cfg.finetune_lr}, "
         f"distillation from the dense model",
         f"test set: official Fashion-MNIST test, {cfg.test_subset or 10000} images; "

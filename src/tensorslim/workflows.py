@@ -169,6 +169,7 @@ class CompressConfig:
     out_dir: str = "runs/compress"
     finetune_steps: int = 0
     finetune_lr: float = 0.01
+    bn_steps: int = 50  # BatchNorm re-calibration batches after decomposing (0: off)
     batch_size: int = 128
     latency_batch: int = 64
     threads: int = 2
@@ -225,8 +226,10 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         label = f"{cfg.method} MUSCO {res.stages_done} stages" + (
             f" x {cfg.finetune_steps} steps KD" if cfg.finetune_steps else " (no fine-tune)")
     else:
-        res = oneshot(src.model, cfg.method, x1, progress=True, **goal)
-        label = f"{cfg.method} (no fine-tune)"
+        train = train_loader(src.pad_to_32, cfg.batch_size, cfg.seed) if cfg.bn_steps else None
+        res = oneshot(src.model, cfg.method, x1, progress=True, train_loader=train,
+                      bn_steps=cfg.bn_steps, **goal)
+        label = f"{cfg.method} (no fine-tune{', BN re-calibrated' if cfg.bn_steps else ''})"
     print(res.plan.table(), flush=True)
     rows.append(summarize(label, res.model, test, x1, xb, cfg.threads))
     if cfg.finetune_steps and not cfg.multi_stage:
@@ -243,13 +246,15 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
                                           "source": src.description})
     notes = [f"base model: {src.description}",
              f"goal: {cfg.method}, {dict(cfg.goal)}",
+             f"BatchNorm re-calibration: {cfg.bn_steps} training batches after decomposing"
+             + ("" if cfg.bn_steps else " (off)"),
              f"fine-tune: {cfg.finetune_steps} SGD steps (batch {cfg.batch_size}, lr {cfg.finetune_lr}, "
              f"distilled from the dense model)",
              f"test set: official Fashion-MNIST test, {cfg.test_subset or 10000} images; latency: batch "
              f"{cfg.latency_batch}, {cfg.threads} threads, median of 15",
              f"wall time: {time.perf_counter() - t0:.0f} s"]
     if cfg.multi_stage:
-        notes[2] = (f"multi-stage (MUSCO): {res.stages_done} stages, {cfg.finetune_steps} SGD steps "
+        notes[3] = (f"multi-stage (MUSCO): {res.stages_done} stages, {cfg.finetune_steps} SGD steps "
                     f"each (batch {cfg.batch_size}, lr {cfg.finetune_lr}, distilled); {res.stop_reason}")
     report = write_report(out, f"tensorslim compress: {src.description}", rows, res.plan, notes)
     print(f"\nwrote checkpoint + report to {out}", flush=True)
@@ -282,9 +287,11 @@ def run_multi_stage(cfg: CompressConfig, src: Loaded, x1: torch.Tensor, goal: Ma
     from .methods import musco
 
     kwargs = musco_arguments(goal)
-    train = train_loader(src.pad_to_32, cfg.batch_size, cfg.seed) if cfg.finetune_steps else None
+    need = cfg.finetune_steps or cfg.bn_steps
+    train = train_loader(src.pad_to_32, cfg.batch_size, cfg.seed) if need else None
     return musco(src.model, cfg.method, x1, train_loader=train, stages=cfg.stages,
                  finetune_steps_per_stage=cfg.finetune_steps, finetune_lr=cfg.finetune_lr,
+                 bn_steps=cfg.bn_steps,
                  state_dir=cfg.state_dir, seed=cfg.seed, progress=True, **kwargs)
 
 

@@ -55,6 +55,7 @@ class MuscoConfig:
     example_shape: tuple[int, ...]
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
+    bn_steps: int = 50
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps({**asdict(self), "rank_rule": R.rule_to_json(self.rank_rule)}))
@@ -90,6 +91,7 @@ def musco(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     max_stages_this_call: int | None = None,
+    bn_steps: int = 50,
     progress: bool = True,
 ) -> MuscoResult:
     """Multi-stage compression of a copy of the dense ``model`` (left untouched).
@@ -107,9 +109,14 @@ def musco(
             keep. With a target it only shapes the per-layer ranks (pure EVBMF ranks).
         state_dir: folder for per-stage checkpoints; resume from it when it holds a run.
         max_stages_this_call: stop after this many stages in this call (resume later).
+        bn_steps: after each stage's decomposition, re-estimate the BatchNorm statistics on
+            this many ``train_loader`` batches before fine-tuning (0, or no loader: skipped).
     """
     cfg = _config(model, method, example_inputs, stages, finetune_steps_per_stage, target_macs,
                   vbmf_factor, rank_rule, seed, distill, finetune_lr, include, exclude)
+    if isinstance(bn_steps, bool) or not isinstance(bn_steps, int) or bn_steps < 0:
+        raise ValueError(f"musco: bn_steps must be an int >= 0, got {bn_steps!r}")
+    cfg = replace(cfg, bn_steps=bn_steps if train_loader is not None else 0)
     if finetune_steps_per_stage and train_loader is None:
         raise ValueError("musco: finetune_steps_per_stage > 0 needs a train_loader")
     if max_stages_this_call is not None and max_stages_this_call < 0:
@@ -276,7 +283,7 @@ def _do_stage(model: nn.Module, old: CompressionPlan, new: CompressionPlan, chan
     if progress:
         print(f"musco stage {k}/{cfg.stages}: MACs ratio {new.macs_ratio:.4f}, params ratio "
               f"{new.params_ratio:.4f}, {len(changed)} layer(s) changed"
-              + (f", fine-tune loss {ft['loss']:.4f} acc {ft['acc']:.4f}" if ft else ""), flush=True)
+              + (f", fine-tune loss {ft['loss']:.4f} acc {ft['acc']:.4f}" if 'loss' in ft else ""), flush=True)
     return rec
 
 
@@ -307,8 +314,18 @@ class _StageLoader:
 
 def _finetune(model: nn.Module, teacher: nn.Module | None, loader: Any, cfg: MuscoConfig,
               k: int, progress: bool) -> dict[str, Any]:
+    """BatchNorm re-calibration (``cfg.bn_steps`` batches) then ``finetune_steps_per_stage``
+    SGD steps; the record of both."""
+    out: dict[str, Any] = {}
+    if cfg.bn_steps and loader is not None:
+        from ..calibrate import recalibrate_bn
+
+        bn_loader = _StageLoader(loader, 10_000 * k)
+        bn_loader.set_epoch(9_999)  # a fixed order of its own: resumed runs see the same batches
+        out["bn_batches"] = recalibrate_bn(model, bn_loader, steps=cfg.bn_steps)
+        model.eval()
     if not cfg.finetune_steps_per_stage:
-        return {}
+        return out
     from ..train import fine_tune
 
     steps = cfg.finetune_steps_per_stage
@@ -318,7 +335,7 @@ def _finetune(model: nn.Module, teacher: nn.Module | None, loader: Any, cfg: Mus
     hist = fine_tune(model, wrapped, epochs=epochs, max_steps=steps, lr=cfg.finetune_lr,
                      teacher=teacher, seed=seed, progress=progress, log_every=0)
     model.eval()
-    return {"steps": hist["steps"], "loss": hist["loss"][-1], "acc": hist["acc"][-1], "seed": seed}
+    return out | {"steps": hist["steps"], "loss": hist["loss"][-1], "acc": hist["acc"][-1], "seed": seed}
 
 
 def _fingerprint(model: nn.Module) -> str:

@@ -1,0 +1,53 @@
+"""One-shot compression: BatchNorm re-calibration before fine-tuning, argument checks."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tensorslim.methods import oneshot
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 3, 8, 8, generator=g) * 2 + 1, torch.randint(0, 4, (8,), generator=g))
+            for _ in range(n)]
+
+
+def test_bn_statistics_are_reestimated_on_the_compressed_activations():
+    dense, data, x = _net(), _batches(6), torch.randn(1, 3, 8, 8)
+    res = oneshot(dense, "tucker", x, ranks={"3": 4}, train_loader=data, bn_steps=4, progress=False)
+    assert res.history == {"bn_batches": 4}
+    assert not res.model.training
+    bn = res.model[4]
+    with torch.no_grad():  # statistics of the compressed conv's output over those 4 batches,
+        head = copy.deepcopy(res.model[:4]).train()  # earlier BNs normalising by batch stats
+        feats = [head(xb) for xb, _ in data[:4]]
+    mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(bn.running_mean, dense[4].running_mean)
+    # the input model is untouched, and bn_steps=0 keeps the dense statistics
+    raw = oneshot(dense, "tucker", x, ranks={"3": 4}, train_loader=data, bn_steps=0, progress=False)
+    assert raw.history == {} and torch.equal(raw.model[4].running_mean, dense[4].running_mean)
+    torch.testing.assert_close(raw.model[3].project_in.weight, res.model[3].project_in.weight)
+
+
+def test_fine_tune_history_follows_the_recalibration():
+    res = oneshot(_net(), "tucker", torch.randn(1, 3, 8, 8), ranks={"3": 4}, train_loader=_batches(3),
+                  bn_steps=2, finetune_steps=3, progress=False)
+    assert res.history["bn_batches"] == 2 and res.history["steps"] == 3
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_bad_bn_steps(bad):
+    with pytest.raises(ValueError, match="bn_steps must be an int >= 0"):
+        oneshot(_net(), "tucker", torch.randn(1, 3, 8, 8), ranks={"3": 4}, bn_steps=bad, progress=False)
