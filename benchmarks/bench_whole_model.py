@@ -45,6 +45,9 @@ def main() -> None:
     p.add_argument("--widths", default="0.25,0.5,1.0")
     p.add_argument("--methods", default="tucker,cp")
     p.add_argument("--target-macs", type=float, default=0.25)
+    p.add_argument("--rank-rule", default=None, help="uniform (default) or min_error (its ranks depend on the "
+                   "weights: use --trained for the shipped width-0.25 model's plan)")
+    p.add_argument("--trained", action="store_true", help="width 0.25: plan on the shipped trained weights")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
@@ -58,8 +61,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for w in (float(v) for v in args.widths.split(",")):
         dense = create("vgg16", width=w).eval()
+        if args.trained and w == 0.25:
+            dense = ts.models.load_pretrained("vgg16").eval()
+        goal = {"target_macs": args.target_macs}
+        if args.rank_rule:
+            goal["rank_rule"] = args.rank_rule
         for method in args.methods.split(","):
-            plan = ts.make_plan(dense, method, x1, target_macs=args.target_macs)
+            plan = ts.make_plan(dense, method, x1, **goal)
             comp = ts.compress(copy.deepcopy(dense), plan, progress=False).eval()
             best = {}
             for fmt in (torch.contiguous_format, torch.channels_last):

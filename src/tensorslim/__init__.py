@@ -7,6 +7,7 @@ Public API (stable names)::
                svd, cp_als, tucker, tt_svd, tt_matrix, rel_error}
     ts.layers.{CPConv2d, TuckerConv2d, LowRankLinear, TTLinear, ...}
     ts.make_plan, ts.compress, ts.count, ts.measure_latency, ts.CompressionPlan, ts.LayerSpec
+    ts.calibrate.recalibrate_bn (BatchNorm statistics after compression)
 
 Submodules are imported on first use so ``import tensorslim`` stays cheap.
 """
@@ -28,7 +29,8 @@ _LAZY = {
     "save": "tensorslim.io",
     "load": "tensorslim.io",
 }
-_SUBMODULES = {"tensor", "layers", "rank", "methods", "data", "models", "train", "io", "report"}
+_SUBMODULES = {"tensor", "layers", "rank", "methods", "data", "models", "train", "io", "report",
+               "calibrate"}
 
 
 def __getattr__(name: str) -> Any:
