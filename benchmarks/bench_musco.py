@@ -1,7 +1,8 @@
 """Issue-4 experiments on the shipped Fashion-MNIST VGG-16 (one run, one table per part).
 
 Parts (``--parts``, comma separated):
-  musco  multi-stage (MUSCO, ``--stages`` stages) vs one-shot at the same final MACs
+  musco  multi-stage (MUSCO, ``--stages`` stages; ranks EVBMF-shaped or heading for the one-shot
+         plan's, ``--musco-guides``) vs one-shot at the same final MACs
          (``--targets``, e.g. 0.25 and 0.125 = 4x and 8x fewer), the SAME total number of
          fine-tuning steps (one-shot: all of them after compression; MUSCO: split evenly over
          the stages), Tucker-2, distillation from the dense model.
@@ -80,16 +81,25 @@ def part_musco(c: Ctx) -> list[dict]:
     for target in (float(t) for t in a.targets.split(",")):
         plan = ts.make_plan(c.dense, "tucker", c.x1, target_macs=target, rank_rule=a.rank_rule)
         rows.append(c.plan_and_tune(f"one-shot tucker {1 / target:.0f}x", plan, a.steps))
-        t0 = time.perf_counter()
-        res = musco(c.dense, "tucker", c.x1, train_loader=c.loaders.train, stages=a.stages,
-                    finetune_steps_per_stage=a.steps // a.stages, target_macs=target,
-                    seed=a.seed, finetune_lr=a.lr, bn_steps=a.bn_steps, progress=True)
-        row = {"label": f"MUSCO tucker {1 / target:.0f}x, {res.stages_done} stages", "macs": c.macs(res.model),
-               "acc_before": None, "acc_recal": None, "acc_after": c.acc(res.model), "steps": a.steps,
-               "stage_macs": [h.get("macs_ratio", h.get("macs")) for h in res.history],
-               "stop_reason": res.stop_reason, "wall_s": round(time.perf_counter() - t0, 1)}
-        print(row, flush=True)
-        rows.append(row)
+        for guide in a.musco_guides.split(","):
+            if guide not in ("vbmf", "oneshot"):
+                raise SystemExit(f"unknown --musco-guides entry {guide!r}; known: vbmf, oneshot")
+            # oneshot: the stages head for the one-shot plan's ranks (same final architecture)
+            rule = {s.name: s.rank for s in plan.compressed} if guide == "oneshot" else "vbmf"
+            goal = plan.macs_ratio if guide == "oneshot" else target
+            t0 = time.perf_counter()
+            res = musco(c.dense, "tucker", c.x1, train_loader=c.loaders.train, stages=a.stages,
+                        finetune_steps_per_stage=a.steps // a.stages, target_macs=goal,
+                        rank_rule=rule, seed=a.seed, finetune_lr=a.lr, bn_steps=a.bn_steps,
+                        progress=True)
+            row = {"label": f"MUSCO tucker {1 / target:.0f}x, {res.stages_done} stages, "
+                            f"{'to the one-shot ranks' if guide == 'oneshot' else 'EVBMF-shaped ranks'}",
+                   "macs": c.macs(res.model), "acc_before": None, "acc_recal": None,
+                   "acc_after": c.acc(res.model), "steps": a.steps,
+                   "stage_macs": [h.get("macs_ratio", h.get("macs")) for h in res.history],
+                   "stop_reason": res.stop_reason, "wall_s": round(time.perf_counter() - t0, 1)}
+            print(row, flush=True)
+            rows.append(row)
     return rows
 
 
@@ -145,6 +155,9 @@ def main() -> None:
     p.add_argument("--targets", default="0.25,0.125")
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--rank-rule", default="uniform", help="one-shot rank rule for the musco part")
+    p.add_argument("--musco-guides", default="vbmf,oneshot",
+                   help="MUSCO runs per target: vbmf (EVBMF-shaped ranks meeting the target), oneshot "
+                        "(stages heading for the one-shot plan's ranks: the same final architecture)")
     p.add_argument("--vbmf-factors", default="0.6")
     p.add_argument("--epc-target", type=float, default=0.125)
     p.add_argument("--steps", type=int, default=900, help="total fine-tune steps per run")

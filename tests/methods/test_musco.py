@@ -181,3 +181,26 @@ def test_cli_compress_multi_stage_end_to_end(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(out), "--no-accuracy", "--latency-batch", "2",
                  "--threads", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["macs"] == plan.macs_after
+
+
+def test_final_ranks_rule_ends_at_the_one_shot_plan_and_round_trips(tmp_path):
+    net, x = _vgg(), X
+    plan = ts.make_plan(net, "tucker", x, target_macs=0.3)
+    final = {s.name: s.rank for s in plan.compressed}
+    res = musco(net, "tucker", x, stages=3, rank_rule=final, target_macs=plan.macs_ratio,
+                state_dir=tmp_path, progress=False)
+    assert res.stages_done == 3 and res.stop_reason == "MAC target reached"
+    assert {s.name: s.rank for s in res.plan.compressed} == final  # the very same final ranks
+    assert res.plan.macs_after == plan.macs_after
+    ratios = [h["macs_ratio"] for h in res.history]
+    assert 1.0 > ratios[0] > ratios[1] > ratios[2] == pytest.approx(plan.macs_ratio, rel=1e-12)
+    for n, r in final.items():  # every stage between dense and the final rank
+        for h in res.history:
+            got = h["ranks"].get(n)
+            assert got is None or all(a >= b for a, b in zip(got, r))
+    # the config (with the mapping) is saved as JSON and a re-run resumes as done
+    again = musco(net, "tucker", x, stages=3, rank_rule=final, target_macs=plan.macs_ratio,
+                  state_dir=tmp_path, progress=False)
+    assert again.plan == res.plan and again.stages_done == 3
+    with pytest.raises(ValueError, match="final ranks must map layer names"):
+        musco(net, "tucker", x, rank_rule={"features.3": 0}, target_macs=0.5, progress=False)

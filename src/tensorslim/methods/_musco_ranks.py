@@ -11,6 +11,9 @@ method and rank it runs at now). A rule gives each layer a *guide* rank:
 * a fraction f (per stage): f times the current rank of every mode (a dense layer: the planner's
   fraction rank).
 
+* a mapping {layer name: rank}: the ranks to end at (a one-shot plan's, say), so that
+  multi-stage and one-shot compression can be compared at the very same final ranks.
+
 Without a MAC target the guide is the new rank. With one, each layer moves along a path from its
 current rank (t = 0) to its guide (t = 1) and on, proportionally, towards rank 1 (t = 2); one
 global t meets the stage's MAC goal, then the slack left by rank granularity is filled greedily.
@@ -68,6 +71,10 @@ def cp_equivalent(shape: Sequence[int], tucker_rank: tuple[int, int]) -> int:
 def guide_rank(layer: _Layer, spec: LayerSpec, module: nn.Module, rule: Any, factor: float,
                stage: int) -> tuple[Any, str]:
     """(guide rank or None, why): None when the rule does not apply to this layer."""
+    if isinstance(rule, Mapping):  # final ranks given (e.g. a one-shot plan's): head for them
+        if layer.name not in rule:
+            return None, "not in the final ranks"
+        return valid(layer, rule[layer.name]), "final rank given"
     if isinstance(rule, str):
         if groups_of(layer) != 1:
             return None, f"EVBMF rule needs groups=1 (groups={groups_of(layer)})"
@@ -178,11 +185,31 @@ def stage_goal(current_ratio: float, target: float, stages_left: int) -> float:
 
 
 def rule_to_json(rule: Any) -> Any:
+    if isinstance(rule, Mapping):
+        return {n: list(r) if isinstance(r, tuple) else r for n, r in rule.items()}
     return rule if isinstance(rule, str) else [float(f) for f in rule]
 
 
+def _final_ranks(rule: Mapping[Any, Any]) -> dict[str, Any]:
+    """{layer name: int or tuple of ints >= 1} from a mapping of final ranks."""
+    out: dict[str, Any] = {}
+    for name, rank in rule.items():
+        seq = tuple(rank) if isinstance(rank, (list, tuple)) else (rank,)
+        if (not isinstance(name, str) or not seq
+                or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in seq)):
+            raise ValueError(f"musco: final ranks must map layer names to an int >= 1 or a list of "
+                             f"them, got {name!r}: {rank!r}")
+        out[name] = tuple(seq) if isinstance(rank, (list, tuple)) else rank
+    if not out:
+        raise ValueError("musco: the mapping of final ranks is empty")
+    return dict(sorted(out.items()))
+
+
 def check_rule(rule: Any) -> Any:
-    """'vbmf', a fraction in (0, 1), or a sequence of them (one per stage, the last repeats)."""
+    """'vbmf', a fraction in (0, 1), a sequence of them (one per stage, the last repeats), or a
+    mapping {layer name: final rank} (e.g. ``{s.name: s.rank for s in plan.compressed}``)."""
+    if isinstance(rule, Mapping):
+        return _final_ranks(rule)
     if isinstance(rule, str):
         if rule != "vbmf":
             raise ValueError(f"musco: rank_rule must be 'vbmf', a fraction in (0, 1) or a list of "

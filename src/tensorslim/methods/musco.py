@@ -24,7 +24,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -83,7 +83,7 @@ def musco(
     finetune_steps_per_stage: int = 0,
     target_macs: float | None = None,
     vbmf_factor: float = 0.8,
-    rank_rule: str | float | Sequence[float] = "vbmf",
+    rank_rule: str | float | Sequence[float] | Mapping[str, Any] = "vbmf",
     state_dir: str | Path | None = None,
     seed: int = 0,
     distill: bool = True,
@@ -106,7 +106,10 @@ def musco(
         vbmf_factor: MUSCO's softening in [0, 1] of EVBMF ranks, R - f (R - R_vbmf)
             (rule ``vbmf`` without a target).
         rank_rule: ``"vbmf"``, or a fraction in (0, 1) (or one per stage) of each rank to
-            keep. With a target it only shapes the per-layer ranks (pure EVBMF ranks).
+            keep, or a mapping {layer name: final rank} to end at (e.g. a one-shot plan's
+            ``{s.name: s.rank for s in plan.compressed}`` with ``target_macs=plan.macs_ratio``:
+            the stages then interpolate from dense to exactly those ranks). With a target it
+            only shapes the per-layer ranks (pure EVBMF ranks for ``"vbmf"``).
         state_dir: folder for per-stage checkpoints; resume from it when it holds a run.
         max_stages_this_call: stop after this many stages in this call (resume later).
         bn_steps: after each stage's decomposition, re-estimate the BatchNorm statistics on
