@@ -43,6 +43,16 @@ def test_bad_argument_is_a_clear_error(capsys):
     assert "target_macs must be a number in (0, 1]" in capsys.readouterr().err
 
 
+def test_demo_config_checks_rank_rule_and_bn_steps():
+    from tensorslim.demo import DemoConfig
+
+    assert DemoConfig().rank_rule == "min_error" and DemoConfig().bn_steps == 50
+    with pytest.raises(ValueError, match="rank_rule must be 'uniform' or 'min_error'"):
+        DemoConfig(rank_rule="vbmf")
+    with pytest.raises(ValueError, match="bn_steps must be a non-negative int"):
+        DemoConfig(bn_steps=-1)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny VGG-16 (width 1/8) trained 150 steps on real Fashion-MNIST by `tensorslim train`."""

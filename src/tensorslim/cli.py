@@ -63,7 +63,8 @@ def _source(args: argparse.Namespace) -> Any:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(model=args.model, method=args.method, target_macs=args.target_macs,
+    run_demo(DemoConfig(model=args.model, method=args.method, rank_rule=args.rank_rule,
+                        target_macs=args.target_macs,
                         finetune_steps=args.finetune_steps, bn_steps=args.bn_steps, threads=args.threads,
                         test_subset=args.test_subset, out_dir=args.out))
     return 0
@@ -173,11 +174,16 @@ def _add_run(p: argparse.ArgumentParser, *, finetune: int | None = None) -> None
 
 
 def _add_demo(sub: Any) -> None:
+    from .demo import DemoConfig
+
     d = sub.add_parser("demo", help="compress the shipped Fashion-MNIST model to a MAC target, fine-tune, report",
                        description="Load the shipped VGG-16, compress it whole-model (default Tucker-2 to 4x "
                                    "fewer MACs), fine-tune briefly with distillation, print a table and write a report.")
     d.add_argument("--model", default="vgg16")
-    d.add_argument("--method", default="tucker", choices=["tucker", "cp", "svd", "auto"])
+    d.add_argument("--method", default=DemoConfig.method, choices=["tucker", "cp", "svd", "auto"],
+                   help=f"default {DemoConfig.method}")
+    d.add_argument("--rank-rule", default=DemoConfig.rank_rule, choices=["uniform", "min_error"],
+                   help=f"how the MAC budget is spread over the layers (default {DemoConfig.rank_rule})")
     d.add_argument("--target-macs", type=float, default=0.25, help="fraction of MACs to keep (0.25 = 4x fewer)")
     d.add_argument("--finetune-steps", type=int, default=400)
     d.add_argument("--bn-steps", type=int, default=50,

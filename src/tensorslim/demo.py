@@ -18,6 +18,7 @@ from .report import ModelSummary, summary_table, write_report
 class DemoConfig:
     model: str = "vgg16"
     method: str = "tucker"
+    rank_rule: str = "min_error"  # beat uniform on the shipped VGG-16 (benchmarks/bench_musco.py --parts rules)
     target_macs: float = 0.25
     finetune_steps: int = 400
     finetune_lr: float = 0.01
@@ -34,6 +35,9 @@ class DemoConfig:
             raise ValueError(f"target_macs must be a number in (0, 1], got {self.target_macs!r}")
         if self.method not in ("tucker", "cp", "svd", "auto", "tt"):
             raise ValueError(f"unknown method {self.method!r}; known: tucker, cp, svd, auto, tt")
+        if self.rank_rule not in ("uniform", "min_error"):
+            raise ValueError(f"demo: rank_rule must be 'uniform' or 'min_error' (the rules that meet a "
+                             f"MAC target), got {self.rank_rule!r}")
         for name in ("finetune_steps", "bn_steps", "threads", "batch_size", "latency_batch"):
             v, zero_ok = getattr(self, name), name in ("finetune_steps", "bn_steps")
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
@@ -82,7 +86,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     size = 32 if pad else 28
     x1, xb = torch.randn(1, 1, size, size), torch.randn(cfg.latency_batch, 1, size, size)
     rows = [_summary(f"{cfg.model} dense", model, test, x1, xb, cfg.threads)]
-    res = oneshot(model, cfg.method, x1, target_macs=cfg.target_macs, progress=True)
+    res = oneshot(model, cfg.method, x1, target_macs=cfg.target_macs, rank_rule=cfg.rank_rule,
+                  progress=True)
     rows.append(_summary(f"{cfg.method} (no fine-tune)", res.model, test, x1, xb, cfg.threads))
     if cfg.bn_steps:
         from .calibrate import recalibrate_bn
@@ -101,7 +106,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     save(tuned.model, tuned.plan, out / "checkpoint")
     notes = [
         f"base model: {source}",
-        f"goal: {cfg.method}, target_macs={cfg.target_macs} (keep {100 * cfg.target_macs:.0f}% of MACs)",
+        f"goal: {cfg.method}, target_macs={cfg.target_macs} (keep {100 * cfg.target_macs:.0f}% of MACs), "
+        f"rank rule {cfg.rank_rule}",
         f"BatchNorm re-calibration: {cfg.bn_steps} training batches after decomposing, before fine-tuning"
         + ("" if cfg.bn_steps else " (off)"),
         f"fine-tune: {cfg.finetune_steps} SGD steps, batch {cfg.batch_size}, lr {cfg.finetune_lr}, "
