@@ -54,10 +54,14 @@ def test_compressed_model_matches_onnxruntime(tmp_path, method, goal):
         ref = model(xb).numpy()
     np.testing.assert_allclose(_ort(tmp_path / "m.onnx", xb), ref, rtol=1e-4, atol=1e-5)
     # the factorized form is what is exported (no dense weight rebuilt): the file stores no more
-    # numbers than the compressed model has (BN may be folded into the convs), fewer than dense
+    # numbers than the compressed model has (BN may be folded into the convs), fewer than dense;
+    # a CP layer's fused depthwise kernel (outer product of its kh x 1 and 1 x kw factors) is
+    # folded to one R x kh x kw constant: R * (kh*kw - kh - kw) more numbers per CP layer
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     stored = sum(int(np.prod(t.dims)) for t in graph.initializer)
     own = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    own += sum(m.rank * (m.geometry.kernel[0] * m.geometry.kernel[1] - sum(m.geometry.kernel))
+               for m in model.modules() if getattr(m, "fused", False))
     dense = sum(p.numel() for p in ts.models.create("vgg16", width=0.125).parameters())
     assert stored <= own and sum(p.numel() for p in model.parameters()) < dense
     assert "OK" in res.table() and "max |ort - torch|" in res.table()

@@ -37,6 +37,9 @@ def primitive_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> i
         isinstance(m, _CONV + (nn.Linear,)) for m in module.modules()
     ):
         return int(custom(tuple(inp.shape)))
+    own = getattr(module, "own_macs", None)  # MACs a factorized layer computes outside its children
+    if callable(own) and _is_factorized(module):
+        return int(own(tuple(inp.shape), tuple(out.shape))) or None
     return None
 
 

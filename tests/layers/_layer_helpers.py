@@ -93,20 +93,24 @@ def known_tt(in_modes: tuple[int, ...], out_modes: tuple[int, ...], ranks: tuple
 
 
 def hook_macs(layer: nn.Module, x: torch.Tensor) -> int:
-    """MACs per sample of the nn.Conv*/nn.Linear modules run by ``layer(x)`` (forward hooks)."""
+    """MACs per sample of the nn.Conv*/nn.Linear modules run by ``layer(x)`` (forward hooks),
+    plus those of a conv the layer runs itself (a CP layer's fused depthwise conv), computed
+    here from the output shape: R * kh * kw per output pixel."""
     total = 0
     batch = x.shape[0]
 
     def hook(m: nn.Module, inp: Any, out: torch.Tensor) -> None:
         nonlocal total
         per_sample = out.numel() // batch
+        if getattr(m, "fused", False):  # CPConv2d: depthwise R channels, kh x kw, output H' x W'
+            total += m.rank * prod(m.geometry.kernel) * (per_sample // m.out_channels)
         if isinstance(m, nn.modules.conv._ConvNd):
             total += per_sample * (m.in_channels // m.groups) * prod(m.kernel_size)
         elif isinstance(m, nn.Linear):
             total += per_sample * m.in_features
 
     handles = [m.register_forward_hook(hook) for m in layer.modules()
-               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or getattr(m, "fused", False)]
     try:
         with torch.no_grad():
             layer(x)
