@@ -129,6 +129,9 @@ def stages(batches: list[int], repeats: int) -> None:
                 if cls is TuckerConv2d:
                     c = layer.core(a)
                     fns["core"] = lambda: layer.core(a)
+                elif layer.fused:  # the two depthwise factors run as one kh x kw depthwise conv
+                    c = layer._depthwise(a)
+                    fns["depthwise (fused)"] = lambda: layer._depthwise(a)
                 else:
                     h = layer.depth_h(a)
                     c = layer.depth_w(h)
