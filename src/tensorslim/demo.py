@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cost import count, measure_latency
-from .report import ModelSummary, summary_table, write_report
+from .report import summary_table, write_report
+from .workflows import LATENCY_NOTE, summarize, with_side_by_side_latency
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,6 @@ def _pretrained_or_trained(name: str, loaders: Any, seed: int) -> tuple[nn.Modul
     return model.eval(), "trained for 1 epoch by the demo (no shipped weights found)"
 
 
-def _summary(label: str, model: nn.Module, test: Any, x1: torch.Tensor, xb: torch.Tensor,
-             threads: int) -> ModelSummary:
-    from .train import evaluate
-
-    acc = evaluate(model, test)["accuracy"]
-    c = count(model, x1)
-    lat = measure_latency(model, xb, repeats=15, warmup=3, threads=threads)
-    return ModelSummary(label, acc, c.total_params, c.total_macs, lat.median_ms)
-
-
 def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     """Run the demo end to end; returns the summaries and the plan, writes ``cfg.out_dir``."""
     from .data import TensorBatchLoader, make_loaders
@@ -85,20 +75,22 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     model, source = _pretrained_or_trained(cfg.model, loaders, cfg.seed)
     size = 32 if pad else 28
     x1, xb = torch.randn(1, 1, size, size), torch.randn(cfg.latency_batch, 1, size, size)
-    rows = [_summary(f"{cfg.model} dense", model, test, x1, xb, cfg.threads)]
+    rows = [summarize(f"{cfg.model} dense", model, test, x1, None, cfg.threads)]
     res = oneshot(model, cfg.method, x1, target_macs=cfg.target_macs, rank_rule=cfg.rank_rule,
                   progress=True)
-    rows.append(_summary(f"{cfg.method} (no fine-tune)", res.model, test, x1, xb, cfg.threads))
+    rows.append(summarize(f"{cfg.method} (no fine-tune)", res.model, test, x1, None, cfg.threads))
     if cfg.bn_steps:
         from .calibrate import recalibrate_bn
 
         recalibrate_bn(res.model, loaders.train, steps=cfg.bn_steps, progress=True)
-        rows.append(_summary(f"{cfg.method} + BN re-calibration ({cfg.bn_steps} batches, no gradient steps)",
-                             res.model.eval(), test, x1, xb, cfg.threads))
+        rows.append(summarize(f"{cfg.method} + BN re-calibration ({cfg.bn_steps} batches, no gradient steps)",
+                              res.model.eval(), test, x1, None, cfg.threads))
     tuned = oneshot(model, cfg.method, x1, plan=res.plan, train_loader=loaders.train,
                     finetune_steps=cfg.finetune_steps, finetune_lr=cfg.finetune_lr,
                     bn_steps=cfg.bn_steps, progress=True)
-    rows.append(_summary(f"{cfg.method} + {cfg.finetune_steps} steps KD", tuned.model, test, x1, xb, cfg.threads))
+    rows.append(summarize(f"{cfg.method} + {cfg.finetune_steps} steps KD", tuned.model, test, x1, None,
+                          cfg.threads))
+    rows = with_side_by_side_latency(rows, model, tuned.model, xb, cfg.threads)
     print(res.plan.table())
     print()
     print(summary_table(rows))
@@ -113,7 +105,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
         f"fine-tune: {cfg.finetune_steps} SGD steps, batch {cfg.batch_size}, lr {cfg.finetune_lr}, "
         f"distillation from the dense model",
         f"test set: official Fashion-MNIST test, {cfg.test_subset or 10000} images; "
-        f"latency: batch {cfg.latency_batch}, {cfg.threads} threads, median of 15",
+        f"latency: batch {cfg.latency_batch}, {cfg.threads} threads; {LATENCY_NOTE}",
         f"wall time of the whole demo: {time.perf_counter() - t0:.0f} s",
     ]
     report = write_report(out, f"tensorslim demo: {cfg.model} on Fashion-MNIST", rows, tuned.plan, notes)

@@ -7,11 +7,13 @@ or a ``tensorslim train`` output folder).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -145,17 +147,48 @@ def train_loader(pad_to_32: bool, batch_size: int, seed: int) -> Any:
     return make_loaders(batch_size, seed=seed, augment=True, pad_to_32=pad_to_32).train
 
 
-def summarize(label: str, model: nn.Module, test: Any, x1: torch.Tensor, xb: torch.Tensor,
+def summarize(label: str, model: nn.Module, test: Any, x1: torch.Tensor, xb: torch.Tensor | None,
               threads: int, repeats: int = 15) -> ModelSummary:
     """Accuracy on ``test`` (None if ``test`` is None), params, MACs per image on ``x1``
-    (1, C, H, W), median latency on the batch ``xb``."""
+    (1, C, H, W), median latency on the batch ``xb`` (None if ``xb`` is None: see
+    :func:`with_side_by_side_latency`)."""
     from .cost import count, measure_latency
     from .train import evaluate
 
     acc = evaluate(model, test)["accuracy"] if test is not None else None
     c = count(model, x1)
-    lat = measure_latency(model, xb, repeats=repeats, warmup=3, threads=threads)
-    return ModelSummary(label, acc, c.total_params, c.total_macs, lat.median_ms)
+    lat = None if xb is None else measure_latency(model, xb, repeats=repeats, warmup=3,
+                                                  threads=threads).median_ms
+    return ModelSummary(label, acc, c.total_params, c.total_macs, lat)
+
+
+LATENCY_ROUNDS = 5
+LATENCY_NOTE = (f"dense and compressed timed interleaved, median of {LATENCY_ROUNDS} rounds of 5 calls; "
+                "the compressed rows share one architecture and one measurement")
+
+
+def side_by_side_latency(models: Sequence[nn.Module], xb: torch.Tensor, threads: int,
+                         rounds: int = LATENCY_ROUNDS, repeats: int = 5) -> list[float]:
+    """Latency (ms) of each model on ``xb``, measured interleaved: every round times each model
+    (``repeats`` calls, median), the result is the median over rounds. On a shared machine the
+    load drifts; interleaving keeps the ratios between the models honest."""
+    from .cost import measure_latency
+
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for t, m in zip(times, models):
+            t.append(measure_latency(m, xb, repeats=repeats, warmup=2, threads=threads).median_ms)
+    return [statistics.median(t) for t in times]
+
+
+def with_side_by_side_latency(rows: Sequence[ModelSummary], dense: nn.Module, compressed: nn.Module,
+                              xb: torch.Tensor, threads: int) -> list[ModelSummary]:
+    """``rows`` (first the dense model, then variants of ONE compressed architecture: before and
+    after BN re-calibration / fine-tuning) with latencies from one interleaved measurement of
+    ``dense`` and ``compressed`` (weights do not change latency; measuring each row separately
+    would show the machine's drift as differences)."""
+    d, c = side_by_side_latency([dense, compressed], xb, threads)
+    return [dataclasses.replace(r, latency_ms=d if i == 0 else c) for i, r in enumerate(rows)]
 
 
 @dataclass(frozen=True)
@@ -217,7 +250,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     src = load_source(cfg.source)
     test = test_loader(src.pad_to_32, cfg.test_subset)
     x1, xb = src.example(1), src.example(cfg.latency_batch)
-    rows = [summarize("dense", src.model, test, x1, xb, cfg.threads)]
+    rows = [summarize("dense", src.model, test, x1, None, cfg.threads)]
     goal = dict(cfg.goal)
     if goal.get("rank_rule") == "accuracy_drop" and goal.get("evaluate") is None:
         goal["evaluate"] = validation_evaluator(src.pad_to_32, cfg.val_subset, cfg.seed)
@@ -231,7 +264,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
                       bn_steps=cfg.bn_steps, **goal)
         label = f"{cfg.method} (no fine-tune{', BN re-calibrated' if cfg.bn_steps else ''})"
     print(res.plan.table(), flush=True)
-    rows.append(summarize(label, res.model, test, x1, xb, cfg.threads))
+    rows.append(summarize(label, res.model, test, x1, None, cfg.threads))
     if cfg.finetune_steps and not cfg.multi_stage:
         train = train_loader(src.pad_to_32, cfg.batch_size, cfg.seed)
         epochs = max(1, -(-cfg.finetune_steps // len(train)))
@@ -239,7 +272,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
                   teacher=src.model, seed=cfg.seed, log_every=0)
         res.model.eval()
         rows.append(summarize(f"{cfg.method} + {cfg.finetune_steps} steps KD", res.model, test, x1,
-                              xb, cfg.threads))
+                              None, cfg.threads))
+    rows = with_side_by_side_latency(rows, src.model, res.model, xb, cfg.threads)
     print("\n" + summary_table(rows), flush=True)
     out = Path(cfg.out_dir)
     save(res.model, res.plan, out, extra={"input": {"pad_to_32": src.pad_to_32},
@@ -251,7 +285,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
              f"fine-tune: {cfg.finetune_steps} SGD steps (batch {cfg.batch_size}, lr {cfg.finetune_lr}, "
              f"distilled from the dense model)",
              f"test set: official Fashion-MNIST test, {cfg.test_subset or 10000} images; latency: batch "
-             f"{cfg.latency_batch}, {cfg.threads} threads, median of 15",
+             f"{cfg.latency_batch}, {cfg.threads} threads; {LATENCY_NOTE}",
              f"wall time: {time.perf_counter() - t0:.0f} s"]
     if cfg.multi_stage:
         notes[3] = (f"multi-stage (MUSCO): {res.stages_done} stages, {cfg.finetune_steps} SGD steps "
