@@ -1,4 +1,5 @@
 """workflows: interleaved latency rows (what demo / compress print)."""
+import pytest
 import torch
 from torch import nn
 
@@ -25,6 +26,18 @@ def test_side_by_side_latency_times_every_model_every_round(monkeypatch):
     lat = side_by_side_latency([a, b], torch.randn(4, 1, 8, 8), threads=1, repeats=2)
     assert len(lat) == 2 and all(t > 0 for t in lat)
     assert calls == [a, b] * LATENCY_ROUNDS  # interleaved: a, b, a, b, ...
+    with pytest.raises(ValueError, match="2 inputs for 3 models"):
+        side_by_side_latency([a, b, a], [torch.randn(4, 1, 8, 8)] * 2, threads=1)
+
+
+def test_conv_rows_take_the_faster_layout_of_each_model_without_touching_them():
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    comp = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 4, 3)).eval()
+    rows = [ModelSummary("dense", None, 1, 10, None), ModelSummary("comp", None, 1, 2, None)]
+    out = with_side_by_side_latency(rows, dense, comp, torch.randn(2, 3, 16, 16), threads=1)
+    assert out[0].latency_ms > 0 and out[1].latency_ms > 0
+    # the models themselves stay NCHW (timing ran on channels_last copies)
+    assert all(p.is_contiguous() for m in (dense, comp) for p in m.parameters())
 
 
 def test_rows_of_one_architecture_share_one_measurement():

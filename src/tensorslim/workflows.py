@@ -7,6 +7,7 @@ or a ``tensorslim train`` output folder).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import statistics
@@ -163,21 +164,27 @@ def summarize(label: str, model: nn.Module, test: Any, x1: torch.Tensor, xb: tor
 
 
 LATENCY_ROUNDS = 5
-LATENCY_NOTE = (f"dense and compressed timed interleaved, median of {LATENCY_ROUNDS} rounds of 5 calls; "
-                "the compressed rows share one architecture and one measurement")
+LATENCY_NOTE = (f"dense and compressed timed interleaved, median of {LATENCY_ROUNDS} rounds of 5 calls, "
+                "each in its faster memory layout (NCHW or channels_last); the compressed rows "
+                "share one architecture and one measurement")
 
 
-def side_by_side_latency(models: Sequence[nn.Module], xb: torch.Tensor, threads: int,
-                         rounds: int = LATENCY_ROUNDS, repeats: int = 5) -> list[float]:
-    """Latency (ms) of each model on ``xb``, measured interleaved: every round times each model
-    (``repeats`` calls, median), the result is the median over rounds. On a shared machine the
-    load drifts; interleaving keeps the ratios between the models honest."""
+def side_by_side_latency(models: Sequence[nn.Module], xb: torch.Tensor | Sequence[torch.Tensor],
+                         threads: int, rounds: int = LATENCY_ROUNDS, repeats: int = 5) -> list[float]:
+    """Latency (ms) of each model on ``xb`` (one input for all, or one per model), measured
+    interleaved: every round times each model (``repeats`` calls, median), the result is the
+    median over rounds. On a shared machine the load drifts; interleaving keeps the ratios
+    between the models honest."""
     from .cost import measure_latency
 
+    inputs = [xb] * len(models) if isinstance(xb, torch.Tensor) else list(xb)
+    if len(inputs) != len(models):
+        raise ValueError(f"side_by_side_latency: {len(inputs)} inputs for {len(models)} models; "
+                         f"give one tensor or one per model")
     times: list[list[float]] = [[] for _ in models]
     for _ in range(rounds):
-        for t, m in zip(times, models):
-            t.append(measure_latency(m, xb, repeats=repeats, warmup=2, threads=threads).median_ms)
+        for t, m, x in zip(times, models, inputs):
+            t.append(measure_latency(m, x, repeats=repeats, warmup=2, threads=threads).median_ms)
     return [statistics.median(t) for t in times]
 
 
@@ -186,8 +193,16 @@ def with_side_by_side_latency(rows: Sequence[ModelSummary], dense: nn.Module, co
     """``rows`` (first the dense model, then variants of ONE compressed architecture: before and
     after BN re-calibration / fine-tuning) with latencies from one interleaved measurement of
     ``dense`` and ``compressed`` (weights do not change latency; measuring each row separately
-    would show the machine's drift as differences)."""
-    d, c = side_by_side_latency([dense, compressed], xb, threads)
+    would show the machine's drift as differences). A 4-D input is timed in both memory
+    layouts (NCHW and channels_last, on copies of the models) and each model gets its faster
+    one, as a deployment would choose."""
+    models, inputs = [dense, compressed], [xb, xb]
+    if xb.dim() == 4:
+        cl = torch.channels_last
+        models += [copy.deepcopy(m).to(memory_format=cl) for m in (dense, compressed)]
+        inputs += [xb.contiguous(memory_format=cl)] * 2
+    t = side_by_side_latency(models, inputs, threads)
+    d, c = min(t[0::2]), min(t[1::2])
     return [dataclasses.replace(r, latency_ms=d if i == 0 else c) for i, r in enumerate(rows)]
 
 
