@@ -155,12 +155,22 @@ class FactorizedConv(FactorizedLayer):
         out_shape: Sequence[int],
         **opts: Any,
     ) -> tuple[int, int]:
-        """(params, MACs per sample); ``in_shape`` is (C, *spatial) without batch."""
+        """(params, MACs per sample); ``in_shape`` is (C, *spatial) without batch. Params of
+        the stored stages (``_stages``), MACs of the ones that run (``_run_stages``)."""
         if opts:
             raise TypeError(f"{cls.__name__}.cost: unexpected options {sorted(opts)}")
         geo = cls._geometry(module)
         spatial = geo.check_in_shape(cls.__name__, in_shape)
-        return stages_cost(cls._stages(geo, cls._check_rank(geo, rank)), spatial)
+        r = cls._check_rank(geo, rank)
+        params, _ = stages_cost(cls._stages(geo, r), spatial)
+        _, macs = stages_cost(cls._run_stages(geo, r), spatial)
+        return params, macs
+
+    @classmethod
+    def _run_stages(cls, geo: ConvGeometry, rank: Rank) -> list[Stage]:
+        """The convs ``forward`` runs, for the MAC count (``_stages`` holds the parameters);
+        the same unless a subclass runs some stages merged."""
+        return cls._stages(geo, rank)
 
     @classmethod
     def from_dense(cls, module: nn.Module, rank: Rank, **opts: Any) -> "FactorizedConv":

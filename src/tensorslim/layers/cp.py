@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._conv import (ConvGeometry, Stage, assign_, conv_out_size, group_blocks, pointwise, spatial_conv,
-                    stages_cost)
+from ._conv import ConvGeometry, Stage, assign_, group_blocks, pointwise, spatial_conv
 from ._convbase import FactorizedConv
 from .base import Rank, check_int_rank, rel_error
 
@@ -50,6 +49,13 @@ class _CPConvNd(FactorizedConv):
         not change the layer, it is accepted so a plan's options replay."""
         _check_epc(cls.__name__, epc)
         return super().like(module, rank, **opts)
+
+    @classmethod
+    def cost(cls, module: nn.Module, rank: Rank, in_shape: Sequence[int], out_shape: Sequence[int],
+             *, epc: bool = False, **opts: Any) -> tuple[int, int]:
+        """(params, MACs per sample), the same with or without ``epc``."""
+        _check_epc(cls.__name__, epc)
+        return super().cost(module, rank, in_shape, out_shape, **opts)
 
     @classmethod
     def _check_rank(cls, geo: ConvGeometry, rank: Any) -> int:
@@ -84,22 +90,15 @@ class _CPConvNd(FactorizedConv):
         ]
 
     @classmethod
-    def cost(cls, module: nn.Module, rank: Rank, in_shape: Sequence[int], out_shape: Sequence[int],
-             *, epc: bool = False, **opts: Any) -> tuple[int, int]:
-        """(params, MACs per sample), the same with or without ``epc``. Params are those of the
-        separable factors; MACs those of what runs (the fused depthwise conv, see the module
-        docstring)."""
-        _check_epc(cls.__name__, epc)
-        params, macs = super().cost(module, rank, in_shape, out_shape, **opts)
-        geo = cls._geometry(module)
-        if fuses_depthwise(geo.dims, geo.kernel):
-            r = cls._check_rank(geo, rank)
-            spatial = geo.check_in_shape(cls.__name__, in_shape)
-            _, sep = stages_cost(cls._depth_stages(geo, r), spatial)
-            out = [conv_out_size(n, k, st, d, p) for n, k, st, d, p in
-                   zip(spatial, geo.kernel, geo.stride, geo.dilation, geo.pads)]
-            macs += r * prod(geo.kernel) * prod(out) - sep
-        return params, macs
+    def _run_stages(cls, geo: ConvGeometry, rank: Rank) -> list[Stage]:
+        """What runs: with small kernels the depthwise stages as one R-channel kh x kw
+        depthwise conv (see the module docstring), else the stored stages."""
+        stages = cls._stages(geo, rank)
+        if not fuses_depthwise(geo.dims, geo.kernel):
+            return stages
+        r = int(rank)  # type: ignore[arg-type]
+        fused = Stage(r, r, geo.kernel, geo.stride, geo.dilation, r, False, geo.pads)
+        return [stages[0], fused, stages[-1]]
 
     def _build(self, geo: ConvGeometry) -> None:
         r = self.rank
