@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from tensorslim.data import FashionMNIST, TensorBatchLoader, make_loaders
 from tensorslim.data import fashion_mnist as fm
 from tensorslim.train import (
     _lr_factor,
+    channels_last_unsafe,
     distillation_loss,
     evaluate,
     fine_tune,
@@ -194,3 +196,17 @@ def test_ddp_two_processes_agree(tmp_path: Path) -> None:
     assert r0["digest"] == r1["digest"] != init  # identical weights on both ranks, trained
     assert r0["loss"] == r1["loss"] and r0["val_acc"] == r1["val_acc"]  # all-reduced metrics
     assert len(r0["val_acc"]) == 1 and 0.0 <= r0["val_acc"][0] <= 1.0
+
+
+def test_channels_last_guard_finds_narrow_strided_1x1() -> None:
+    # oneDNN's channels-last backward of these convs aborts the process on some CPUs
+    model = models.create("resnet20", width=0.125)  # shortcuts 2->4 and 4->8 channels, stride 2
+    names = channels_last_unsafe(model, torch.device("cpu"))
+    assert names == ["layers.1.0.shortcut.0", "layers.2.0.shortcut.0"]
+    assert channels_last_unsafe(model, torch.device("meta")) == []
+    assert channels_last_unsafe(models.create("resnet20", width=0.5), torch.device("cpu")) == []
+    x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
+    with pytest.warns(RuntimeWarning, match="channels_last=True ignored"):
+        hist = train(model, [(x, y)], epochs=1, lr=0.01, progress=False, log_every=0,
+                     channels_last=True)
+    assert hist["steps"] == 1 and math.isfinite(hist["loss"][0])

@@ -7,12 +7,14 @@ rank its shard of each batch order, all-reduces the metrics, and only rank 0 pri
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,9 +206,30 @@ def train(
         _teardown(env)
 
 
+def channels_last_unsafe(model: nn.Module, device: torch.device) -> list[str]:
+    """Convs of ``model`` whose channels-last backward crashes oneDNN on CPU.
+
+    PyTorch 2.13's CPU build (oneDNN 3.12) aborts the process ("double free or corruption")
+    in the backward pass of a 1x1 conv with stride > 1 and fewer than 8 input channels per
+    group on channels-last tensors (seen on an AVX2 AMD EPYC; NCHW is fine). Such a conv is
+    the shortcut of a narrow ResNet's downsampling block.
+    """
+    if device.type != "cpu":
+        return []
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1)
+            and max(m.stride) > 1 and m.in_channels // m.groups < 8]
+
+
 def _train_loop(model: nn.Module, loader: Batches, teacher: nn.Module | None,
                 val_loader: Batches | None, o: TrainOptions, env: DistEnv,
                 device: torch.device) -> dict[str, Any]:
+    unsafe = channels_last_unsafe(model, device) if o.channels_last else []
+    if unsafe:
+        warnings.warn(f"train: channels_last=True ignored (NCHW used): the channels-last "
+                      f"backward of the strided 1x1 convs {unsafe} with < 8 input channels "
+                      "crashes oneDNN on CPU", RuntimeWarning, stacklevel=3)
+        o = dataclasses.replace(o, channels_last=False)
     loader = _shard(loader, env, even=True)
     net = _prepare(model, teacher, o, env, device)
     fmt = torch.channels_last if o.channels_last else torch.contiguous_format
