@@ -24,6 +24,7 @@ from torch import nn
 
 import tensorslim as ts
 from tensorslim.calibrate import recalibrate_bn
+from tensorslim.reconstruct import reconstruct
 from tensorslim.data import TensorBatchLoader, make_loaders
 from tensorslim.models.checkpoint import WEIGHTS_DIR, checkpoint_info, load_checkpoint
 from tensorslim.train import evaluate, fine_tune
@@ -75,6 +76,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500, help="fine-tune steps per method")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--bn-steps", type=int, default=50, help="BatchNorm re-calibration batches before fine-tuning (0 = off)")
+    p.add_argument("--reconstruct-steps", type=int, default=0,
+                   help="data-aware refit of the factors on this many training batches before BN re-calibration (0 = off; not for l1-prune)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--latency-batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="threads for the latency measurement")
@@ -102,7 +105,7 @@ def main() -> None:
     base = ts.count(dense, x1)
     acc0 = evaluate(dense, test)["accuracy"]
     print(f"{args.model} dense: test acc {acc0:.4f}, {base.total_macs:,} MACs, {base.total_params:,} params")
-    rows = [{"method": "dense", "acc_before_ft": acc0, "acc_recal": acc0, "acc": acc0, "macs": base.total_macs,
+    rows = [{"method": "dense", "acc_before_ft": acc0, "acc_refit": acc0, "acc_recal": acc0, "acc": acc0, "macs": base.total_macs,
              "params": base.total_params, "speedup": 1.0}]
     for method in args.methods.split(","):
         t0 = time.perf_counter()
@@ -110,7 +113,12 @@ def main() -> None:
         comp, desc = compress_with(method, dense, x1, args.target_macs, args)
         c = ts.count(comp, x1)
         acc_b = evaluate(comp, test)["accuracy"]
-        acc_r = acc_b
+        acc_fit = acc_b
+        if args.reconstruct_steps and method != "l1-prune":
+            loaders.train.set_epoch(9_998)
+            reconstruct(comp, dense, loaders.train, steps=args.reconstruct_steps)
+            acc_fit = evaluate(comp.eval(), test)["accuracy"]
+        acc_r = acc_fit
         if args.bn_steps:
             loaders.train.set_epoch(9_999)
             recalibrate_bn(comp, loaders.train, steps=args.bn_steps)
@@ -123,10 +131,10 @@ def main() -> None:
         comp.eval()
         acc = evaluate(comp, test)["accuracy"]
         lat = {} if args.no_latency else latency_pair(dense, comp, xb, args.rounds, args.threads)
-        rows.append({"method": method, "desc": desc, "acc_before_ft": acc_b, "acc_recal": acc_r, "acc": acc,
+        rows.append({"method": method, "desc": desc, "acc_before_ft": acc_b, "acc_refit": acc_fit, "acc_recal": acc_r, "acc": acc,
                      "macs": c.total_macs, "params": c.total_params, **lat,
                      "wall_s": round(time.perf_counter() - t0, 1)})
-        print(f"{method}: acc {acc_b:.4f} -> {acc_r:.4f} (BN re-cal.) -> {acc:.4f}, MACs "
+        print(f"{method}: acc {acc_b:.4f} -> {acc_fit:.4f} (refit) -> {acc_r:.4f} (BN re-cal.) -> {acc:.4f}, MACs "
               f"x{base.total_macs / c.total_macs:.2f}, latency speed-up {lat.get('speedup', float('nan')):.2f}",
               flush=True)
     table = render(rows, base.total_macs, base.total_params, args)
@@ -139,15 +147,15 @@ def main() -> None:
 
 def render(rows: list[dict], macs0: int, params0: int, args) -> str:
     lines = [f"target_macs={args.target_macs}, {args.steps} fine-tune steps (KD, lr {args.lr}, batch "
-             f"{args.batch_size}), BN re-calibration {args.bn_steps} batches, latency batch {args.latency_batch}, {args.threads} threads, "
+             f"{args.batch_size}), data-aware refit {args.reconstruct_steps} batches, BN re-calibration {args.bn_steps} batches, latency batch {args.latency_batch}, {args.threads} threads, "
              f"median of {args.rounds} interleaved rounds", "",
-             "| method | MACs | fewer MACs | params | fewer params | acc before FT | acc after BN re-cal. | acc after FT | drop (pt) | dense ms | ms | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | MACs | fewer MACs | params | fewer params | acc before FT | after refit | acc after BN re-cal. | acc after FT | drop (pt) | dense ms | ms | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     acc0 = rows[0]["acc"]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['macs']:,} | {macs0 / r['macs']:.2f}x | {r['params']:,} | "
-            f"{params0 / r['params']:.2f}x | {r['acc_before_ft']:.4f} | {r['acc_recal']:.4f} | {r['acc']:.4f} | "
+            f"{params0 / r['params']:.2f}x | {r['acc_before_ft']:.4f} | {r['acc_refit']:.4f} | {r['acc_recal']:.4f} | {r['acc']:.4f} | "
             f"{100 * (acc0 - r['acc']):+.2f} | {r.get('dense_ms', float('nan')):.2f} | "
             f"{r.get('comp_ms', float('nan')):.2f} | {r.get('speedup', float('nan')):.2f}x |")
     return "\n".join(lines)

@@ -46,7 +46,15 @@ def test_bad_argument_is_a_clear_error(capsys):
 def test_demo_config_checks_rank_rule_and_bn_steps():
     from tensorslim.demo import DemoConfig
 
-    assert DemoConfig().rank_rule == "min_error" and DemoConfig().bn_steps == 50
+    from tensorslim.workflows import resolve_bn_steps
+
+    cfg = DemoConfig()
+    assert cfg.rank_rule == "min_error" and cfg.bn_steps is None and cfg.reconstruct_steps == 16
+    # BN re-calibration by default only without the refit; an explicit value always wins
+    assert resolve_bn_steps(None, 16) == 0 and resolve_bn_steps(None, 0) == 50
+    assert resolve_bn_steps(7, 16) == 7 and resolve_bn_steps(0, 0) == 0
+    with pytest.raises(ValueError, match="reconstruct_steps must be a non-negative int"):
+        DemoConfig(reconstruct_steps=-2)
     with pytest.raises(ValueError, match="rank_rule must be 'uniform' or 'min_error'"):
         DemoConfig(rank_rule="vbmf")
     with pytest.raises(ValueError, match="bn_steps must be a non-negative int"):
@@ -97,7 +105,8 @@ def test_compress_with_per_layer_ranks_and_weights_file(trained, tmp_path, capsy
     out = tmp_path / "r"
     assert main(["compress", "--model", "vgg16", "--weights", str(trained / "vgg16.safetensors"),
                  "--method", "cp", "--ranks", '{"features.24": 4}', "--test-subset", "200",
-                 "--latency-batch", "2", "--threads", "1", "--out", str(out)]) == 0
+                 "--latency-batch", "2", "--threads", "1", "--reconstruct-steps", "0",
+                 "--out", str(out)]) == 0
     plan = ts.CompressionPlan.load(out / "plan.json")
     assert [(s.name, s.rank) for s in plan.compressed] == [("features.24", 4)]
     assert "cp (no fine-tune, BN re-calibrated)" in capsys.readouterr().out
@@ -106,12 +115,25 @@ def test_compress_with_per_layer_ranks_and_weights_file(trained, tmp_path, capsy
     raw = tmp_path / "raw"
     assert main(["compress", "--model", "vgg16", "--weights", str(trained / "vgg16.safetensors"),
                  "--method", "cp", "--ranks", '{"features.24": 4}', "--test-subset", "200",
-                 "--latency-batch", "2", "--threads", "1", "--bn-steps", "0", "--out", str(raw)]) == 0
+                 "--latency-batch", "2", "--threads", "1", "--bn-steps", "0", "--reconstruct-steps",
+                 "0", "--out", str(raw)]) == 0
     assert "cp (no fine-tune)" in capsys.readouterr().out
     a, b = ts.load(out).state_dict(), ts.load(raw).state_dict()
     assert torch.equal(a["features.24.project_in.weight"], b["features.24.project_in.weight"])
     assert not torch.allclose(a["features.25.running_mean"], b["features.25.running_mean"])
     assert int(a["features.25.num_batches_tracked"]) == 50
+    # a refit (the default is 16 batches) changes only the last factor; BN stays dense by default
+    fit = tmp_path / "fit"
+    assert main(["compress", "--model", "vgg16", "--weights", str(trained / "vgg16.safetensors"),
+                 "--method", "cp", "--ranks", '{"features.24": 4}', "--test-subset", "200",
+                 "--latency-batch", "2", "--threads", "1", "--reconstruct-steps", "2",
+                 "--out", str(fit)]) == 0
+    assert "cp (no fine-tune, refit)" in capsys.readouterr().out
+    assert "data-aware refit of the factors: 2 training batches" in (fit / "report.md").read_text()
+    c = ts.load(fit).state_dict()
+    assert torch.equal(c["features.24.project_in.weight"], b["features.24.project_in.weight"])
+    assert not torch.allclose(c["features.24.project_out.weight"], b["features.24.project_out.weight"])
+    assert torch.equal(c["features.25.running_mean"], b["features.25.running_mean"])
 
 
 def test_sweep_command(trained, tmp_path, capsys):

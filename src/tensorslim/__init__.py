@@ -8,6 +8,7 @@ Public API (stable names)::
     ts.layers.{CPConv2d, TuckerConv2d, LowRankLinear, TTLinear, ...}
     ts.make_plan, ts.compress, ts.count, ts.measure_latency, ts.CompressionPlan, ts.LayerSpec
     ts.calibrate.recalibrate_bn (BatchNorm statistics after compression)
+    ts.reconstruct.reconstruct (data-aware refit of the factors to the dense layers' outputs)
 
 Submodules are imported on first use so ``import tensorslim`` stays cheap.
 """
@@ -30,7 +31,7 @@ _LAZY = {
     "load": "tensorslim.io",
 }
 _SUBMODULES = {"tensor", "layers", "rank", "methods", "data", "models", "train", "io", "report",
-               "calibrate"}
+               "calibrate", "reconstruct"}
 
 
 def __getattr__(name: str) -> Any:

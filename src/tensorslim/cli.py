@@ -65,7 +65,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(DemoConfig(model=args.model, method=args.method, rank_rule=args.rank_rule,
                         target_macs=args.target_macs,
-                        finetune_steps=args.finetune_steps, bn_steps=args.bn_steps, threads=args.threads,
+                        finetune_steps=args.finetune_steps, bn_steps=args.bn_steps,
+                        reconstruct_steps=args.reconstruct_steps, threads=args.threads,
                         test_subset=args.test_subset, out_dir=args.out))
     return 0
 
@@ -88,13 +89,19 @@ def _compress(args: argparse.Namespace) -> int:
     goal.update(_rank_rule_goal(args))
     run_compress(CompressConfig(source=_source(args), method=args.method, goal=goal, out_dir=args.out,
                                 finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-                                bn_steps=args.bn_steps, batch_size=args.batch_size, latency_batch=args.latency_batch,
+                                bn_steps=args.bn_steps, reconstruct_steps=args.reconstruct_steps,
+                                batch_size=args.batch_size, latency_batch=args.latency_batch,
                                 threads=args.threads, test_subset=args.test_subset, seed=args.seed,
                                 val_subset=args.val_subset, multi_stage=args.multi_stage,
                                 stages=args.stages, state_dir=args.state_dir))
     return 0
 
 
+BN_HELP = ("training batches to re-estimate BatchNorm statistics on after decomposing, before "
+           "fine-tuning (0 = off; default 50, or 0 after --reconstruct-steps > 0)")
+RECONSTRUCT_HELP = ("training batches on which every factorized layer's last factors are refit by least "
+                    "squares so its outputs match the dense layer's (data-aware reconstruction, before "
+                    "BN re-calibration; 0 = off)")
 _PER_LAYER_RULES = ("constant", "vbmf", "energy", "accuracy_drop")
 _GOAL_FLAGS = "--ranks --target-macs --target-params --energy"
 
@@ -186,8 +193,9 @@ def _add_demo(sub: Any) -> None:
                    help=f"how the MAC budget is spread over the layers (default {DemoConfig.rank_rule})")
     d.add_argument("--target-macs", type=float, default=0.25, help="fraction of MACs to keep (0.25 = 4x fewer)")
     d.add_argument("--finetune-steps", type=int, default=400)
-    d.add_argument("--bn-steps", type=int, default=50,
-                   help="batches to re-estimate BatchNorm statistics on after decomposing (default 50; 0 = off)")
+    d.add_argument("--bn-steps", type=int, default=None, help=BN_HELP)
+    d.add_argument("--reconstruct-steps", type=int, default=DemoConfig.reconstruct_steps,
+                   help=RECONSTRUCT_HELP + f" (default {DemoConfig.reconstruct_steps})")
     d.add_argument("--threads", type=int, default=2)
     d.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images only")
     d.add_argument("--out", default="runs/demo", help="output folder (report.md, PNGs, checkpoint)")
@@ -215,6 +223,8 @@ def _add_train(sub: Any) -> None:
 
 
 def _add_compress(sub: Any) -> None:
+    from .workflows import CompressConfig
+
     c = sub.add_parser("compress", help="compress a model to a goal, fine-tune, save checkpoint + report",
                        description="Plan (one goal), decompose, optionally fine-tune with distillation, print "
                                    "the plan and a before/after table, and write OUT/ (model.safetensors, "
@@ -249,9 +259,10 @@ def _add_compress(sub: Any) -> None:
     m.add_argument("--stages", type=int, default=3, help="most stages (default 3)")
     m.add_argument("--state-dir", help="save every stage here and resume from it when re-run")
     _add_run(c, finetune=0)
-    c.add_argument("--bn-steps", type=int, default=50,
-                   help="training batches to re-estimate BatchNorm statistics on after decomposing, "
-                        "before fine-tuning (every stage with --multi-stage; default 50; 0 = off)")
+    c.add_argument("--bn-steps", type=int, default=None,
+                   help=BN_HELP + " (every stage with --multi-stage)")
+    c.add_argument("--reconstruct-steps", type=int, default=CompressConfig.reconstruct_steps,
+                   help=RECONSTRUCT_HELP + f" (one-shot only; default {CompressConfig.reconstruct_steps})")
     c.add_argument("--out", default="runs/compress", help="output folder")
     c.set_defaults(func=_compress)
 

@@ -2,6 +2,7 @@
 fine-tune briefly, and compare accuracy / params / MACs / CPU latency in a table and a report."""
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from .report import summary_table, write_report
-from .workflows import LATENCY_NOTE, summarize, with_side_by_side_latency
+from .workflows import LATENCY_NOTE, RECONSTRUCT_STEPS, resolve_bn_steps, summarize, with_side_by_side_latency
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class DemoConfig:
     target_macs: float = 0.25
     finetune_steps: int = 400
     finetune_lr: float = 0.01
-    bn_steps: int = 50
+    bn_steps: int | None = None  # None: 50 without the refit, 0 after it (see methods.oneshot)
+    reconstruct_steps: int = RECONSTRUCT_STEPS
     batch_size: int = 128
     latency_batch: int = 64
     threads: int = 2
@@ -38,8 +40,11 @@ class DemoConfig:
         if self.rank_rule not in ("uniform", "min_error"):
             raise ValueError(f"demo: rank_rule must be 'uniform' or 'min_error' (the rules that meet a "
                              f"MAC target), got {self.rank_rule!r}")
-        for name in ("finetune_steps", "bn_steps", "threads", "batch_size", "latency_batch"):
-            v, zero_ok = getattr(self, name), name in ("finetune_steps", "bn_steps")
+        for name in ("finetune_steps", "bn_steps", "reconstruct_steps", "threads", "batch_size",
+                     "latency_batch"):
+            if name == "bn_steps" and self.bn_steps is None:
+                continue
+            v, zero_ok = getattr(self, name), name in ("finetune_steps", "bn_steps", "reconstruct_steps")
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if zero_ok else 1):
                 raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} int, got {v!r}")
 
@@ -79,38 +84,52 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     res = oneshot(model, cfg.method, x1, target_macs=cfg.target_macs, rank_rule=cfg.rank_rule,
                   progress=True)
     rows.append(summarize(f"{cfg.method} (no fine-tune)", res.model, test, x1, None, cfg.threads))
-    if cfg.bn_steps:
+    if cfg.reconstruct_steps:
+        from .reconstruct import reconstruct
+
+        reconstruct(res.model, model, loaders.train, steps=cfg.reconstruct_steps, progress=True)
+        rows.append(summarize(f"{cfg.method} + data-aware refit ({cfg.reconstruct_steps} batches, "
+                              "least squares)", res.model.eval(), test, x1, None, cfg.threads))
+    bn_steps = resolve_bn_steps(cfg.bn_steps, cfg.reconstruct_steps)
+    if bn_steps:
         from .calibrate import recalibrate_bn
 
-        recalibrate_bn(res.model, loaders.train, steps=cfg.bn_steps, progress=True)
-        rows.append(summarize(f"{cfg.method} + BN re-calibration ({cfg.bn_steps} batches, no gradient steps)",
+        recalibrate_bn(res.model, loaders.train, steps=bn_steps, progress=True)
+        rows.append(summarize(f"{cfg.method} + BN re-calibration ({bn_steps} batches, no gradient steps)",
                               res.model.eval(), test, x1, None, cfg.threads))
-    tuned = oneshot(model, cfg.method, x1, plan=res.plan, train_loader=loaders.train,
-                    finetune_steps=cfg.finetune_steps, finetune_lr=cfg.finetune_lr,
-                    bn_steps=cfg.bn_steps, progress=True)
-    rows.append(summarize(f"{cfg.method} + {cfg.finetune_steps} steps KD", tuned.model, test, x1, None,
+    tuned = copy.deepcopy(res.model)  # fine-tune the refit / re-calibrated model
+    if cfg.finetune_steps:
+        from .train import fine_tune
+
+        epochs = max(1, -(-cfg.finetune_steps // len(loaders.train)))
+        fine_tune(tuned, loaders.train, epochs=epochs, max_steps=cfg.finetune_steps,
+                  lr=cfg.finetune_lr, teacher=copy.deepcopy(model).eval(), seed=cfg.seed,
+                  log_every=0)
+    rows.append(summarize(f"{cfg.method} + {cfg.finetune_steps} steps KD", tuned.eval(), test, x1, None,
                           cfg.threads))
-    rows = with_side_by_side_latency(rows, model, tuned.model, xb, cfg.threads)
+    rows = with_side_by_side_latency(rows, model, tuned, xb, cfg.threads)
     print(res.plan.table())
     print()
     print(summary_table(rows))
     out = Path(cfg.out_dir)
-    save(tuned.model, tuned.plan, out / "checkpoint")
+    save(tuned, res.plan, out / "checkpoint")
     notes = [
         f"base model: {source}",
         f"goal: {cfg.method}, target_macs={cfg.target_macs} (keep {100 * cfg.target_macs:.0f}% of MACs), "
         f"rank rule {cfg.rank_rule}",
-        f"BatchNorm re-calibration: {cfg.bn_steps} training batches after decomposing, before fine-tuning"
-        + ("" if cfg.bn_steps else " (off)"),
+        f"data-aware refit: {cfg.reconstruct_steps} training batches, every factorized layer's last "
+        "factors fitted by least squares to the dense layer's outputs" + ("" if cfg.reconstruct_steps else " (off)"),
+        f"BatchNorm re-calibration: {bn_steps} training batches after decomposing, before fine-tuning"
+        if bn_steps else "BatchNorm re-calibration: off (after the refit the dense statistics fit)",
         f"fine-tune: {cfg.finetune_steps} SGD steps, batch {cfg.batch_size}, lr {cfg.finetune_lr}, "
         f"distillation from the dense model",
         f"test set: official Fashion-MNIST test, {cfg.test_subset or 10000} images; "
         f"latency: batch {cfg.latency_batch}, {cfg.threads} threads; {LATENCY_NOTE}",
         f"wall time of the whole demo: {time.perf_counter() - t0:.0f} s",
     ]
-    report = write_report(out, f"tensorslim demo: {cfg.model} on Fashion-MNIST", rows, tuned.plan, notes)
+    report = write_report(out, f"tensorslim demo: {cfg.model} on Fashion-MNIST", rows, res.plan, notes)
     print(f"\nreport: {report}   checkpoint: {out / 'checkpoint'}")
-    return {"rows": rows, "plan": tuned.plan, "report": report}
+    return {"rows": rows, "plan": res.plan, "report": report}
 
 
 def _has(name: str) -> bool:

@@ -49,5 +49,31 @@ def test_fine_tune_history_follows_the_recalibration():
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
 def test_bad_bn_steps(bad):
-    with pytest.raises(ValueError, match="bn_steps must be an int >= 0"):
+    with pytest.raises(ValueError, match="bn_steps must be an int >= 0 or None"):
         oneshot(_net(), "tucker", torch.randn(1, 3, 8, 8), ranks={"3": 4}, bn_steps=bad, progress=False)
+
+
+def test_reconstruct_steps_refit_before_bn_and_leave_the_dense_model_alone():
+    dense, data, x = _net(), _batches(6), torch.randn(1, 3, 8, 8)
+    before = copy.deepcopy(dense.state_dict())
+    plain = oneshot(dense, "tucker", x, ranks={"3": 4}, train_loader=data, bn_steps=0, progress=False)
+    res = oneshot(dense, "tucker", x, ranks={"3": 4}, train_loader=data, bn_steps=0,
+                  reconstruct_steps=3, progress=False)
+    (fit,) = res.history["reconstruct"]
+    assert fit["name"] == "3" and fit["samples"] == 3 * 8 * 8 * 8
+    assert fit["error_after"] < fit["error_before"]
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())
+    with torch.no_grad():  # the refit layer's output is closer to the dense conv's on that data
+        def err(model):
+            return sum(float((model[:4](xb) - dense[:4](xb)).square().sum()) for xb, _ in data[:3])
+        assert err(res.model) < err(plain.model)
+    # bn_steps=None: BN re-calibration (all 6 batches here) only when there is no refit
+    auto = oneshot(dense, "tucker", x, ranks={"3": 4}, train_loader=data, progress=False)
+    assert auto.history == {"bn_batches": 6}
+    auto = oneshot(dense, "tucker", x, ranks={"3": 4}, train_loader=data, reconstruct_steps=2,
+                   progress=False)
+    assert list(auto.history) == ["reconstruct"]
+    with pytest.raises(ValueError, match="reconstruct_steps"):
+        oneshot(dense, "tucker", x, ranks={"3": 4}, train_loader=data, reconstruct_steps=-1)
+    with pytest.raises(ValueError, match="needs a train_loader"):
+        oneshot(dense, "tucker", x, ranks={"3": 4}, reconstruct_steps=2)
