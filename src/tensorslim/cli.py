@@ -262,7 +262,7 @@ def _add_compress(sub: Any) -> None:
     c.add_argument("--bn-steps", type=int, default=None,
                    help=BN_HELP + " (every stage with --multi-stage)")
     c.add_argument("--reconstruct-steps", type=int, default=CompressConfig.reconstruct_steps,
-                   help=RECONSTRUCT_HELP + f" (one-shot only; default {CompressConfig.reconstruct_steps})")
+                   help=RECONSTRUCT_HELP + f" (every stage with --multi-stage; default {CompressConfig.reconstruct_steps})")
     c.add_argument("--out", default="runs/compress", help="output folder")
     c.set_defaults(func=_compress)
 

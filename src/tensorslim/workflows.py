@@ -271,7 +271,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     from .train import fine_tune
 
     t0 = time.perf_counter()
-    bn_steps = resolve_bn_steps(cfg.bn_steps, 0 if cfg.multi_stage else cfg.reconstruct_steps)
+    bn_steps = resolve_bn_steps(cfg.bn_steps, cfg.reconstruct_steps)
     if cfg.multi_stage:
         musco_arguments(cfg.goal)  # fail before any work on a goal MUSCO does not take
     torch.manual_seed(cfg.seed)
@@ -311,7 +311,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     notes = [f"base model: {src.description}",
              f"goal: {cfg.method}, {dict(cfg.goal)}",
              f"data-aware refit of the factors: {cfg.reconstruct_steps} training batches"
-             + ("" if cfg.reconstruct_steps and not cfg.multi_stage else " (off)"),
+             + (" (every stage)" if cfg.multi_stage else "") + ("" if cfg.reconstruct_steps else " (off)"),
              f"BatchNorm re-calibration: {bn_steps} training batches after decomposing"
              if bn_steps else "BatchNorm re-calibration: off",
              f"fine-tune: {cfg.finetune_steps} SGD steps (batch {cfg.batch_size}, lr {cfg.finetune_lr}, "
@@ -353,12 +353,12 @@ def run_multi_stage(cfg: CompressConfig, src: Loaded, x1: torch.Tensor, goal: Ma
     from .methods import musco
 
     kwargs = musco_arguments(goal)
-    bn_steps = resolve_bn_steps(cfg.bn_steps, 0)
-    need = cfg.finetune_steps or bn_steps
+    bn_steps = resolve_bn_steps(cfg.bn_steps, cfg.reconstruct_steps)
+    need = cfg.finetune_steps or bn_steps or cfg.reconstruct_steps
     train = train_loader(src.pad_to_32, cfg.batch_size, cfg.seed) if need else None
     return musco(src.model, cfg.method, x1, train_loader=train, stages=cfg.stages,
                  finetune_steps_per_stage=cfg.finetune_steps, finetune_lr=cfg.finetune_lr,
-                 bn_steps=bn_steps,
+                 bn_steps=bn_steps, reconstruct_steps=cfg.reconstruct_steps,
                  state_dir=cfg.state_dir, seed=cfg.seed, progress=True, **kwargs)
 
 

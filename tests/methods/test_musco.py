@@ -204,3 +204,22 @@ def test_final_ranks_rule_ends_at_the_one_shot_plan_and_round_trips(tmp_path):
     assert again.plan == res.plan and again.stages_done == 3
     with pytest.raises(ValueError, match="final ranks must map layer names"):
         musco(net, "tucker", x, rank_rule={"features.3": 0}, target_macs=0.5, progress=False)
+
+
+def test_refit_every_stage_before_fine_tuning(train):
+    dense = _vgg()
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    res = musco(dense, "tucker", X, train_loader=train, stages=2, finetune_steps_per_stage=0,
+                target_macs=0.5, reconstruct_steps=2, bn_steps=0, seed=3, progress=False)
+    assert res.stages_done == 2
+    for rec in res.history:
+        fits = rec["finetune"]["reconstruct"]
+        assert sorted(f["name"] for f in fits) == sorted(rec["ranks"])  # every factorized layer
+        assert all(f["error_after"] <= f["error_before"] for f in fits)
+        assert all(f["samples"] > 0 for f in fits)
+        assert any(f["error_after"] < 0.99 * f["error_before"] for f in fits)
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="reconstruct_steps must be an int >= 0"):
+        musco(dense, "tucker", X, train_loader=train, reconstruct_steps=-1)
+    with pytest.raises(ValueError, match="reconstruct_steps > 0 needs a train_loader"):
+        musco(dense, "tucker", X, reconstruct_steps=2)

@@ -56,6 +56,7 @@ class MuscoConfig:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     bn_steps: int = 50
+    reconstruct_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps({**asdict(self), "rank_rule": R.rule_to_json(self.rank_rule)}))
@@ -92,6 +93,7 @@ def musco(
     exclude: Sequence[str] | None = None,
     max_stages_this_call: int | None = None,
     bn_steps: int = 50,
+    reconstruct_steps: int = 0,
     progress: bool = True,
 ) -> MuscoResult:
     """Multi-stage compression of a copy of the dense ``model`` (left untouched).
@@ -114,12 +116,21 @@ def musco(
         max_stages_this_call: stop after this many stages in this call (resume later).
         bn_steps: after each stage's decomposition, re-estimate the BatchNorm statistics on
             this many ``train_loader`` batches before fine-tuning (0, or no loader: skipped).
+        reconstruct_steps: after each stage's decomposition (before BN re-calibration), refit
+            the factorized layers to the dense model's layer outputs on this many batches
+            (:func:`tensorslim.reconstruct.reconstruct`; needs ``train_loader``; 0: off).
     """
     cfg = _config(model, method, example_inputs, stages, finetune_steps_per_stage, target_macs,
                   vbmf_factor, rank_rule, seed, distill, finetune_lr, include, exclude)
     if isinstance(bn_steps, bool) or not isinstance(bn_steps, int) or bn_steps < 0:
         raise ValueError(f"musco: bn_steps must be an int >= 0, got {bn_steps!r}")
     cfg = replace(cfg, bn_steps=bn_steps if train_loader is not None else 0)
+    if isinstance(reconstruct_steps, bool) or not isinstance(reconstruct_steps, int) \
+            or reconstruct_steps < 0:
+        raise ValueError(f"musco: reconstruct_steps must be an int >= 0, got {reconstruct_steps!r}")
+    if reconstruct_steps and train_loader is None:
+        raise ValueError("musco: reconstruct_steps > 0 needs a train_loader (calibration images)")
+    cfg = replace(cfg, reconstruct_steps=reconstruct_steps)
     if finetune_steps_per_stage and train_loader is None:
         raise ValueError("musco: finetune_steps_per_stage > 0 needs a train_loader")
     if max_stages_this_call is not None and max_stages_this_call < 0:
@@ -148,7 +159,8 @@ def _step(run: "_Run", current: nn.Module, plan: CompressionPlan, layers: dict,
         reason = f"stage {k}: the rank rule changes no rank (ranks stabilised)"
         run.save_state(k - 1, history, True, reason)
         return plan, True, reason
-    rec = _do_stage(current, plan, new_plan, changed, teacher, loader, cfg, k, run.progress)
+    rec = _do_stage(current, plan, new_plan, changed, (teacher, run.dense), loader, cfg, k,
+                    run.progress)
     history.append(json.loads(json.dumps({**rec, "goal_macs_ratio": goal})))
     reached = cfg.target_macs is not None and new_plan.macs_ratio <= cfg.target_macs
     done = reached or len(history) == cfg.stages
@@ -264,9 +276,10 @@ def _target_specs(layers: dict, specs: dict, guides: dict, plan: CompressionPlan
 
 
 def _do_stage(model: nn.Module, old: CompressionPlan, new: CompressionPlan, changed: list[str],
-              teacher: nn.Module | None, loader: Any, cfg: MuscoConfig, k: int,
+              models: tuple[nn.Module | None, nn.Module], loader: Any, cfg: MuscoConfig, k: int,
               progress: bool) -> dict[str, Any]:
-    """Apply stage ``k``'s ranks to ``model`` (through surgery) and fine-tune it."""
+    """Apply stage ``k``'s ranks to ``model`` (through surgery) and fine-tune it;
+    ``models`` = (distillation teacher or None, the dense model for the refit)."""
     from ..surgery import compress, recompress
 
     t0 = time.perf_counter()
@@ -278,7 +291,7 @@ def _do_stage(model: nn.Module, old: CompressionPlan, new: CompressionPlan, chan
         recompress(model, again, options={n: dict(new[n].options) for n in again},
                    progress=progress)
     errors = {n: getattr(model.get_submodule(n), "approx_error", None) for n in changed}
-    ft = _finetune(model, teacher, loader, cfg, k, progress)
+    ft = _finetune(model, models, loader, cfg, k, progress)
     rec = {"stage": k, "macs": new.macs_after, "macs_ratio": new.macs_ratio,
            "params": new.params_after, "params_ratio": new.params_ratio,
            "ranks": {s.name: s.rank for s in new.compressed}, "changed": changed,
@@ -315,11 +328,19 @@ class _StageLoader:
         return getattr(self.inner, name)
 
 
-def _finetune(model: nn.Module, teacher: nn.Module | None, loader: Any, cfg: MuscoConfig,
-              k: int, progress: bool) -> dict[str, Any]:
-    """BatchNorm re-calibration (``cfg.bn_steps`` batches) then ``finetune_steps_per_stage``
-    SGD steps; the record of both."""
+def _finetune(model: nn.Module, models: tuple[nn.Module | None, nn.Module], loader: Any,
+              cfg: MuscoConfig, k: int, progress: bool) -> dict[str, Any]:
+    """Data-aware refit (``cfg.reconstruct_steps`` batches), BatchNorm re-calibration
+    (``cfg.bn_steps``) then ``finetune_steps_per_stage`` SGD steps; the record of each."""
     out: dict[str, Any] = {}
+    teacher, dense = models
+    if cfg.reconstruct_steps and loader is not None:
+        from ..reconstruct import reconstruct
+
+        fit_loader = _StageLoader(loader, 10_000 * k)
+        fit_loader.set_epoch(9_998)
+        fits = reconstruct(model, dense, fit_loader, steps=cfg.reconstruct_steps)
+        out["reconstruct"] = [asdict(f) for f in fits]
     if cfg.bn_steps and loader is not None:
         from ..calibrate import recalibrate_bn
 
@@ -381,7 +402,7 @@ class _Run:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"{path}: unknown musco state version {state.get('version')!r}; "
                              f"this tensorslim reads version {STATE_VERSION}")
-        old, new = state.get("config", {}), self.cfg.to_dict()
+        old, new = {"reconstruct_steps": 0, **state.get("config", {})}, self.cfg.to_dict()
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             raise ValueError(f"{path}: the saved run used other settings ({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)}); "
