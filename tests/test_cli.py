@@ -53,6 +53,13 @@ def test_demo_config_checks_rank_rule_and_bn_steps():
     # BN re-calibration by default only without the refit; an explicit value always wins
     assert resolve_bn_steps(None, 16) == 0 and resolve_bn_steps(None, 0) == 50
     assert resolve_bn_steps(7, 16) == 7 and resolve_bn_steps(0, 0) == 0
+    # compress: the refit by default only for a model used without fine-tuning
+    from tensorslim.workflows import resolve_reconstruct_steps
+
+    assert resolve_reconstruct_steps(None, 0, False) == 16
+    assert resolve_reconstruct_steps(None, 400, False) == 0
+    assert resolve_reconstruct_steps(None, 0, True) == 0
+    assert resolve_reconstruct_steps(3, 400, True) == 3
     with pytest.raises(ValueError, match="reconstruct_steps must be a non-negative int"):
         DemoConfig(reconstruct_steps=-2)
     with pytest.raises(ValueError, match="rank_rule must be 'uniform' or 'min_error'"):

@@ -223,8 +223,6 @@ def _add_train(sub: Any) -> None:
 
 
 def _add_compress(sub: Any) -> None:
-    from .workflows import CompressConfig
-
     c = sub.add_parser("compress", help="compress a model to a goal, fine-tune, save checkpoint + report",
                        description="Plan (one goal), decompose, optionally fine-tune with distillation, print "
                                    "the plan and a before/after table, and write OUT/ (model.safetensors, "
@@ -261,8 +259,10 @@ def _add_compress(sub: Any) -> None:
     _add_run(c, finetune=0)
     c.add_argument("--bn-steps", type=int, default=None,
                    help=BN_HELP + " (every stage with --multi-stage)")
-    c.add_argument("--reconstruct-steps", type=int, default=CompressConfig.reconstruct_steps,
-                   help=RECONSTRUCT_HELP + f" (every stage with --multi-stage; default {CompressConfig.reconstruct_steps})")
+    c.add_argument("--reconstruct-steps", type=int, default=None,
+                   help=RECONSTRUCT_HELP + " (every stage with --multi-stage; default 16 without "
+                        "fine-tuning, 0 with --finetune-steps or --multi-stage: on the shipped VGG-16 "
+                        "a refit start fine-tuned 0.6 points worse at 8x fewer MACs)")
     c.add_argument("--out", default="runs/compress", help="output folder")
     c.set_defaults(func=_compress)
 

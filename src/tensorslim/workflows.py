@@ -219,7 +219,7 @@ class CompressConfig:
     finetune_steps: int = 0
     finetune_lr: float = 0.01
     bn_steps: int | None = None  # BatchNorm re-calibration batches (0: off; None: see resolve_bn_steps)
-    reconstruct_steps: int = RECONSTRUCT_STEPS  # data-aware refit batches (one-shot; 0: off)
+    reconstruct_steps: int | None = None  # data-aware refit batches (0: off; None: see resolve_reconstruct_steps)
     batch_size: int = 128
     latency_batch: int = 64
     threads: int = 2
@@ -229,6 +229,17 @@ class CompressConfig:
     multi_stage: bool = False  # MUSCO: finetune_steps per stage
     stages: int = 3
     state_dir: str | None = None  # resumable multi-stage runs
+
+
+def resolve_reconstruct_steps(reconstruct_steps: int | None, finetune_steps: int,
+                              multi_stage: bool) -> int:
+    """Data-aware refit batches: as given, or for None 16 when the model is used without
+    fine-tuning and 0 before fine-tuning. Measured on the shipped VGG-16 (1500 KD steps, same
+    run): the refit start fine-tunes to 92.85% vs 92.64% at 4x fewer MACs, but to 91.19% vs
+    91.78% at 8x, although it starts far higher (84.96% vs 58.95% after BN re-calibration)."""
+    if reconstruct_steps is None:
+        return 0 if finetune_steps or multi_stage else RECONSTRUCT_STEPS
+    return reconstruct_steps
 
 
 def resolve_bn_steps(bn_steps: int | None, reconstruct_steps: int) -> int:
@@ -271,6 +282,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     from .train import fine_tune
 
     t0 = time.perf_counter()
+    cfg = dataclasses.replace(cfg, reconstruct_steps=resolve_reconstruct_steps(
+        cfg.reconstruct_steps, cfg.finetune_steps, cfg.multi_stage))
     bn_steps = resolve_bn_steps(cfg.bn_steps, cfg.reconstruct_steps)
     if cfg.multi_stage:
         musco_arguments(cfg.goal)  # fail before any work on a goal MUSCO does not take
