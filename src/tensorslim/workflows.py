@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from .methods.oneshot import resolve_bn_steps
 from .reconstruct import DEFAULT_STEPS as RECONSTRUCT_STEPS
 from .report import ModelSummary
 
@@ -240,17 +241,6 @@ def resolve_reconstruct_steps(reconstruct_steps: int | None, finetune_steps: int
     if reconstruct_steps is None:
         return 0 if finetune_steps or multi_stage else RECONSTRUCT_STEPS
     return reconstruct_steps
-
-
-def resolve_bn_steps(bn_steps: int | None, reconstruct_steps: int) -> int:
-    """BatchNorm re-calibration batches: as given, or for None 50 without a data-aware refit
-    and 0 after one (the refit reproduces the dense layers' outputs, so the dense statistics
-    fit them; re-estimating lowered the shipped VGG-16 by about 0.5 points)."""
-    from .methods.oneshot import DEFAULT_BN_STEPS
-
-    if bn_steps is None:
-        return 0 if reconstruct_steps else DEFAULT_BN_STEPS
-    return bn_steps
 
 
 def validation_evaluator(pad_to_32: bool, subset: int, seed: int = 0) -> Any:

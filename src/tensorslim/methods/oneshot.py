@@ -15,6 +15,15 @@ from ..surgery import compress
 DEFAULT_BN_STEPS = 50  # BatchNorm re-calibration batches when no refit runs
 
 
+def resolve_bn_steps(bn_steps: int | None, reconstruct_steps: int) -> int:
+    """BatchNorm re-calibration batches: as given, or for None 50 without a data-aware refit
+    and 0 after one (the refit reproduces the dense layers' outputs, so the dense statistics
+    fit them; re-estimating lowered the shipped VGG-16 by about 0.5 points)."""
+    if bn_steps is None:
+        return 0 if reconstruct_steps else DEFAULT_BN_STEPS
+    return bn_steps
+
+
 @dataclass(frozen=True)
 class OneShotResult:
     """The compressed model, its plan and the history: the fine-tuning record of
@@ -66,8 +75,7 @@ def oneshot(
         raise ValueError(f"reconstruct_steps must be an int >= 0, got {reconstruct_steps!r}")
     if reconstruct_steps and train_loader is None:
         raise ValueError("reconstruct_steps > 0 needs a train_loader (calibration images)")
-    if bn_steps is None:
-        bn_steps = 0 if reconstruct_steps else DEFAULT_BN_STEPS
+    bn_steps = resolve_bn_steps(bn_steps, reconstruct_steps)
     if plan is None:
         plan = make_plan(model, method, example_inputs, **goal)
     student = compress(copy.deepcopy(model), plan, progress=progress)
