@@ -144,6 +144,14 @@ def stages(batches: list[int], repeats: int) -> None:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in t.items())
             print(f"{cls.__name__} rank={rank} ({dense_macs() / macs:.2f}x fewer MACs) "
                   f"batch {b}: {parts} ms")
+            # Ceiling: the speed-up if every stage but the two 1x1 GEMMs took no time at all,
+            # and the MAC rate (GMAC/s) each of them runs at next to the dense conv's.
+            pw = t["project_in"] + t["project_out"]
+            pw_macs = b * HW * HW * 2 * C * (rank[0] if isinstance(rank, tuple) else rank)
+            dense_rate = b * dense_macs() / t["dense"] / 1e6
+            print(f"  1x1 stages alone: {pw_macs / pw / 1e6:.0f} GMAC/s vs dense conv "
+                  f"{dense_rate:.0f} GMAC/s; speed-up ceiling with free middle stage "
+                  f"{t['dense'] / pw:.2f}x (measured {t['dense'] / t['whole layer']:.2f}x)")
 
 
 def main() -> None:

@@ -91,6 +91,11 @@ def test_compress_evaluate_export_end_to_end(trained, tmp_path, capsys):
         assert (out / name).is_file(), name
     plan = ts.CompressionPlan.load(out / "plan.json")
     assert plan.macs_ratio <= 0.5 * 1.02 and plan.compressed
+    # every factorized layer's weight error, measured while decomposing, in plan and report
+    assert all(0.0 < s.error < 1.0 for s in plan.compressed)
+    spec = plan.compressed[0]
+    assert f"| {spec.name} | " in (out / "report.md").read_text()
+    assert f" {spec.error:.3f} | " in (out / "report.md").read_text()
 
     assert main(["evaluate", "--checkpoint", str(out), "--test-subset", "300", "--latency-batch", "4",
                  "--threads", "1", "--json"]) == 0

@@ -102,3 +102,14 @@ def test_plan_rejects_bad_input(small_cnn, image):
         CompressionPlan.from_json('{"version": 99, "layers": [], "method": "svd"}')
     with pytest.raises(ValueError, match="not valid JSON"):
         CompressionPlan.from_json("{")
+
+
+def test_with_errors_records_errors_and_rejects_unknown_layers(small_cnn, image):
+    plan = ts.make_plan(small_cnn, "tucker", image, target_macs=0.5)
+    name = plan.compressed[0].name
+    assert plan[name].error is None
+    again = plan.with_errors({name: 0.25, plan.layers[-1].name: None})
+    assert again[name].error == 0.25 and again.layers[-1].error == plan.layers[-1].error
+    assert again.macs_after == plan.macs_after and CompressionPlan.from_json(again.to_json()) == again
+    with pytest.raises(ValueError, match="no layers \\['nope'\\]"):
+        plan.with_errors({"nope": 0.1})

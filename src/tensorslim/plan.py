@@ -104,6 +104,18 @@ class CompressionPlan:
             params_after=self.params_after - old_dp + dp, macs_after=self.macs_after - old_dm + dm,
         )
 
+    def with_errors(self, errors: Mapping[str, float | None]) -> "CompressionPlan":
+        """A copy whose specs named in ``errors`` record that approximation error
+        (``None`` values are skipped); e.g. the errors measured while decomposing, see
+        :func:`tensorslim.surgery.layer_errors`. Unknown names are an error."""
+        names = {s.name for s in self.layers}
+        unknown = sorted(set(errors) - names)
+        if unknown:
+            raise ValueError(f"with_errors: the plan has no layers {unknown}")
+        layers = tuple(s if errors.get(s.name) is None else replace(s, error=float(errors[s.name]))
+                       for s in self.layers)
+        return replace(self, layers=layers)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -146,14 +158,19 @@ class CompressionPlan:
 
     def table(self) -> str:
         """A human-readable table of the plan (what will change, before it changes)."""
-        head = f"{'layer':32s} {'type':10s} {'method':7s} {'rank':>12s} {'params':>19s} {'MACs':>25s}  reason"
+        head = (f"{'layer':32s} {'type':10s} {'method':7s} {'rank':>12s} {'params':>19s} "
+                f"{'MACs':>25s} {'error':>6s}  reason")
         rows = [head]
         for s in self.layers:
             rank = "" if s.rank is None else str(s.rank)
+            err = "" if s.error is None else f"{s.error:.3f}"
             rows.append(
                 f"{s.name:32s} {s.layer_type:10s} {s.method:7s} {rank:>12s} "
-                f"{s.params_before:>9,d}->{s.params_after:<9,d} {s.macs_before:>12,d}->{s.macs_after:<12,d} {s.reason}"
+                f"{s.params_before:>9,d}->{s.params_after:<9,d} {s.macs_before:>12,d}->{s.macs_after:<12,d} "
+                f"{err:>6s}  {s.reason}"
             )
+        if any(s.error is not None for s in self.layers):
+            rows.append("error: relative weight approximation error ||W - W^|| / ||W|| at decomposition")
         rows.append(
             f"total: params {self.params_before:,d} -> {self.params_after:,d} ({self.params_ratio:.3f}x), "
             f"MACs {self.macs_before:,d} -> {self.macs_after:,d} ({self.macs_ratio:.3f}x)"

@@ -44,7 +44,8 @@ def summary_table(rows: Sequence[ModelSummary], *, markdown: bool = False) -> st
 
 
 def plan_markdown(plan: CompressionPlan) -> str:
-    head = "| layer | type | method | rank | params before → after | MACs before → after | error | note |"
+    head = ("| layer | type | method | rank | params before → after | MACs before → after | "
+            "weight error ‖W−Ŵ‖/‖W‖ | note |")
     out = [head, "|---|---|---|---|---|---|---|---|"]
     for s in plan.layers:
         err = "" if s.error is None else f"{s.error:.3f}"

@@ -58,6 +58,19 @@ def compress(
     return model
 
 
+def layer_errors(model: nn.Module, plan: CompressionPlan) -> dict[str, float]:
+    """The weight approximation error ``approx_error`` that each of the plan's compressed
+    layers recorded in ``model`` when it was decomposed (layers built without decomposing,
+    e.g. by ``tensorslim.load``, have none and are left out). For ``plan.with_errors``."""
+    modules = dict(model.named_modules())
+    out = {}
+    for spec in plan.compressed:
+        err = getattr(modules.get(spec.name), "approx_error", None)
+        if err is not None:
+            out[spec.name] = float(err)
+    return out
+
+
 def recompress(
     model: nn.Module,
     ranks: Mapping[str, Any],

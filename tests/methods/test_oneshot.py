@@ -77,3 +77,18 @@ def test_reconstruct_steps_refit_before_bn_and_leave_the_dense_model_alone():
         oneshot(dense, "tucker", x, ranks={"3": 4}, train_loader=data, reconstruct_steps=-1)
     with pytest.raises(ValueError, match="needs a train_loader"):
         oneshot(dense, "tucker", x, ranks={"3": 4}, reconstruct_steps=2)
+
+
+def test_plan_records_each_layers_weight_error_measured_while_decomposing():
+    from tensorslim.tensor import rel_error
+
+    dense, x = _net(), torch.randn(1, 3, 8, 8)
+    res = oneshot(dense, "tucker", x, ranks={"3": 4, "0": (3, 8)}, progress=False)
+    for name in ("0", "3"):
+        kernel = torch.cat([t.to_tensor() for t in res.model.get_submodule(name).to_tucker()])
+        w = dense.get_submodule(name).weight
+        want = rel_error(w, kernel.to(w))  # the dense weight is the reference
+        assert 0.05 < res.plan[name].error < 1.0
+        assert res.plan[name].error == pytest.approx(float(want), rel=1e-4)
+    assert res.plan["8"].error is None  # kept dense: nothing measured
+    assert "at decomposition" in res.plan.table() and f"{res.plan['3'].error:.3f}" in res.plan.table()

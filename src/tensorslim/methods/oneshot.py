@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..plan import CompressionPlan, make_plan
-from ..surgery import compress
+from ..surgery import compress, layer_errors
 
 DEFAULT_BN_STEPS = 50  # BatchNorm re-calibration batches when no refit runs
 
@@ -26,7 +26,8 @@ def resolve_bn_steps(bn_steps: int | None, reconstruct_steps: int) -> int:
 
 @dataclass(frozen=True)
 class OneShotResult:
-    """The compressed model, its plan and the history: the fine-tuning record of
+    """The compressed model, its plan (with each layer's measured weight approximation error)
+    and the history: the fine-tuning record of
     :func:`tensorslim.train.train` plus ``bn_batches`` (BatchNorm re-calibration batches), if any."""
 
     model: nn.Module
@@ -79,6 +80,7 @@ def oneshot(
     if plan is None:
         plan = make_plan(model, method, example_inputs, **goal)
     student = compress(copy.deepcopy(model), plan, progress=progress)
+    plan = plan.with_errors(layer_errors(student, plan))  # as measured while decomposing
     history: dict[str, Any] = {}
     if reconstruct_steps:
         from ..reconstruct import reconstruct
