@@ -114,15 +114,6 @@ def check_int_rank(layer: str, name: str, value: Any, low: int, high: int, multi
     return value
 
 
-def rel_error(approx: torch.Tensor, ref: torch.Tensor) -> float:
-    """||approx - ref|| / ||ref|| (0 when both are zero)."""
-    num = torch.linalg.vector_norm((approx - ref).double())
-    den = torch.linalg.vector_norm(ref.double())
-    if float(den) == 0.0:
-        return float(num)
-    return float(num / den)
-
-
 def chain_uniform_(weights: Sequence[torch.Tensor], fan_ins: Sequence[int]) -> None:
     """Init a chain of linear maps so the composed map's output variance matches the dense one.
 

@@ -13,8 +13,9 @@ from torch import Tensor, nn
 
 from ._conv import ConvGeometry, Stage, assign_, group_blocks, pointwise, spatial_conv
 from ._convbase import FactorizedConv
+from ..tensor import rel_error
 from .base import FactorizedLayer, LayerTypeError, Rank, chain_uniform_, check_int_rank, \
-    dense_bias_, rel_error
+    dense_bias_
 
 
 def product_svd(b: Tensor, a: Tensor) -> Any:
@@ -159,7 +160,8 @@ class LowRankLinear(FactorizedLayer):
         from ..tensor import svd
         res = svd(w, r, **svd_opts)
         layer = cls.from_factors(lin, res)
-        layer.approx_error = rel_error(res.to_tensor(), w)
+        # the dense weight is the reference: ||W - W^|| / ||W||
+        layer.approx_error = rel_error(w, res.to_tensor())
         return layer
 
     @classmethod
@@ -267,7 +269,8 @@ class _LowRankConvNd(FactorizedConv):
         parts = [svd(wg.reshape(wg.shape[0], -1), r // g, **svd_opts) for wg in group_blocks(w, g)]
         layer = cls.from_factors(conv, parts)
         approx = torch.cat([p.to_tensor() for p in parts]).reshape(w.shape)
-        layer.approx_error = rel_error(approx, w)
+        # the dense weight is the reference: ||W - W^|| / ||W||
+        layer.approx_error = rel_error(w, approx)
         return layer
 
 

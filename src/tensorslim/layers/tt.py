@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ._conv import assign_
-from .base import FactorizedLayer, Rank, dense_bias_, rel_error
+from ..tensor import rel_error
+from .base import FactorizedLayer, Rank, dense_bias_
 
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32 per intermediate: stays in L2 on common CPUs
@@ -319,7 +320,8 @@ class TTLinear(FactorizedLayer):
                 p[:a, :, :, :b] = c[:a, :, :, :b].to(p.dtype)
         if lin.bias is not None:
             assign_(layer.bias, lin.bias)
-        layer.approx_error = rel_error(ttm.to_tensor(), w)
+        # the dense weight is the reference: ||W - W^|| / ||W||
+        layer.approx_error = rel_error(w, ttm.to_tensor())
         return layer
 
     @classmethod

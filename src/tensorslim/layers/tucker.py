@@ -14,7 +14,8 @@ from ..tensor.ops import mode_dot
 from ..tensor.results import TuckerTensor
 from ._conv import ConvGeometry, Stage, assign_, group_blocks, pointwise, spatial_conv
 from ._convbase import FactorizedConv
-from .base import Rank, check_int_rank, rel_error
+from ..tensor import rel_error
+from .base import Rank, check_int_rank
 
 
 class _TuckerConvNd(FactorizedConv):
@@ -174,7 +175,8 @@ class _TuckerConvNd(FactorizedConv):
         parts = [tucker(wg, (r_out // g, r_in // g), modes=(0, 1), **tucker_opts)
                  for wg in group_blocks(w, g)]
         layer = cls.from_factors(conv, parts)
-        layer.approx_error = rel_error(torch.cat([p.to_tensor() for p in parts]), w)
+        # the dense weight is the reference: ||W - W^|| / ||W||
+        layer.approx_error = rel_error(w, torch.cat([p.to_tensor() for p in parts]))
         return layer
 
 
