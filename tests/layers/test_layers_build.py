@@ -280,3 +280,22 @@ def test_conv_eager_chunking_is_exact_and_not_baked_into_exports(cls, rank):
         traced = torch.jit.trace(layer, (x,))
         other = x[:3] * 2
         assert_close(traced(other), layer._forward(other), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls,rank", [(TuckerConv2d, 4), (CPConv2d, 8)])
+def test_conv_eager_chunking_keeps_gradients_and_the_memory_format(cls, rank):
+    torch.manual_seed(0)
+    layer = cls.like(nn.Conv2d(8, 12, 3, padding=1).double(), rank)
+    x = torch.randn(5, 8, 6, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    ref = layer._forward(x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), layer.project_in.weight)
+    layer.chunk_bytes = 1  # chunks of one sample
+    out = layer(x)
+    (g,) = torch.autograd.grad(out.square().sum(), layer.project_in.weight)
+    assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
+    with torch.inference_mode():  # the in-place path keeps channels-last output
+        fast = layer(x)
+    assert fast.is_contiguous(memory_format=torch.channels_last) and not fast.is_contiguous()
+    assert_close(fast, ref.detach(), rtol=1e-12, atol=1e-12)
+    assert CPConv2d.chunk_default == 8 << 20 and TuckerConv2d.chunk_default == 32 << 20

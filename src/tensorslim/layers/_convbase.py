@@ -22,7 +22,9 @@ class FactorizedConv(FactorizedLayer):
     """
 
     dims: ClassVar[int] = 2
-    __jit_ignored_attributes__ = ["method", "dense_types", "dims", "geometry"]
+    # the batch-chunking threshold (bytes of the widest intermediate), see _forward_eager
+    chunk_default: ClassVar[int] = CHUNK_BYTES
+    __jit_ignored_attributes__ = ["method", "dense_types", "dims", "geometry", "chunk_default"]
 
     def __init__(
         self,
@@ -52,7 +54,7 @@ class FactorizedConv(FactorizedLayer):
         self.channels_last = self.dims == 2
         # widest intermediate (channels) and the eager batch-chunking threshold
         self.widest = max(st.out_channels for st in self._stages(geo, self.rank)[:-1])
-        self.chunk_bytes = CHUNK_BYTES
+        self.chunk_bytes = self.chunk_default
         self._build(geo)
         self.reset_parameters()
 
@@ -95,9 +97,10 @@ class FactorizedConv(FactorizedLayer):
     @torch.jit.unused
     def _forward_eager(self, x: Tensor) -> Tensor:
         """Eager mode: when the widest intermediate of the whole batch would exceed
-        ``CHUNK_BYTES`` (every allocation that large is a fresh, page-faulting mmap with glibc),
-        run the batch in chunks whose intermediates stay small and in cache. Same numbers;
-        traced / exported / compiled graphs run the batch whole."""
+        ``chunk_bytes`` (default ``chunk_default``: 32 MB, above which glibc serves every
+        allocation by a fresh, page-faulting mmap; CP layers 8 MB), run the batch in chunks
+        whose intermediates stay small and in cache. Same numbers; traced / exported /
+        compiled graphs run the batch whole."""
         if (self.chunk_bytes <= 0 or torch.jit.is_tracing() or torch.compiler.is_compiling()
                 or torch.compiler.is_exporting()):
             return self._forward(x)
@@ -106,7 +109,22 @@ class FactorizedConv(FactorizedLayer):
         if b < 2 or b * per_sample <= self.chunk_bytes:
             return self._forward(x)
         chunk = max(1, (self.chunk_bytes // 2) // max(per_sample, 1))
-        return torch.cat([self._forward(c) for c in x.split(chunk)])
+        parts = x.split(chunk)
+        if torch.is_grad_enabled() and (x.requires_grad
+                                        or any(p.requires_grad for p in self.parameters())):
+            return torch.cat([self._forward(c) for c in parts])
+        # Inference: copy each chunk's output into the result while it is still in cache
+        # (a torch.cat at the end re-reads every chunk from memory).
+        first = self._forward(parts[0])
+        fmt = torch.channels_last if is_channels_last(first) else torch.contiguous_format
+        out = torch.empty((b, *first.shape[1:]), dtype=first.dtype, device=first.device,
+                          memory_format=fmt)
+        out[:first.shape[0]].copy_(first)
+        start = first.shape[0]
+        for c in parts[1:]:
+            out[start:start + c.shape[0]].copy_(self._forward(c))
+            start += c.shape[0]
+        return out
 
     def _cl_out(self, x: Tensor) -> bool:
         """Whether to return channels-last output (2-D only): when the input is channels-last,
