@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import tensorslim as ts
+from tensorslim.runtime import add_allocator_option, relaunch_script
 from tensorslim.calibrate import recalibrate_bn
 from tensorslim.reconstruct import reconstruct
 from tensorslim.data import TensorBatchLoader, make_loaders
@@ -90,7 +91,10 @@ def main() -> None:
     p.add_argument("--no-latency", action="store_true",
                    help="skip the latency columns (e.g. when other jobs share the CPU; measure them "
                         "with bench_whole_model.py, which needs no trained weights)")
+    add_allocator_option(p)
     args = p.parse_args()
+    args.allocator_used = relaunch_script(args.allocator)
+    print(f"memory allocator: {args.allocator_used}")
 
     torch.set_num_threads(args.train_threads)
     info = checkpoint_info(args.model, args.checkpoint)
@@ -148,7 +152,7 @@ def main() -> None:
 def render(rows: list[dict], macs0: int, params0: int, args) -> str:
     lines = [f"target_macs={args.target_macs}, {args.steps} fine-tune steps (KD, lr {args.lr}, batch "
              f"{args.batch_size}), data-aware refit {args.reconstruct_steps} batches, BN re-calibration {args.bn_steps} batches, latency batch {args.latency_batch}, {args.threads} threads, "
-             f"median of {args.rounds} interleaved rounds", "",
+             f"median of {args.rounds} interleaved rounds, memory allocator {args.allocator_used}", "",
              "| method | MACs | fewer MACs | params | fewer params | acc before FT | after refit | acc after BN re-cal. | acc after FT | drop (pt) | dense ms | ms | speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     acc0 = rows[0]["acc"]

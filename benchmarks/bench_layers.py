@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from tensorslim.runtime import add_allocator_option, relaunch_script
 from tensorslim.layers import CPConv2d, TuckerConv2d
 
 C, K, HW = 256, 3, 32
@@ -161,7 +162,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stages", action="store_true", help="per-stage breakdown instead")
+    add_allocator_option(p)
     args = p.parse_args()
+    alloc = relaunch_script(args.allocator)
+    print(f"memory allocator: {alloc}")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{C}->{C} {K}x{K} conv on {HW}x{HW}, median of {args.repeats} interleaved runs\n")

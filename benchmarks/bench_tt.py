@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from tensorslim.runtime import add_allocator_option, relaunch_script
 from tensorslim.layers import TTLinear
 
 N = 4096
@@ -61,7 +62,10 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[8, 64, 512])
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--threads", type=int, default=2)
+    add_allocator_option(p)
     args = p.parse_args()
+    alloc = relaunch_script(args.allocator)
+    print(f"memory allocator: {alloc}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, Linear {N}x{N}, "

@@ -16,6 +16,7 @@ import torch
 from torch.profiler import profile
 
 import tensorslim as ts
+from tensorslim.runtime import add_allocator_option, relaunch_script
 from tensorslim.models import create
 
 FACTORIZABLE = ("bmm", "mm", "addmm", "baddbmm", "matmul", "linear")
@@ -51,7 +52,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
+    add_allocator_option(p)
     args = p.parse_args()
+    alloc = relaunch_script(args.allocator)
+    print(f"memory allocator: {alloc}")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     x1, xb = torch.randn(1, 1, 28, 28), torch.randn(args.batch, 1, 28, 28)

@@ -5,13 +5,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+# Debian packages: the official Fashion-MNIST files, and TCMalloc (the tensorslim command
+# runs under it: see src/tensorslim/runtime.py for why and what it measured).
+pkgs=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || pkgs+=(dataset-fashion-mnist)
+ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || pkgs+=(libtcmalloc-minimal4)
+if [ ${#pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    apt-get update -qq && apt-get install -y -qq "${pkgs[@]}" >/dev/null
   elif command -v sudo >/dev/null; then
-    sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    sudo apt-get update -qq && sudo apt-get install -y -qq "${pkgs[@]}" >/dev/null
   else
-    echo "setup: cannot install dataset-fashion-mnist (not root, no sudo); set TENSORSLIM_DATA to a folder with the four Fashion-MNIST *-ubyte.gz files" >&2
+    echo "setup: cannot install ${pkgs[*]} (not root, no sudo); set TENSORSLIM_DATA to a folder with the four Fashion-MNIST *-ubyte.gz files; without libtcmalloc-minimal4 the tensorslim command runs on the system allocator" >&2
   fi
 fi
 

@@ -166,6 +166,7 @@ class Latency:
     times_ms: tuple[float, ...] = field(repr=False)
     threads: int
     batch_size: int
+    allocator: str = "system"  # the process's malloc (tensorslim.runtime.allocator)
 
 
 def measure_latency(
@@ -179,6 +180,8 @@ def measure_latency(
     """Median wall time of ``model(*example_inputs)`` under ``torch.inference_mode``.
 
     ``threads`` sets ``torch.set_num_threads`` for the measurement (restored afterwards).
+    The result records the thread count and the memory allocator the process runs on
+    (``tcmalloc`` / ``jemalloc`` / ``system``), which change CPU latencies.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
@@ -199,7 +202,9 @@ def measure_latency(
     q = lambda f: times_sorted[min(len(times_sorted) - 1, int(f * len(times_sorted)))]  # noqa: E731
     batch = int(inputs[0].shape[0]) if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
     used = threads if threads is not None else old
-    return Latency(statistics.median(times), q(0.1), q(0.9), tuple(times), used, batch)
+    from .runtime import allocator
+
+    return Latency(statistics.median(times), q(0.1), q(0.9), tuple(times), used, batch, allocator())
 
 
 def _time_calls(model: nn.Module, inputs: Sequence[Any], repeats: int, warmup: int) -> list[float]:

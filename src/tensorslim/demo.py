@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .report import summary_table, write_report
-from .workflows import LATENCY_NOTE, RECONSTRUCT_STEPS, resolve_bn_steps, summarize, with_side_by_side_latency
+from .workflows import RECONSTRUCT_STEPS, latency_note, resolve_bn_steps, summarize, with_side_by_side_latency
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
         f"fine-tune: {cfg.finetune_steps} SGD steps, batch {cfg.batch_size}, lr {cfg.finetune_lr}, "
         f"distillation from the dense model",
         f"test set: official Fashion-MNIST test, {cfg.test_subset or 10000} images; "
-        f"latency: batch {cfg.latency_batch}, {cfg.threads} threads; {LATENCY_NOTE}",
+        f"latency: batch {cfg.latency_batch}, {cfg.threads} threads; {latency_note()}",
         f"wall time of the whole demo: {time.perf_counter() - t0:.0f} s",
     ]
     report = write_report(out, f"tensorslim demo: {cfg.model} on Fashion-MNIST", rows, res.plan, notes)

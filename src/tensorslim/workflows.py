@@ -171,6 +171,13 @@ LATENCY_NOTE = (f"dense and compressed timed interleaved, median of {LATENCY_ROU
                 "share one architecture and one measurement")
 
 
+def latency_note() -> str:
+    """:data:`LATENCY_NOTE` plus the memory allocator this process runs on."""
+    from .runtime import allocator
+
+    return f"{LATENCY_NOTE}; memory allocator: {allocator()}"
+
+
 def side_by_side_latency(models: Sequence[nn.Module], xb: torch.Tensor | Sequence[torch.Tensor],
                          threads: int, rounds: int = LATENCY_ROUNDS, repeats: int = 5) -> list[float]:
     """Latency (ms) of each model on ``xb`` (one input for all, or one per model), measured
@@ -320,7 +327,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
              f"fine-tune: {cfg.finetune_steps} SGD steps (batch {cfg.batch_size}, lr {cfg.finetune_lr}, "
              f"distilled from the dense model)",
              f"test set: official Fashion-MNIST test, {cfg.test_subset or 10000} images; latency: batch "
-             f"{cfg.latency_batch}, {cfg.threads} threads; {LATENCY_NOTE}",
+             f"{cfg.latency_batch}, {cfg.threads} threads; {latency_note()}",
              f"wall time: {time.perf_counter() - t0:.0f} s"]
     if cfg.multi_stage:
         notes[3] = (f"multi-stage (MUSCO): {res.stages_done} stages, {cfg.finetune_steps} SGD steps "
@@ -372,8 +379,11 @@ def run_evaluate(source: Source, *, test_subset: int | None, latency_batch: int,
     src = load_source(source)
     test = test_loader(src.pad_to_32, test_subset) if with_accuracy else None
     s = summarize(src.description, src.model, test, src.example(1), src.example(latency_batch), threads)
+    from .runtime import allocator
+
     return {**s.as_dict(), "test_images": (test_subset or 10000) if with_accuracy else 0,
-            "input_size": src.size, "latency_batch": latency_batch, "threads": threads}
+            "input_size": src.size, "latency_batch": latency_batch, "threads": threads,
+            "allocator": allocator()}
 
 
 @dataclass(frozen=True)
