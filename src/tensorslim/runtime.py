@@ -76,10 +76,13 @@ def resolve(choice: str | None, env: Mapping[str, str] = os.environ) -> str:
 
 def relaunch(argv: Sequence[str], choice: str | None = None) -> None:
     """Re-execute ``argv`` (the current command, ``sys.argv`` form) under TCMalloc when it is
-    asked for (see :func:`resolve`), installed and not already loaded; otherwise return.
+    asked for (see :func:`resolve`), installed and not already loaded, on Linux; otherwise
+    return.
     A missing library only warns (the command then runs on the system allocator), and a
     relaunched process never relaunches again."""
     if resolve(choice) != "tcmalloc" or allocator() == "tcmalloc":
+        return
+    if not sys.platform.startswith("linux"):  # LD_PRELOAD and /proc/self/maps are Linux's
         return
     if os.environ.get(_RELAUNCHED):
         warnings.warn("TCMalloc was preloaded but is not mapped; running on the system allocator",
