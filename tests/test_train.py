@@ -24,8 +24,8 @@ from tensorslim.train import (
     evaluate,
     fine_tune,
     train,
-    train_registry_model,
 )
+from tensorslim.train_registry import train_registry_model
 
 needs_data = pytest.mark.skipif(
     not (fm.SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file(),

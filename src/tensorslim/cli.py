@@ -72,7 +72,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import train_registry_model
+    from .train_registry import train_registry_model
 
     train_registry_model(args.model, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, out_dir=args.out, threads=args.threads,
