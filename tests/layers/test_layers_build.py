@@ -299,3 +299,22 @@ def test_conv_eager_chunking_keeps_gradients_and_the_memory_format(cls, rank):
     assert fast.is_contiguous(memory_format=torch.channels_last) and not fast.is_contiguous()
     assert_close(fast, ref.detach(), rtol=1e-12, atol=1e-12)
     assert CPConv2d.chunk_default == 8 << 20 and TuckerConv2d.chunk_default == 32 << 20
+
+
+@pytest.mark.parametrize("cls", [TuckerConv2d, CPConv2d])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_nchw_input_runs_nchw_stages_and_matches_the_dense_conv(cls, padding_mode):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, padding=1, padding_mode=padding_mode).double()
+    layer = cls.from_conv(conv, (6, 10) if cls is TuckerConv2d else 20)  # Tucker: full rank
+    x = torch.randn(3, 6, 9, 8, dtype=torch.float64)
+    seen = []
+    hook = layer.project_out.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    out = layer(x)
+    hook.remove()
+    assert out.is_contiguous() and not seen[0].is_contiguous(memory_format=torch.channels_last)
+    if cls is TuckerConv2d:
+        assert_close(out, conv(x), rtol=1e-9, atol=1e-9)
+    cl = layer(x.contiguous(memory_format=torch.channels_last))  # the channels-last stages
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    assert_close(cl, out, rtol=1e-9, atol=1e-9)

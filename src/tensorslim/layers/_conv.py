@@ -257,14 +257,12 @@ def is_channels_last(x: Tensor) -> bool:
 class Pointwise2d(nn.Conv2d):
     """A 1x1 ``nn.Conv2d`` (stride 1, no padding) that writes the memory format asked for.
 
-    ``forward(x, cl_out)``: when tracing (jit.trace, ONNX export) a plain conv, whose shapes
-    ONNX can infer; otherwise the conv on channels-last input (an NCHW input is converted
-    first), which on CPU runs oneDNN's 1x1 kernel, returning channels-last (``cl_out=True``)
-    or contiguous NCHW output. The conversion pays: on the AMD EPYC development machine
-    oneDNN's channels-last 1x1 conv ran at ~190 GMAC/s and the batched-matmul (MKL) route
-    this layer used before at ~85 GMAC/s (K = 256, 32x32 maps, 2 threads), so CP 4x layers
-    fed NCHW went from 1.1-1.5x to 2.1-2.2x faster than the dense conv (``bench_layers.py``,
-    tcmalloc). Shapes: (B, C_in, H, W) -> (B, C_out, H, W).
+    ``forward(x, cl_out)``: when tracing (jit.trace, ONNX export), or for NCHW input and
+    output (``cl_out=False``), a plain conv; otherwise the conv on channels-last input (the
+    input converted if needed), returning channels-last (``cl_out=True``) or contiguous NCHW
+    output. On CPU both run oneDNN's 1x1 kernel. On the AMD EPYC development machine it ran
+    at ~190 GMAC/s channels-last, against ~85 GMAC/s for the batched-matmul (MKL) route this
+    layer used before (K = 256, 32x32 maps, 2 threads). Shapes: (B, C_in, H, W) -> (B, C_out, H, W).
     """
 
     def __init__(self, in_channels: int, out_channels: int, groups: int = 1,
@@ -272,7 +270,8 @@ class Pointwise2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1, groups=groups, bias=bias)
 
     def forward(self, x: Tensor, cl_out: bool = True) -> Tensor:
-        if torch.jit.is_tracing():  # plain conv: static shapes for ONNX shape inference
+        if torch.jit.is_tracing() or not (cl_out or is_channels_last(x)):
+            # plain conv: static shapes for ONNX shape inference / NCHW in and out
             y = F.conv2d(x, self.weight, self.bias, 1, 0, 1, self.groups)
         else:
             y = F.conv2d(x.contiguous(memory_format=torch.channels_last), self.weight,

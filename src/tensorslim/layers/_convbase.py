@@ -136,14 +136,15 @@ class FactorizedConv(FactorizedLayer):
         return is_channels_last(x) or (x.is_contiguous()
                                        and x.is_contiguous(memory_format=torch.channels_last))
 
-    def _pad(self, y: Tensor) -> Tensor:
-        """The dense conv's padding, when its spatial conv(s) cannot do it (see _conv.py)."""
+    def _pad(self, y: Tensor, cl: bool = True) -> Tensor:
+        """The dense conv's padding, when its spatial conv(s) cannot do it (see _conv.py);
+        the result channels-last when ``cl`` (2-D layers)."""
         if self.explicit_pad:
             if torch.jit.is_tracing() and self.pad_mode != "circular":
                 y = pad_by_slices(y, self.pad, self.pad_mode)
             else:
                 y = F.pad(y, self.pad, self.pad_mode)
-            if self.channels_last:
+            if self.channels_last and cl:
                 y = y.contiguous(memory_format=torch.channels_last)
         return y
 

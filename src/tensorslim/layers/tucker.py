@@ -68,9 +68,9 @@ class _TuckerConvNd(FactorizedConv):
 
     def _forward(self, x: Tensor) -> Tensor:
         """(B, S, *spatial) -> (B, T, *spatial_out), the factorized stages."""
-        cl = self._cl_out(x)
-        y = self.project_in(x)
-        y = self._pad(y)
+        cl = self._cl_out(x)  # the stages run in the input's layout (see _cl_out)
+        y = self.project_in(x, cl)
+        y = self._pad(y, cl)
         y = self.core(y)
         return self.project_out(y, cl)
 
