@@ -5,19 +5,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages: the official Fashion-MNIST files, and TCMalloc (the tensorslim command
-# runs under it: see src/tensorslim/runtime.py for why and what it measured).
-pkgs=()
-[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || pkgs+=(dataset-fashion-mnist)
-ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || pkgs+=(libtcmalloc-minimal4)
-if [ ${#pkgs[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq "${pkgs[@]}" >/dev/null
-  elif command -v sudo >/dev/null; then
-    sudo apt-get update -qq && sudo apt-get install -y -qq "${pkgs[@]}" >/dev/null
-  else
-    echo "setup: cannot install ${pkgs[*]} (not root, no sudo); set TENSORSLIM_DATA to a folder with the four Fashion-MNIST *-ubyte.gz files; without libtcmalloc-minimal4 the tensorslim command runs on the system allocator" >&2
-  fi
+# Debian packages: the official Fashion-MNIST files (required), and TCMalloc (optional: the
+# tensorslim command runs under it when present, see src/tensorslim/runtime.py).
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+  if command -v sudo >/dev/null; then SUDO=sudo; else SUDO=none; fi
+fi
+apt_install() {  # apt_install PKG...: returns non-zero if it could not
+  [ "$SUDO" = none ] && return 1
+  [ -n "${APT_UPDATED:-}" ] || { $SUDO apt-get update -qq && APT_UPDATED=1; } || return 1
+  $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  apt_install dataset-fashion-mnist || echo "setup: cannot install dataset-fashion-mnist (not root, no sudo, or apt failed); set TENSORSLIM_DATA to a folder with the four Fashion-MNIST *-ubyte.gz files" >&2
+fi
+if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then
+  # Debian 13 renamed the package (64-bit time_t transition)
+  apt_install libtcmalloc-minimal4 || apt_install libtcmalloc-minimal4t64 \
+    || echo "setup: TCMalloc not installed; the tensorslim command will run on the system allocator (slower CPU latencies)" >&2
 fi
 
 PY=${PYTHON:-python3}
