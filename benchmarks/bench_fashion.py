@@ -94,7 +94,6 @@ def main() -> None:
     add_allocator_option(p)
     args = p.parse_args()
     args.allocator_used = relaunch_script(args.allocator)
-    print(f"memory allocator: {args.allocator_used}")
 
     torch.set_num_threads(args.train_threads)
     info = checkpoint_info(args.model, args.checkpoint)

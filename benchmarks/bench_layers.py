@@ -164,8 +164,7 @@ def main() -> None:
     p.add_argument("--stages", action="store_true", help="per-stage breakdown instead")
     add_allocator_option(p)
     args = p.parse_args()
-    alloc = relaunch_script(args.allocator)
-    print(f"memory allocator: {alloc}")
+    relaunch_script(args.allocator)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{C}->{C} {K}x{K} conv on {HW}x{HW}, median of {args.repeats} interleaved runs\n")

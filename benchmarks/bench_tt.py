@@ -64,8 +64,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     add_allocator_option(p)
     args = p.parse_args()
-    alloc = relaunch_script(args.allocator)
-    print(f"memory allocator: {alloc}")
+    relaunch_script(args.allocator)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, Linear {N}x{N}, "

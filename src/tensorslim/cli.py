@@ -311,14 +311,10 @@ def _add_export(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .runtime import ALLOCATORS, ENV_VAR
+    from .runtime import add_allocator_option
 
     p = argparse.ArgumentParser(prog="tensorslim", description="Compress trained PyTorch networks with tensor methods.")
-    p.add_argument("--allocator", choices=ALLOCATORS, default=None,
-                   help="memory allocator of the tensorslim command (default: $%s, else tcmalloc "
-                        "when installed: the command re-launches itself with it preloaded; it "
-                        "speeds up factorized layers more than dense ones, see "
-                        "tensorslim/runtime.py). Ignored when main() is called from Python." % ENV_VAR)
+    add_allocator_option(p)  # acted on by entry(), before main() parses
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_train, _add_compress, _add_sweep, _add_evaluate, _add_export):
         add(sub)
