@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ..tensor._common import small_linalg_threads
+
 __all__ = ["VBMFResult", "evbmf", "evbmf_rank", "soften_rank", "vbmf_ranks",
            "vbmf_ranks_factorized"]
 
@@ -162,6 +164,14 @@ def evbmf(Y: torch.Tensor, sigma2: float | None = None) -> VBMFResult:
     if sigma2 is not None and (isinstance(sigma2, bool) or not isinstance(sigma2, (int, float))
                                or not math.isfinite(sigma2) or sigma2 < 0):
         raise ValueError(f"evbmf: sigma2 must be a finite number >= 0 or None, got {sigma2!r}")
+    L, M = Y.shape
+    # the SVD (~ L^2 M) and the ~100 tiny free-energy evaluations run on few threads if small
+    with small_linalg_threads(L * L * M, Y.device):
+        return _evbmf(Y, sigma2)
+
+
+def _evbmf(Y: torch.Tensor, sigma2: float | None) -> VBMFResult:
+    """:func:`evbmf` on a validated float64 ``Y`` (L, M), L <= M."""
     L, M = Y.shape
     alpha = L / M
     tauubar = _TAU_CONST * math.sqrt(alpha)

@@ -26,14 +26,12 @@ For a 512 x 512 x 3 x 3 kernel and rank 64 a full sweep costs two 512 x 4608 x 6
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from math import prod
 
 import torch
 
-from ._common import (check_choice, check_int, check_tensor, check_tol, fix_signs, has_converged,
-                      make_generator)
+from ._common import (check_choice, check_cp_rank, check_int, check_tensor, check_tol, fix_signs,
+                      has_converged, make_generator, small_linalg_threads)
 from .ops import khatri_rao, mode_dot, unfold
 from .results import CPTensor
 from .svd import leading_left_vectors
@@ -42,6 +40,7 @@ __all__ = ["cp_als"]
 
 _INITS = ("svd", "random")
 _CORE_SWEEPS = 10  # sweep budget on a compressed core, in units of n_iter
+_SINGULAR = 1e4 * torch.finfo(torch.float64).eps  # relative eigenvalue floor of the normal eqs
 
 
 def cp_als(
@@ -62,18 +61,26 @@ def cp_als(
     when the relative change of the error is below ``tol``.
     ``init="svd"`` starts from the leading left singular vectors of each unfolding (random
     columns pad modes with I_n < R); ``init="random"`` from Gaussian factors. Same ``seed``
-    gives identical factors. ``rank`` may exceed any mode size.
+    gives identical factors. ``rank`` may exceed any mode size, up to 10x the largest one.
+    Raises ValueError for NaN/Inf entries, an empty tensor or a rank out of range.
     """
-    check_tensor(t, "t", min_dim=2)
-    rank = check_int(rank, "rank")
+    check_tensor(t, "t", min_dim=2, finite=True)
+    shape = tuple(int(s) for s in t.shape)
+    if 0 in shape:
+        raise ValueError(f"t must not be empty, got shape {shape}")
+    rank = check_cp_rank(rank, shape)
     n_iter = check_int(n_iter, "n_iter")
     tol = check_tol(tol)
     init = check_choice(init, "init", _INITS)
     gen = make_generator(seed)
-    shape = tuple(int(s) for s in t.shape)
-    if 0 in shape:
-        raise ValueError(f"t must not be empty, got shape {shape}")
+    # the largest operation is the (prod I_L, prod I_T) @ (prod I_T, R) matmul of a sweep
+    with small_linalg_threads(t.numel() * rank, t.device):
+        return _cp_als(t, rank, n_iter, tol, init, gen)
 
+
+def _cp_als(t: torch.Tensor, rank: int, n_iter: int, tol: float, init: str,
+            gen: torch.Generator) -> CPTensor:
+    """:func:`cp_als` on validated arguments."""
     norm_sq = float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2)
     if norm_sq == 0.0:
         factors = _init_factors(t, rank, "random", gen)
@@ -88,30 +95,14 @@ def cp_als(
         core, bases, lost_sq = compressed
         core_sq = float(torch.linalg.vector_norm(core, dtype=torch.float64) ** 2)
         factors = _init_factors(core, rank, init, gen)
-        with _single_thread_if_small(core, rank):
+        # the core may be small when t is not
+        with small_linalg_threads(core.numel() * rank, core.device):
             _, core_errors = _als_loop(core, factors, _CORE_SWEEPS * n_iter, tol, core_sq)
         errors = [((lost_sq + e * e * core_sq) / norm_sq) ** 0.5 for e in core_errors]
         factors = [f if u is None else u @ f for f, u in zip(factors, bases)]
     weights, full_errors = _als_loop(t, factors, n_iter, tol, norm_sq,
                                      start_error=errors[-1] if errors else None)
     return _finalize(weights, factors, tuple(errors + full_errors))
-
-
-@contextmanager
-def _single_thread_if_small(t: torch.Tensor, rank: int) -> Iterator[None]:
-    """Run tiny CPU work (a sweep under ~4 M multiply-adds) on one intra-op thread, restoring
-    the setting afterwards. Such sweeps are hundreds of ~10 us ops: threads do not speed them
-    up, and on a busy machine every parallel region waits for a descheduled worker, which made
-    the compressed phase ~100x slower with 2 threads on 2 shared cores."""
-    n_threads = torch.get_num_threads()
-    if t.device.type != "cpu" or n_threads == 1 or t.numel() * rank > 2**22:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n_threads)
 
 
 def _compress(
@@ -184,31 +175,34 @@ def _half_mttkrp(
 ) -> torch.Tensor:
     """Contract ``p`` (prod dims, R) with ``others[i]`` (dims[i], R) for every i except the one
     that is ``None`` (call it j); returns (dims[j], R). The modes before and after j are
-    contracted at once through their Khatri-Rao products (small: they live in one half)."""
+    contracted at once through their Khatri-Rao products (small: they live in one half).
+    The test is whether there *are* modes before / after j, not their size: a size-1 mode's
+    factor (1, R) still scales every column and must be contracted."""
     j = next(i for i, f in enumerate(others) if f is None)
     pre, post, rank = prod(dims[:j]), prod(dims[j + 1:]), p.shape[-1]
     x = p
-    if pre > 1:
-        k_pre = khatri_rao([f for f in others[:j]])
+    if j > 0:
+        k_pre = khatri_rao(others[:j])
         x = (x.reshape(pre, -1, rank) * k_pre[:, None, :]).sum(0)
-    if post > 1:
-        k_post = khatri_rao([f for f in others[j + 1:]])
+    if j < len(dims) - 1:
+        k_post = khatri_rao(others[j + 1:])
         x = (x.reshape(dims[j], post, rank) * k_post[None, :, :]).sum(1)
     return x.reshape(dims[j], rank)
 
 
 def _solve_normal(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``m @ inv(v)`` for the symmetric PSD (R, R) ``v`` (float64) by Cholesky, adding a small
-    ridge when ``v`` is numerically singular. Returns ``m``'s dtype."""
-    ridge = 0.0
-    scale = float(v.diagonal().mean()) or 1.0
-    eye = torch.eye(v.shape[0], dtype=v.dtype, device=v.device)
-    for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(v + ridge * eye)
-        if int(info) == 0:
+    """``m @ inv(v)`` for the symmetric PSD (R, R) ``v`` (float64) by Cholesky; returns ``m``'s
+    dtype. When ``v`` is singular to working precision (a Cholesky pivot^2 below
+    ``_SINGULAR * max diag(v)``: e.g. rank > what the tensor supports, or a size-1 mode whose
+    (1, R) factor makes its Gram rank one), the minimum-norm solution ``m @ pinv(v)`` drops the
+    null directions instead: any tiny pivot or ridge would amplify rounding noise in ``m``
+    along them into huge, mutually cancelling columns."""
+    scale = float(v.diagonal().max())
+    if scale > 0.0:
+        chol, info = torch.linalg.cholesky_ex(v)
+        if int(info) == 0 and float(chol.diagonal().min()) ** 2 > _SINGULAR * scale:
             return (m.to(v.dtype) @ torch.cholesky_inverse(chol)).to(m.dtype)
-        ridge = scale * 1e-12 if ridge == 0.0 else ridge * 100.0
-    return (m.to(v.dtype) @ torch.linalg.pinv(v, hermitian=True)).to(m.dtype)
+    return (m.to(v.dtype) @ torch.linalg.pinv(v, rtol=_SINGULAR, hermitian=True)).to(m.dtype)
 
 
 class _ALS:
@@ -254,7 +248,8 @@ class _ALS:
         inner = float((mttkrp.to(torch.float64) * self.factors[n].to(torch.float64) * w).sum())
         model_sq = float(w @ _hadamard_all(self.grams, skip=-1) @ w)
         resid_sq = self.norm_sq - 2.0 * inner + model_sq
-        if resid_sq > 1e4 * self.eps * self.norm_sq:
+        # the terms carry rounding ~ eps (sum |w|)^2 (unit columns): large when components cancel
+        if resid_sq > 1e4 * self.eps * max(self.norm_sq, float(w.abs().sum()) ** 2):
             return (resid_sq / self.norm_sq) ** 0.5
         return _exact_error(self.t, w.to(self.t.dtype), self.factors, self.norm_sq)
 
@@ -266,7 +261,6 @@ class _ALS:
         """Line search (Bro 1998): try ``cur + jump * (cur - old)``. If its error is below
         ``err`` adopt it and return (error, the partial for the next sweep's first half)."""
         old_f, old_w = old
-        last = len(self.factors) - 1
         cand = [f + jump * (f - g) for f, g in zip(self.factors[:-1], old_f[:-1])]
         w, ow = self.weights.to(self.t.dtype), old_w.to(self.t.dtype)
         cand.append(self.factors[-1] * w + jump * (self.factors[-1] * w - old_f[-1] * ow))

@@ -53,7 +53,8 @@ from numbers import Real
 import numpy as np
 import torch
 
-from ._common import check_int, check_tensor, check_tol, make_generator
+from ._common import (check_cp_rank, check_finite, check_int, check_tensor, check_tol,
+                      make_generator, small_linalg_threads)
 from .cp import _exact_error, _finalize, _hadamard_all, _solve_normal, cp_als
 from .results import CPTensor
 
@@ -116,17 +117,27 @@ def cp_epc(
     dtype (the bound is met on its boundary, which needs accurate error values) and returns
     ``t``'s dtype and device.
     """
-    check_tensor(t, "t", min_dim=2)
-    rank = check_int(rank, "rank")
-    n_iter = check_int(n_iter, "n_iter")
-    tol = check_tol(tol)
-    make_generator(seed)  # validates seed
+    check_tensor(t, "t", min_dim=2, finite=True)
     shape = tuple(int(s) for s in t.shape)
     if 0 in shape:
         raise ValueError(f"t must not be empty, got shape {shape}")
+    rank = check_cp_rank(rank, shape)
+    n_iter = check_int(n_iter, "n_iter")
+    tol = check_tol(tol)
+    make_generator(seed)  # validates seed
     if delta is not None:
         delta = _check_delta(delta)
-    start = cp_als(t, rank, seed=seed) if init is None else _check_init(init, shape, rank)
+    if init is not None:
+        _check_init(init, shape, rank)
+    # every update is a few (R, R) / (I_n, R) operations plus the MTTKRP, ~ numel * R
+    with small_linalg_threads(t.numel() * rank, t.device):
+        return _cp_epc(t, rank, delta, init, n_iter, tol, seed)
+
+
+def _cp_epc(t: torch.Tensor, rank: int, delta: float | None, init: CPTensor | None,
+            n_iter: int, tol: float, seed: int) -> CPTensor:
+    """:func:`cp_epc` on validated arguments."""
+    start = cp_als(t, rank, seed=seed) if init is None else init
     start = CPTensor(weights=start.weights.to(t), factors=tuple(f.to(t) for f in start.factors))
     norm_sq = float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2)
     if norm_sq == 0.0:
@@ -278,7 +289,9 @@ class _EPC:
         inner = float((m * self.factors[n]).sum())
         model_sq = float(_hadamard_all(self.grams, skip=-1).sum())
         resid_sq = self.norm_sq - 2.0 * inner + model_sq
-        if resid_sq > 1e4 * _EPS64 * self.norm_sq:
+        # rounding ~ eps (sum_r ||term r||)^2: large when components cancel (as in cp.py)
+        terms = float(torch.stack([g.diagonal() for g in self.grams]).prod(0).sqrt().sum())
+        if resid_sq > 1e4 * _EPS64 * max(self.norm_sq, terms * terms):
             return (resid_sq / self.norm_sq) ** 0.5
         ones = torch.ones_like(self.factors[0][0])
         return _exact_error(self.t, ones, self.factors, self.norm_sq)
@@ -344,6 +357,8 @@ def _check_cp(cp: object, name: str) -> CPTensor:
 
 def _check_init(init: object, shape: tuple[int, ...], rank: int) -> CPTensor:
     cp = _check_cp(init, "init")
+    for n, f in enumerate((cp.weights,) + tuple(cp.factors)):
+        check_finite(f, "init.weights" if n == 0 else f"init.factors[{n - 1}]")
     if cp.shape != shape or cp.rank != rank:
         raise ValueError(f"init must be a CPTensor of shape {shape} and rank {rank}, got shape "
                          f"{cp.shape} and rank {cp.rank}")

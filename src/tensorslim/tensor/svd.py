@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_choice, check_int, check_tensor, fix_signs, make_generator
+from ._common import (check_choice, check_int, check_rank, check_tensor, fix_signs, make_generator,
+                      small_linalg_threads)
 from .results import SVDResult
 
 __all__ = ["svd"]
@@ -36,29 +37,30 @@ def svd(
     ``rank + n_oversamples`` Gaussian probes and ``n_power_iter`` power iterations, seeded by
     ``seed``) or ``"auto"`` (randomized when min(m, n) >= 512, m*n >= 2**20 and
     ``4 * (rank + n_oversamples) <= min(m, n)``, else full).
+    Raises ValueError for NaN/Inf entries or a rank above min(m, n).
     """
-    check_tensor(matrix, "matrix")
+    check_tensor(matrix, "matrix", finite=True)
     if matrix.dim() != 2:
         raise ValueError(f"matrix must be 2-D (m, n), got shape {tuple(matrix.shape)}")
     m, n = matrix.shape
-    rank = check_int(rank, "rank")
-    if rank > min(m, n):
-        raise ValueError(f"rank={rank} exceeds min(m, n)={min(m, n)} for a matrix of shape "
-                         f"({m}, {n}); accepted: 1 <= rank <= {min(m, n)}")
+    rank = check_rank(rank, "rank", min(m, n),
+                      f"min(m, n)={min(m, n)} for a matrix of shape ({m}, {n})")
     method = check_choice(method, "method", _METHODS)
     n_oversamples = check_int(n_oversamples, "n_oversamples", minimum=0)
     n_power_iter = check_int(n_power_iter, "n_power_iter", minimum=0)
     if method == "auto":
         big = min(m, n) >= 512 and m * n >= 2**20
         method = "randomized" if big and 4 * (rank + n_oversamples) <= min(m, n) else "full"
-    if method == "full":
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-    else:
-        u, s, vh = _randomized_svd(matrix, rank, n_oversamples, n_power_iter, seed)
-    signs = fix_signs(u)
-    u, vh = u * signs, vh * signs[:, None]
-    return SVDResult(U=u, S=s, Vh=vh, errors=(_svd_error(matrix, u, s, vh),))
+    k = min(m, n) if method == "full" else min(rank + n_oversamples, m, n)
+    with small_linalg_threads(m * n * k, matrix.device):
+        if method == "full":
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+        else:
+            u, s, vh = _randomized_svd(matrix, rank, n_oversamples, n_power_iter, seed)
+        signs = fix_signs(u)
+        u, vh = u * signs, vh * signs[:, None]
+        return SVDResult(U=u, S=s, Vh=vh, errors=(_svd_error(matrix, u, s, vh),))
 
 
 def _randomized_svd(

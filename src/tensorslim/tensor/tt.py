@@ -13,7 +13,7 @@ from math import prod
 
 import torch
 
-from ._common import check_int, check_tensor, check_tol, fix_signs
+from ._common import check_int, check_tensor, check_tol, fix_signs, small_linalg_threads
 from .results import TTMatrix, TTTensor
 
 __all__ = ["tt_svd", "tt_matrix"]
@@ -31,8 +31,9 @@ def tt_svd(
     also capped by what its unfolding allows. ``eps``: relative accuracy, ``||X - X^|| <= eps
     ||X||``. With neither, the decomposition is exact (full ranks). Returns :class:`TTTensor`
     with cores (r_{k-1}, I_k, r_k) and ``errors = (||X - X^|| / ||X||,)``.
+    Raises ValueError for NaN/Inf entries or an empty tensor.
     """
-    check_tensor(t, "t", min_dim=1)
+    check_tensor(t, "t", min_dim=1, finite=True)
     d = t.dim()
     max_ranks = _check_tt_ranks(ranks, d)
     if eps is not None:
@@ -40,7 +41,17 @@ def tt_svd(
     shape = tuple(int(s) for s in t.shape)
     if 0 in shape:
         raise ValueError(f"t must not be empty, got shape {shape}")
+    # the SVD of unfolding k costs at most numel * min(rows, columns)
+    work = max((t.numel() * min(prod(shape[:k + 1]), prod(shape[k + 1:])) for k in range(d - 1)),
+               default=0)
+    with small_linalg_threads(work, t.device):
+        return _tt_svd(t, shape, max_ranks, eps)
 
+
+def _tt_svd(t: torch.Tensor, shape: tuple[int, ...], max_ranks: tuple[int, ...] | None,
+            eps: float | None) -> TTTensor:
+    """:func:`tt_svd` on validated arguments."""
+    d = len(shape)
     norm_sq = float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2)
     delta_sq = (eps * eps / max(d - 1, 1)) * norm_sq if eps is not None else 0.0
     cores, dropped_sq, rest, r_prev = [], 0.0, t, 1
@@ -78,7 +89,7 @@ def tt_matrix(
     pair merged, TT-SVD'd (``ranks``/``eps`` as in :func:`tt_svd`, d - 1 bonds) and the cores
     reshaped to (r_{k-1}, m_k, n_k, r_k). ``TTMatrix.to_tensor()`` gives back (M, N).
     """
-    check_tensor(w, "w")
+    check_tensor(w, "w", finite=True)
     if w.dim() != 2:
         raise ValueError(f"w must be a matrix (M, N), got shape {tuple(w.shape)}")
     in_modes = _check_modes(in_modes, "in_modes")

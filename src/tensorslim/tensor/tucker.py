@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ._common import (check_choice, check_int, check_mode, check_tensor, check_tol, fix_signs,
-                      has_converged, make_generator)
+                      has_converged, make_generator, small_linalg_threads)
 from .ops import mode_dot, unfold
 from .results import TuckerTensor
 from .svd import leading_left_vectors
@@ -44,18 +44,26 @@ def tucker(
     orthonormal columns; ``errors`` is the relative error after initialisation and after every
     HOOI sweep. Stops after ``n_iter`` sweeps or when the relative change of the error is below
     ``tol``. ``init="random"`` starts from random orthonormal factors drawn with ``seed``.
+    Raises ValueError for NaN/Inf entries or a rank out of range.
     """
-    check_tensor(t, "t", min_dim=1)
+    check_tensor(t, "t", min_dim=1, finite=True)
     modes = _check_modes(modes, t.dim())
     ranks = _check_ranks(ranks, modes, tuple(t.shape))
     n_iter = check_int(n_iter, "n_iter", minimum=0)
     tol = check_tol(tol)
     init = check_choice(init, "init", _INITS)
+    gen = make_generator(seed) if init == "random" else None
+    # the largest operations are the Grams X_(n) X_(n)^T of the HOSVD, ~ numel * I_n
+    with small_linalg_threads(t.numel() * max(t.shape[m] for m in modes), t.device):
+        return _tucker(t, ranks, modes, n_iter, tol, init, gen)
 
+
+def _tucker(t: torch.Tensor, ranks: tuple[int, ...], modes: tuple[int, ...], n_iter: int,
+            tol: float, init: str, gen: torch.Generator | None) -> TuckerTensor:
+    """:func:`tucker` on validated arguments."""
     if init == "hosvd":
         factors = [leading_left_vectors(unfold(t, m), r) for m, r in zip(modes, ranks)]
     else:
-        gen = make_generator(seed)
         factors = [_random_orthonormal(t.shape[m], r, gen, t) for m, r in zip(modes, ranks)]
 
     norm_sq = float(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2)
