@@ -85,7 +85,7 @@ def test_tt_from_linear_recovers_known_tt_rank_exactly():
     lin = nn.Linear(24, 24).double()
     with torch.no_grad():
         lin.weight.copy_(ttm.to_tensor())
-    layer = TTLinear.from_linear(lin, (2, 3, 4), (4, 2, 3), (3, 5))
+    layer = TTLinear.from_linear(lin, (3, 5), in_modes=(2, 3, 4), out_modes=(4, 2, 3))
     assert layer.approx_error < 1e-10
     x = torch.randn(5, 24, dtype=torch.float64)
     with torch.no_grad():

@@ -110,5 +110,5 @@ def test_surgery_recompress_swaps_layers_and_names_bad_ones():
         recompress(model, {"1": 2}, progress=False)
     with pytest.raises(ValueError, match="layer 0: .*exceeds the current rank"):
         recompress(model, {"0": (3, 3)}, progress=False)
-    with pytest.raises(ValueError, match="no layer 'nope'"):
+    with pytest.raises(ValueError, match=r"no layer .*'nope'"):
         recompress(model, {"nope": 1}, progress=False)

@@ -2,13 +2,16 @@
 
 Each class replaces one dense module type; ``LAYERS`` maps (method, dense type) -> class and
 ``layer_for(method, module)`` looks it up. Every class has ``from_dense(module, rank, **opts)``
-(decompose), ``like(module, rank, **opts)`` (random init, same geometry) and
-``cost(module, rank, in_shape, out_shape, **opts) -> (params, MACs per sample)``.
+(decompose), ``like(module, rank, **opts)`` (random init, same geometry),
+``cost(module, rank, in_shape, out_shape, **opts) -> (params, MACs per sample)``,
+``valid_rank(module, rank, **opts)`` (nearest valid rank) and ``check(module)``; see ``base``.
+``register_safe(type)`` declares a subclass of a dense type with its own forward as computing
+exactly what the dense type computes (otherwise such modules are kept dense).
 """
 from .base import FactorizedLayer, LayerTypeError
 from .cp import CPConv1d, CPConv2d
 from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
-from .registry import LAYERS, layer_for
+from .registry import LAYERS, layer_for, register_safe
 from .tt import TTLinear, factorize
 from .tucker import TuckerConv1d, TuckerConv2d
 
@@ -26,4 +29,5 @@ __all__ = [
     "factorize",
     "LAYERS",
     "layer_for",
+    "register_safe",
 ]

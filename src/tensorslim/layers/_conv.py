@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LayerTypeError
+from .base import LayerTypeError, check_stock_forward
 
 _MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 _CONV_TYPES: dict[int, type] = {1: nn.Conv1d, 2: nn.Conv2d}
@@ -126,6 +126,7 @@ class ConvGeometry:
                 f"{layer}: cannot replace a {type(module).__name__}; accepted module type: "
                 f"{conv_type.__name__}"
             )
+        check_stock_forward(layer, module, conv_type)
         return cls.make(layer, dims, module.in_channels, module.out_channels, module.kernel_size,
                         module.stride, module.padding, module.dilation, module.groups,
                         module.bias is not None, module.padding_mode)

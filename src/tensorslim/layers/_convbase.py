@@ -17,8 +17,9 @@ class FactorizedConv(FactorizedLayer):
     """Base of the factorized ``nn.Conv1d`` / ``nn.Conv2d`` replacements.
 
     The constructor mirrors ``nn.Conv{dims}d`` plus ``rank``. Subclasses define ``_check_rank``
-    (validate/normalise the rank), ``_stages`` (the convs they run, for ``cost``) and
-    ``_build`` (create the child modules), ``_chain`` (for the init) and ``_forward``.
+    (validate/normalise the rank), ``_valid_rank`` (the nearest valid rank), ``_stages`` (the
+    convs they run, for ``cost``), ``_build`` (create the child modules), ``_chain`` (for the
+    init) and ``_forward``.
     """
 
     dims: ClassVar[int] = 2
@@ -61,6 +62,11 @@ class FactorizedConv(FactorizedLayer):
     # -- to implement -------------------------------------------------------------------------
     @classmethod
     def _check_rank(cls, geo: ConvGeometry, rank: Any) -> Rank:
+        raise NotImplementedError
+
+    @classmethod
+    def _valid_rank(cls, geo: ConvGeometry, rank: Any) -> Rank:
+        """The valid rank nearest to ``rank`` (see ``FactorizedLayer.valid_rank``)."""
         raise NotImplementedError
 
     @classmethod
@@ -155,6 +161,14 @@ class FactorizedConv(FactorizedLayer):
     @classmethod
     def _geometry(cls, module: nn.Module) -> ConvGeometry:
         return ConvGeometry.of(cls.__name__, module, cls.dims)
+
+    @classmethod
+    def valid_rank(cls, module: nn.Module, rank: Any, **opts: Any) -> Rank:
+        """The valid rank for ``module`` nearest to ``rank``: each rank rounded to the nearest
+        multiple of ``groups`` and clipped to the layer's bounds (see ``_check_rank``)."""
+        if opts:
+            raise TypeError(f"{cls.__name__}.valid_rank: unexpected options {sorted(opts)}")
+        return cls._valid_rank(cls._geometry(module), rank)
 
     @classmethod
     def like(cls, module: nn.Module, rank: Rank, **opts: Any) -> "FactorizedConv":

@@ -12,9 +12,16 @@ rule 2): it never rebuilds the dense weight. It can be built three ways:
 ``Layer.cost(module, rank, in_shape, out_shape, **opts)`` gives (params, MACs per sample) of the
 replacement without building it; it equals what counting the MACs of the built layer's
 ``nn.Conv*`` / ``nn.Linear`` children with forward hooks gives (TTLinear: its ``macs()``).
+
+The factory protocol every registered class honours (``surgery.build_layer`` and the planner
+call nothing else): ``from_conv`` / ``from_linear`` / ``from_dense(module, rank, **options)``,
+``like(module, rank, **options)``, ``cost(module, rank, in_shape, out_shape, **options)``,
+``valid_rank(module, rank, **options)`` and ``check(module)``; method extras (TT modes, CP's
+``epc``) are keyword options with defaults, the ones a plan's ``LayerSpec.options`` holds.
 """
+import math
 import numbers
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -76,6 +83,14 @@ class FactorizedLayer(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def valid_rank(cls, module: nn.Module, rank: Any, **opts: Any) -> Rank:
+        """The valid rank of this layer for ``module`` nearest to ``rank`` (numbers may be
+        fractional, e.g. a planner's ``0.5 * channels``): rounded to the nearest multiple the
+        layer needs (groups) and clipped to its bounds. ``valid_rank(m, r) == r`` for a valid
+        ``r``. ValueError if no rank can replace ``module`` (see ``check``)."""
+        raise NotImplementedError
+
+    @classmethod
     def check(cls, module: nn.Module) -> None:
         """Raise ValueError (LayerTypeError for a wrong type) if no rank of this layer can
         replace ``module`` (e.g. a depthwise conv); the message says why."""
@@ -90,9 +105,75 @@ class FactorizedLayer(nn.Module):
                 f"{cls.__name__}: cannot replace a {type(module).__name__}; "
                 f"accepted module types: {known}"
             )
+        base = next(t for t in cls.dense_types if isinstance(module, t))
+        check_stock_forward(cls.__name__, module, base)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
+
+
+# Subclasses of the dense types that compute exactly what their base computes although their
+# class is not the base (see check_stock_forward); extended by register_safe.
+_SAFE_TYPES: set[type] = {nn.modules.linear.NonDynamicallyQuantizableLinear}
+
+
+def register_safe(module_type: type) -> type:
+    """Declare that ``module_type`` (a subclass of a dense type, e.g. of ``nn.Conv2d``)
+    computes exactly what its dense base computes, so the factorized layers may replace it
+    even if it defines its own ``forward``. Exact type only (not its subclasses). Returns
+    ``module_type`` (usable as a class decorator)."""
+    if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
+        raise TypeError(f"register_safe: expected an nn.Module subclass, got {module_type!r}")
+    _SAFE_TYPES.add(module_type)
+    return module_type
+
+
+def check_stock_forward(layer: str, module: nn.Module, base: type) -> None:
+    """LayerTypeError unless ``module`` computes what the dense type ``base`` computes: its
+    ``forward`` (and ``_conv_forward`` for convs) is ``base``'s own, or its type was passed to
+    ``register_safe``. A subclass with its own forward (weight standardisation, fake
+    quantization, ...) would be replaced by a layer that computes something else."""
+    kind = type(module)
+    if kind is base or kind in _SAFE_TYPES:
+        return
+    own = [name for name in ("forward", "_conv_forward")
+           if hasattr(base, name) and getattr(kind, name, None) is not getattr(base, name)]
+    if own:
+        raise LayerTypeError(
+            f"{layer}: cannot replace a {kind.__module__}.{kind.__qualname__}: it overrides "
+            f"{' and '.join(own)}; kept dense (a factorized layer computes what a plain "
+            f"{base.__name__} computes; if this type computes exactly that, declare it with "
+            f"tensorslim.layers.register_safe({kind.__name__}))"
+        )
+
+
+def check_finite(layer: str, tensors: Mapping[str, Optional[torch.Tensor]]) -> None:
+    """ValueError if any of ``tensors`` (name -> tensor or None) holds NaN or Inf values (no
+    decomposition of them means anything), the message starting ``"<layer>: <name>"``. Meta
+    tensors (no values) pass. The check is ``tensorslim.tensor``'s, shared with the
+    decompositions."""
+    from ..tensor._common import check_finite as check_tensor_finite
+
+    for name, t in tensors.items():
+        if t is not None and not t.is_meta:
+            check_tensor_finite(t.detach(), f"{layer}: {name}")
+
+
+def check_module_finite(layer: str, module: nn.Module) -> None:
+    """``check_finite`` of a dense module's ``weight`` and ``bias``."""
+    check_finite(layer, {"weight": getattr(module, "weight", None),
+                         "bias": getattr(module, "bias", None)})
+
+
+def nearest_rank(layer: str, name: str, value: Any, high: int, multiple: int = 1) -> int:
+    """The multiple of ``multiple`` in [multiple, high] nearest to ``value`` (a positive
+    number, ties rounded up); ``high`` is itself a multiple of ``multiple``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{layer}: {name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{layer}: {name}={value!r} must be a positive finite number")
+    r = multiple * math.floor(float(value) / multiple + 0.5)
+    return int(min(max(r, multiple), high))
 
 
 def check_int_rank(layer: str, name: str, value: Any, low: int, high: int, multiple: int = 1) -> int:

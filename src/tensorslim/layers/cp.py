@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ._conv import ConvGeometry, Stage, assign_, group_blocks, pointwise, spatial_conv
 from ._convbase import FactorizedConv
 from ..tensor import rel_error
-from .base import Rank, check_int_rank
+from .base import Rank, check_finite, check_int_rank, check_module_finite, nearest_rank
 
 
 def max_cp_rank(shape: Sequence[int]) -> int:
@@ -65,9 +65,24 @@ class _CPConvNd(FactorizedConv):
         return super().cost(module, rank, in_shape, out_shape, **opts)
 
     @classmethod
+    def valid_rank(cls, module: nn.Module, rank: Any, *, epc: bool = False, **opts: Any) -> int:
+        """The valid rank nearest to ``rank`` (a multiple of groups, at most the generic
+        maximum CP rank of the kernel per group); ``epc`` is accepted so a plan's options
+        replay."""
+        _check_epc(cls.__name__, epc)
+        return super().valid_rank(module, rank, **opts)  # type: ignore[return-value]
+
+    @classmethod
+    def _max_rank(cls, geo: ConvGeometry) -> int:
+        return max_cp_rank((geo.out_group, geo.in_group) + geo.kernel) * geo.groups
+
+    @classmethod
     def _check_rank(cls, geo: ConvGeometry, rank: Any) -> int:
-        per_group = max_cp_rank((geo.out_group, geo.in_group) + geo.kernel)
-        return check_int_rank(cls.__name__, "rank", rank, 1, per_group * geo.groups, geo.groups)
+        return check_int_rank(cls.__name__, "rank", rank, 1, cls._max_rank(geo), geo.groups)
+
+    @classmethod
+    def _valid_rank(cls, geo: ConvGeometry, rank: Any) -> int:
+        return nearest_rank(cls.__name__, "rank", rank, cls._max_rank(geo), geo.groups)
 
     @classmethod
     def _depth_stages(cls, geo: ConvGeometry, r: int) -> list[Stage]:
@@ -189,6 +204,7 @@ class _CPConvNd(FactorizedConv):
         _check_epc(cls.__name__, epc)
         geo = cls._geometry(conv)
         r = cls._check_rank(geo, rank)
+        check_module_finite(cls.__name__, conv)
         g = geo.groups
         w = conv.weight.detach().to(torch.float64)
         from ..tensor import cp_als, cp_epc
@@ -232,6 +248,7 @@ class _CPConvNd(FactorizedConv):
         """
         geo = self.geometry
         r = self._check_rank(geo, rank)
+        check_finite(f"{type(self).__name__}.recompress", dict(self.named_parameters()))
         if r > self.rank:
             raise ValueError(f"{type(self).__name__}.recompress: rank={r} exceeds the current rank "
                              f"{self.rank}; accepted: 1 <= rank <= {self.rank}")

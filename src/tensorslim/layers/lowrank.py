@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from ._conv import ConvGeometry, Stage, assign_, group_blocks, pointwise, spatial_conv
 from ._convbase import FactorizedConv
 from ..tensor import rel_error
-from .base import FactorizedLayer, LayerTypeError, Rank, chain_uniform_, check_int_rank, \
-    dense_bias_
+from .base import FactorizedLayer, LayerTypeError, Rank, chain_uniform_, check_finite, \
+    check_int_rank, check_module_finite, dense_bias_, nearest_rank
 
 
 def product_svd(b: Tensor, a: Tensor) -> Any:
@@ -75,6 +75,14 @@ class LowRankLinear(FactorizedLayer):
     @classmethod
     def _check_rank(cls, n: int, m: int, rank: Any) -> int:
         return check_int_rank(cls.__name__, "rank", rank, 1, min(n, m))
+
+    @classmethod
+    def valid_rank(cls, module: nn.Module, rank: Any, **opts: Any) -> int:
+        """The valid rank nearest to ``rank``: rounded, clipped to [1, min(N, M)]."""
+        if opts:
+            raise TypeError(f"{cls.__name__}.valid_rank: unexpected options {sorted(opts)}")
+        lin = cls._linear(module)
+        return nearest_rank(cls.__name__, "rank", rank, min(lin.in_features, lin.out_features))
 
     def reset_parameters(self) -> None:
         """Output variance matches a dense ``nn.Linear``'s default init."""
@@ -145,6 +153,7 @@ class LowRankLinear(FactorizedLayer):
             raise TypeError(f"{type(self).__name__}.recompress: unexpected options {sorted(svd_opts)}")
         r = self._check_rank(self.in_features, self.out_features, rank)
         _check_smaller(self, r)
+        check_finite(f"{type(self).__name__}.recompress", dict(self.named_parameters()))
         res, err = truncate_svd(self.to_svd(), r)
         layer = self._assemble(self.in_features, self.out_features, res, self.project_out.bias,
                                self.project_in.weight)
@@ -156,6 +165,7 @@ class LowRankLinear(FactorizedLayer):
         """Truncated SVD (``tensorslim.tensor.svd``) of ``linear.weight``; sets approx_error."""
         lin = cls._linear(linear)
         r = cls._check_rank(lin.in_features, lin.out_features, rank)
+        check_module_finite(cls.__name__, lin)
         w = lin.weight.detach().to(torch.float64)
         from ..tensor import svd
         res = svd(w, r, **svd_opts)
@@ -176,9 +186,16 @@ class _LowRankConvNd(FactorizedConv):
     method = "svd"
 
     @classmethod
+    def _max_rank(cls, geo: ConvGeometry) -> int:
+        return min(geo.out_group, geo.in_group * prod(geo.kernel)) * geo.groups
+
+    @classmethod
     def _check_rank(cls, geo: ConvGeometry, rank: Any) -> int:
-        per_group = min(geo.out_group, geo.in_group * prod(geo.kernel))
-        return check_int_rank(cls.__name__, "rank", rank, 1, per_group * geo.groups, geo.groups)
+        return check_int_rank(cls.__name__, "rank", rank, 1, cls._max_rank(geo), geo.groups)
+
+    @classmethod
+    def _valid_rank(cls, geo: ConvGeometry, rank: Any) -> int:
+        return nearest_rank(cls.__name__, "rank", rank, cls._max_rank(geo), geo.groups)
 
     @classmethod
     def _stages(cls, geo: ConvGeometry, rank: Rank) -> list[Stage]:
@@ -250,6 +267,7 @@ class _LowRankConvNd(FactorizedConv):
         geo = self.geometry
         r = self._check_rank(geo, rank)
         _check_smaller(self, r)
+        check_finite(f"{type(self).__name__}.recompress", dict(self.named_parameters()))
         exact = self.to_svd()
         parts = [truncate_svd(s, r // geo.groups)[0] for s in exact]
         layer = self._assemble(geo, parts, self.project_out.bias, self.core.weight)
@@ -263,6 +281,7 @@ class _LowRankConvNd(FactorizedConv):
         """Truncated SVD of each group's (T/g, S/g * prod(k)) kernel; sets approx_error."""
         geo = cls._geometry(conv)
         r = cls._check_rank(geo, rank)
+        check_module_finite(cls.__name__, conv)
         g = geo.groups
         w = conv.weight.detach().to(torch.float64)
         from ..tensor import svd

@@ -1,11 +1,13 @@
 """Registry of factorized layers: (method, dense module type) -> layer class."""
 from torch import nn
 
-from .base import FactorizedLayer
+from .base import FactorizedLayer, register_safe
 from .cp import CPConv1d, CPConv2d
 from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
 from .tt import TTLinear
 from .tucker import TuckerConv1d, TuckerConv2d
+
+__all__ = ["LAYERS", "layer_for", "register_safe"]
 
 LAYERS: dict[tuple[str, type], type[FactorizedLayer]] = {
     ("cp", nn.Conv2d): CPConv2d,
@@ -20,11 +22,14 @@ LAYERS: dict[tuple[str, type], type[FactorizedLayer]] = {
 
 
 def layer_for(method: str, module: nn.Module) -> type[FactorizedLayer]:
-    """The layer class that replaces ``module`` with ``method`` (subclasses of the dense type
-    count, e.g. ``nn.modules.linear.NonDynamicallyQuantizableLinear``).
+    """The layer class that replaces ``module`` with ``method``.
 
-    ValueError if the combination is unknown, or if that layer can replace no module like
-    this one at any rank (e.g. a depthwise conv); the message says why."""
+    A subclass of a registered dense type counts only if it computes what that type computes:
+    its ``forward`` (and ``_conv_forward`` for convs) is the stock one, or its type was
+    declared with ``register_safe`` (``nn.modules.linear.NonDynamicallyQuantizableLinear`` is).
+    ValueError if the combination is unknown, if ``module`` overrides forward (it is kept
+    dense), or if that layer can replace no module like this one at any rank (e.g. a
+    depthwise conv); the message says why."""
     for cls in type(module).__mro__:
         layer = LAYERS.get((method, cls))
         if layer is not None:

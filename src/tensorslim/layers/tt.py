@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ._conv import assign_
 from ..tensor import rel_error
-from .base import FactorizedLayer, Rank, dense_bias_
+from .base import FactorizedLayer, Rank, check_module_finite, dense_bias_, nearest_rank
 
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32 per intermediate: stays in L2 on common CPUs
@@ -266,8 +266,31 @@ class TTLinear(FactorizedLayer):
         return module  # type: ignore[return-value]
 
     @classmethod
+    def valid_rank(cls, module: nn.Module, rank: Any, *, in_modes: Optional[Sequence[int]] = None,
+                   out_modes: Optional[Sequence[int]] = None, d: int = 3) -> Rank:
+        """The valid TT-rank nearest to ``rank``: an int (max TT-rank) rounded and clipped to
+        [1, largest bond maximum]; a sequence of d-1 internal ranks each rounded and clipped
+        to its bond's maximum (modes as in ``like``)."""
+        lin = cls._linear(module)
+        name = cls.__name__
+        with torch.device("meta"):  # validates the modes, no memory
+            shape = cls(lin.in_features, lin.out_features, in_modes, out_modes, 1, d=d)
+        caps = max_tt_ranks(shape.in_modes, shape.out_modes)
+        if isinstance(rank, (list, tuple)):
+            ranks = list(rank)
+            if len(ranks) == len(caps) + 2:  # with the boundary ranks r_0 = r_d = 1
+                ranks = ranks[1:-1]
+            if len(ranks) != len(caps):
+                raise ValueError(f"{name}: ranks={tuple(rank)} must be a number or "
+                                 f"{len(caps)} internal TT-ranks")
+            return tuple(nearest_rank(name, f"r_{k}", r, c)
+                         for k, (r, c) in enumerate(zip(ranks, caps), start=1))
+        return nearest_rank(name, "rank", rank, max(caps, default=1))
+
+    @classmethod
     def like(cls, module: nn.Module, rank: Rank, *, in_modes: Optional[Sequence[int]] = None,
              out_modes: Optional[Sequence[int]] = None, d: int = 3) -> "TTLinear":
+        """Random init with ``module``'s shape; modes default to ``factorize(features, d)``."""
         lin = cls._linear(module)
         layer = cls(lin.in_features, lin.out_features, in_modes, out_modes, rank,
                     lin.bias is not None, d=d)
@@ -299,16 +322,20 @@ class TTLinear(FactorizedLayer):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, in_modes: Optional[Sequence[int]] = None,
-                    out_modes: Optional[Sequence[int]] = None, ranks: Rank = 8, *, d: int = 3,
+    def from_linear(cls, linear: nn.Module, rank: Rank, *,
+                    in_modes: Optional[Sequence[int]] = None,
+                    out_modes: Optional[Sequence[int]] = None, d: int = 3,
                     **tt_opts: Any) -> "TTLinear":
-        """TT-SVD (``tensorslim.tensor.tt_matrix``) of ``linear.weight``; sets approx_error.
+        """TT-SVD (``tensorslim.tensor.tt_matrix`` with ``tt_opts``) of ``linear.weight`` at
+        ``rank`` (max TT-rank, or the d-1 internal ranks); modes as in ``like``. Sets
+        approx_error.
 
         Cores come back zero-padded to the requested ranks if TT-SVD found smaller ones, so
-        the layer always has the architecture ``like(linear, ranks, ...)`` builds.
+        the layer always has the architecture ``like(linear, rank, ...)`` builds.
         """
         lin = cls._linear(linear)
-        layer = cls.like(lin, ranks, in_modes=in_modes, out_modes=out_modes, d=d)
+        layer = cls.like(lin, rank, in_modes=in_modes, out_modes=out_modes, d=d)
+        check_module_finite(cls.__name__, lin)
         w = lin.weight.detach().to(torch.float64)
         from ..tensor import tt_matrix
         ttm = tt_matrix(w, layer.in_modes, layer.out_modes, list(layer.rank), **tt_opts)
@@ -326,7 +353,7 @@ class TTLinear(FactorizedLayer):
 
     @classmethod
     def from_dense(cls, module: nn.Module, rank: Rank, **opts: Any) -> "TTLinear":
-        return cls.from_linear(module, ranks=rank, **opts)
+        return cls.from_linear(module, rank, **opts)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, in_modes={self.in_modes}, "

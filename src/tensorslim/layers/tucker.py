@@ -15,26 +15,38 @@ from ..tensor.results import TuckerTensor
 from ._conv import ConvGeometry, Stage, assign_, group_blocks, pointwise, spatial_conv
 from ._convbase import FactorizedConv
 from ..tensor import rel_error
-from .base import Rank, check_int_rank
+from .base import Rank, check_finite, check_int_rank, check_module_finite, nearest_rank
 
 
 class _TuckerConvNd(FactorizedConv):
     method = "tucker"
 
     @classmethod
-    def _check_rank(cls, geo: ConvGeometry, rank: Any) -> tuple[int, int]:
+    def _pair(cls, rank: Any) -> tuple[Any, Any]:
         if isinstance(rank, (list, tuple)):
             if len(rank) != 2:
                 raise ValueError(
                     f"{cls.__name__}: rank={rank!r} must be an int or (r_in, r_out)"
                 )
-            r_in, r_out = rank
-        else:
-            r_in = r_out = rank
+            return rank[0], rank[1]
+        return rank, rank
+
+    @classmethod
+    def _check_rank(cls, geo: ConvGeometry, rank: Any) -> tuple[int, int]:
+        r_in, r_out = cls._pair(rank)
         name = cls.__name__
         r_in = check_int_rank(name, "r_in", r_in, 1, geo.in_channels, geo.groups)
         r_out = check_int_rank(name, "r_out", r_out, 1, geo.out_channels, geo.groups)
         return (r_in, r_out)
+
+    @classmethod
+    def _valid_rank(cls, geo: ConvGeometry, rank: Any) -> tuple[int, int]:
+        """(r_in, r_out) nearest to ``rank`` (an int or a pair): multiples of groups, at
+        most the channel counts."""
+        r_in, r_out = cls._pair(rank)
+        name = cls.__name__
+        return (nearest_rank(name, "r_in", r_in, geo.in_channels, geo.groups),
+                nearest_rank(name, "r_out", r_out, geo.out_channels, geo.groups))
 
     @classmethod
     def _stages(cls, geo: ConvGeometry, rank: Rank) -> list[Stage]:
@@ -141,6 +153,7 @@ class _TuckerConvNd(FactorizedConv):
         """
         geo = self.geometry
         r_in, r_out = self._check_rank(geo, rank)
+        check_finite(f"{type(self).__name__}.recompress", dict(self.named_parameters()))
         if r_in > self.rank[0] or r_out > self.rank[1]:
             raise ValueError(f"{type(self).__name__}.recompress: rank={(r_in, r_out)} exceeds the "
                              f"current rank {self.rank}; accepted: r_in <= {self.rank[0]}, "
@@ -169,6 +182,7 @@ class _TuckerConvNd(FactorizedConv):
         """
         geo = cls._geometry(conv)
         r_in, r_out = cls._check_rank(geo, rank)
+        check_module_finite(cls.__name__, conv)
         g = geo.groups
         w = conv.weight.detach().to(torch.float64)
         from ..tensor import tucker
