@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from math import prod
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from ._rank_rules import _fraction_rank  # noqa: F401  (used by methods._musco_ranks)
 from .cost import CostReport, count
-from .plan import KEEP, METHODS, CompressionPlan, LayerSpec
+from .plan import KEEP, METHODS, CompressionPlan, LayerSpec, unknown_names_error
 
 GOALS = ("ranks", "target_macs", "target_params", "energy")
 OPTIONS = ("include", "exclude", "objective", "measure_error", "tt_order", "cp_epc")
@@ -71,46 +72,78 @@ def _check_goal(method: str, goal: dict) -> tuple[str, str, Any]:
     return rule, kind, value
 
 
-def _selected(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> bool:
-    if include is not None and not any(fnmatch(name, p) for p in _patterns(include, "include")):
-        return False
-    return not (exclude is not None and any(fnmatch(name, p) for p in _patterns(exclude, "exclude")))
-
-
-def _patterns(p: str | Sequence[str], what: str) -> Sequence[str]:
-    if isinstance(p, str):
-        return [p]
-    if not all(isinstance(x, str) for x in p):
+def _globs(p: str | Sequence[str] | None, what: str, names: list[str]) -> list[str] | None:
+    """``include`` / ``exclude`` as a list of globs; ValueError for a glob matching no layer."""
+    if p is None:
+        return None
+    pats = [p] if isinstance(p, str) else list(p) if isinstance(p, (list, tuple)) else None
+    if pats is None or not all(isinstance(x, str) for x in pats):
         raise TypeError(f"{what} must be a glob string or a list of them, got {p!r}")
-    return p
+    empty = [g for g in pats if not any(fnmatch(n, g) for n in names)]
+    if empty:
+        raise unknown_names_error(f"{what}= (glob patterns on layer names)", empty, names)
+    return pats
+
+
+def _keep_reason(name: str, mod: nn.Module, macs: int, out_shape: tuple, sel: tuple, ties: dict) -> str:
+    """Why a counted layer stays dense whatever the method ("" when it may be compressed)."""
+    from .layers import FactorizedLayer
+
+    include, exclude = sel
+    if isinstance(mod, FactorizedLayer):
+        return "already factorized"
+    if include is not None and not any(fnmatch(name, g) for g in include) or \
+            exclude is not None and any(fnmatch(name, g) for g in exclude):
+        return "not selected by include/exclude"
+    if name in ties:
+        from .surgery import tie_reason
+
+        return tie_reason(ties[name])
+    if macs == 0 or not out_shape:
+        return "not called by the example inputs"
+    return ""
+
+
+def _unsupported(method: str, mod: nn.Module, err: Exception) -> str:
+    """The reason a layer no factorized layer of ``method`` can replace stays dense."""
+    from .layers.registry import LAYERS
+
+    if not any(isinstance(mod, t) for _, t in LAYERS):
+        known = sorted({t.__name__ for _, t in LAYERS})
+        return (f"kept dense: tensorslim has no factorized {type(mod).__name__} (for any method; "
+                f"factorized layers replace {', '.join(known)}); it is counted, not compressed")
+    return str(err)
 
 
 def _collect(model: nn.Module, method: str, report: CostReport, goal: dict) -> tuple[list[_Layer], list[LayerSpec]]:
-    """Split counted layers into compressible ones and specs of layers kept as they are."""
-    from .layers import FactorizedLayer, layer_for
+    """Split counted layers into compressible ones and specs of layers kept as they are.
+
+    ValueError for an include/exclude glob that matches no layer, and for a layer to be
+    compressed whose weights are not finite."""
+    from .layers import layer_for
+    from .surgery import weight_shape, weight_ties
 
     modules = dict(model.named_modules())
+    names = [lc.name for lc in report.layers]
+    sel = (_globs(goal.get("include"), "include", names), _globs(goal.get("exclude"), "exclude", names))
+    ties = weight_ties(model, names)
     todo, kept = [], []
     for lc in report.layers:
         mod = modules[lc.name]
         keep = dict(name=lc.name, layer_type=lc.type, method=KEEP, rank=None, params_before=lc.params,
                     params_after=lc.params, macs_before=lc.macs, macs_after=lc.macs,
-                    in_shape=lc.in_shape, out_shape=lc.out_shape)
-        if isinstance(mod, FactorizedLayer):
-            kept.append(LayerSpec(**keep, reason="already factorized"))
-            continue
-        if not _selected(lc.name, goal.get("include"), goal.get("exclude")):
-            kept.append(LayerSpec(**keep, reason="not selected by include/exclude"))
-            continue
-        if lc.macs == 0 or not lc.out_shape:
-            kept.append(LayerSpec(**keep, reason="not called by the example inputs"))
+                    in_shape=lc.in_shape, out_shape=lc.out_shape, weight_shape=weight_shape(mod))
+        reason = _keep_reason(lc.name, mod, lc.macs, lc.out_shape, sel, ties)
+        if reason:
+            kept.append(LayerSpec(**keep, reason=reason))
             continue
         m = auto_method(mod) if method == "auto" else method
         try:
             cls = layer_for(m, mod)
         except ValueError as e:
-            kept.append(LayerSpec(**keep, reason=str(e)))
+            kept.append(LayerSpec(**keep, reason=_unsupported(m, mod, e)))
             continue
+        _check_finite(lc.name, mod)
         layer = _Layer(lc.name, mod, m, lc.in_shape, lc.out_shape, lc.params, lc.macs, {}, cls)
         if m == "tt":
             d = int(goal.get("tt_order", 3))
@@ -121,6 +154,38 @@ def _collect(model: nn.Module, method: str, report: CostReport, goal: dict) -> t
         layer.calls = max(1, round(lc.macs / dense_macs)) if dense_macs else 1
         todo.append(layer)
     return todo, kept
+
+
+def _check_finite(name: str, mod: nn.Module) -> None:
+    """Non-finite weights make every decomposition (and rank rule) meaningless: an error
+    naming the layer, raised while planning rather than when compressing."""
+    for what in ("weight", "bias"):
+        t = getattr(mod, what, None)
+        if isinstance(t, torch.Tensor) and not t.is_meta and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t.detach())).sum())
+            raise ValueError(f"layer {name} ({type(mod).__name__}): {what} has {bad} non-finite value(s) "
+                             f"(NaN or Inf) out of {t.numel()}; tensorslim compresses finite weights only "
+                             f"(fix the weights, or leave the layer out with exclude=[{name!r}])")
+
+
+def _nothing_compressible(method: str, kept: list[LayerSpec], todo: list[_Layer], model: nn.Module,
+                          objective: str) -> ValueError:
+    """The error for a goal no layer can serve: why each layer stays dense."""
+    why = [f"{s.name}: {s.reason}" for s in kept]
+    why += [f"{l.name}: no {l.method} rank reduces its {objective}" for l in todo]
+    if not why:
+        from .cost import COUNTED
+
+        other = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()
+                        if hasattr(m, "weight") and not isinstance(m, COUNTED)})
+        why = ["it has no Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear layer that the example inputs reach"]
+        if other:
+            why.append(f"its layers with weights are of types tensorslim neither counts nor compresses: "
+                       f"{', '.join(other)}" + (" (quantized modules: compress the float model, then quantize)"
+                                                if any("quantized" in o for o in other) else ""))
+    more = f"; ... ({len(why)} layers in all)" if len(why) > 8 else ""
+    return ValueError(f"no layer of this model can be compressed with method {method!r}: "
+                      f"{'; '.join(why[:8])}{more}")
 
 
 def _dense_call_macs(mod: nn.Module, out_shape: tuple[int, ...]) -> int:
@@ -187,10 +252,16 @@ def build_plan(model: nn.Module, method: str, example_inputs: Any, goal: dict) -
     obj = 0 if objective == "params" else 1
     report = count(model, example_inputs)
     todo, kept = _collect(model, method, report, goal)
+    if isinstance(value, Mapping) and rule == "manual":
+        _check_rank_names(value, report, kept)
+    if not todo or kind in ("target_macs", "target_params") and not any(rank_candidates(l, obj) for l in todo):
+        raise _nothing_compressible(method, kept, todo, model, objective)
     total = report.total_params if obj == 0 else report.total_macs
     notes: dict[str, str] = {}
     if rule == "manual":
-        chosen = {l.name: _manual_rank(l, value) for l in todo}
+        from ._rank_rules import manual_ranks
+
+        chosen, notes = manual_ranks(todo, value)
     elif rule == "uniform":
         from .rank.budget import solve_budget
 
@@ -217,12 +288,30 @@ def build_plan(model: nn.Module, method: str, example_inputs: Any, goal: dict) -
     return plan.with_layers(tuple(specs))
 
 
+def _check_rank_names(ranks: Mapping, report: CostReport, kept: list[LayerSpec]) -> None:
+    """A ranks mapping may name only layers this plan compresses: ValueError (with close
+    matches) for a name that is no layer, and for a layer that stays dense (with why)."""
+    names = [lc.name for lc in report.layers]
+    unknown = [n for n in ranks if n not in names]
+    if unknown:
+        raise unknown_names_error("ranks", [str(n) for n in unknown], names)
+    dense = [f"{s.name}: {s.reason}" for s in kept if s.name in ranks]
+    if dense:
+        raise ValueError(f"ranks gives a rank to layers that stay dense: {'; '.join(dense)}")
+
+
 def _spec(layer: _Layer, rank: Any, obj: int, objective: str) -> LayerSpec:
+    from .surgery import weight_shape
+
     base = dict(name=layer.name, layer_type=type(layer.module).__name__, params_before=layer.params,
-                macs_before=layer.macs, in_shape=layer.in_shape, out_shape=layer.out_shape)
+                macs_before=layer.macs, in_shape=layer.in_shape, out_shape=layer.out_shape,
+                weight_shape=weight_shape(layer.module))
     if isinstance(rank, str):  # a reason to keep the layer dense
         return LayerSpec(**base, method=KEEP, rank=None, params_after=layer.params, macs_after=layer.macs, reason=rank)
-    p, m = layer_cost(layer, rank)
+    try:
+        p, m = layer_cost(layer, rank)
+    except ValueError as e:
+        raise ValueError(f"layer {layer.name} ({type(layer.module).__name__}): {e}") from None
     if (p, m)[obj] >= (layer.params, layer.macs)[obj]:
         return LayerSpec(**base, method=KEEP, rank=None, params_after=layer.params, macs_after=layer.macs,
                          reason=f"{layer.method} at rank {rank} would not reduce {objective} "
@@ -238,67 +327,6 @@ def _noted(spec: LayerSpec, notes: dict[str, str]) -> LayerSpec:
     from dataclasses import replace
 
     return replace(spec, reason=notes[spec.name])
-
-
-def _manual_rank(layer: _Layer, ranks: Any) -> Any:
-    if isinstance(ranks, dict):
-        if layer.name not in ranks:
-            return "no rank given for this layer"
-        r = ranks[layer.name]
-    else:
-        r = ranks
-    if isinstance(r, float) and not isinstance(r, bool):
-        if not 0 < r <= 1:
-            raise ValueError(f"layer {layer.name}: a fractional rank must be in (0, 1], got {r}")
-        return _fraction_rank(layer, r)
-    if isinstance(r, list):
-        r = tuple(r)
-    if layer.method == "tucker" and isinstance(r, int):
-        r = (r, r)
-    if layer.method == "tucker" and not isinstance(ranks, dict):
-        mod = layer.module
-        r = (min(r[0], mod.in_channels), min(r[1], mod.out_channels))
-    try:
-        layer_cost(layer, r)  # validates the rank against the layer
-    except ValueError as e:
-        raise ValueError(f"layer {layer.name} ({type(layer.module).__name__}): {e}") from None
-    return r
-
-
-def _fraction_rank(layer: _Layer, f: float) -> Any:
-    mod = layer.module
-    out_f = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
-    in_f = mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels
-    if layer.method == "tucker":
-        return (max(1, round(f * in_f)), max(1, round(f * out_f)))
-    space = _rank_space(layer)
-    return space[max(0, min(len(space) - 1, round(f * len(space)) - 1))]
-
-
-def _energy_rank(layer: _Layer, energy: float) -> Any:
-    from .tensor import unfold
-
-    w = layer.module.weight.detach().double()
-    if layer.method == "svd":
-        return _keep_energy(w.reshape(w.shape[0], -1), energy)
-    if layer.method == "tucker":
-        return (_keep_energy(unfold(w, 1), energy), _keep_energy(unfold(w, 0), energy))
-    if layer.method == "tt":
-        from .tensor import tt_matrix
-
-        eps = (1.0 - energy) ** 0.5
-        tt = tt_matrix(w, layer.options["in_modes"], layer.options["out_modes"], eps=eps)
-        return max(tt.ranks)
-    raise ValueError(
-        f"layer {layer.name}: the energy rule works for svd, tucker and tt; CP has no nested "
-        f"optimal truncation, so use ranks= or target_macs=/target_params= with method 'cp'"
-    )
-
-
-def _keep_energy(m: torch.Tensor, energy: float) -> int:
-    s2 = torch.linalg.svdvals(m) ** 2
-    frac = torch.cumsum(s2, 0) / s2.sum()
-    return int(torch.searchsorted(frac, torch.tensor(energy, dtype=frac.dtype) - 1e-12).item()) + 1
 
 
 def _with_error(model: nn.Module, spec: LayerSpec) -> LayerSpec:

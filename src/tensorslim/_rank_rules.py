@@ -20,6 +20,7 @@ import copy
 import math
 from typing import Any, Callable, Mapping
 
+import torch
 from torch import nn
 
 RULES = ("manual", "uniform", "min_error", "constant", "vbmf", "energy", "accuracy_drop")
@@ -107,8 +108,6 @@ def choose(rule: str, layers: list, goal: Mapping[str, Any], *, model: nn.Module
            objective: str, total: int, kind: str, value: Any, method: str
            ) -> tuple[dict[str, Any], dict[str, str]]:
     """Ranks (or a reason to keep dense) per layer name, and notes for the chosen specs."""
-    from ._planner import _energy_rank
-
     if rule == "energy":
         return {l.name: _energy_rank(l, value) for l in layers}, {}
     if rule == "constant":
@@ -207,8 +206,12 @@ def _layer_weights(weights: Any, layers: list) -> dict[str, float]:
         raise TypeError(f"layer_weights must be a mapping {{layer name: weight}}, got {type(weights).__name__}")
     unknown = sorted(set(weights) - set(names))
     if unknown:
-        raise ValueError(f"layer_weights names layers that are not planned for compression: {unknown}; "
-                         f"planned: {names}")
+        import difflib
+
+        close = {u: difflib.get_close_matches(str(u), names, n=3) for u in unknown}
+        hint = "; ".join(f"{u!r} -> {c}" for u, c in close.items() if c)
+        raise ValueError(f"layer_weights names layers that are not planned for compression: {unknown}"
+                         f"{'; close matches: ' + hint if hint else ''}; planned: {names}")
     for n, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ValueError(f"layer_weights[{n!r}] must be a finite number >= 0, got {w!r}")
@@ -252,3 +255,107 @@ def _accuracy_drop(model: nn.Module, layers: list, obj: int, objective: str, dro
         notes[l.name] = (f"accuracy drop {cache[i]:.4f} <= {drop:g} when compressed alone "
                          f"(dense {base:.4f}, {len(cache)} evaluations)")
     return chosen, notes
+
+
+def manual_ranks(layers: list, ranks: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """Ranks from ``ranks=`` (manual rule) and notes for the layers whose rank was rounded."""
+    chosen, notes = {}, {}
+    for l in layers:
+        chosen[l.name], note = _manual_rank(l, ranks)
+        if note:
+            notes[l.name] = note
+    return chosen, notes
+
+
+def _manual_rank(layer: Any, ranks: Any) -> tuple[Any, str]:
+    """(rank or reason to keep dense, note). A fraction, or one rank for every layer, becomes
+    the nearest valid rank of each layer (``valid_rank``: multiples of groups, within bounds);
+    a rank given for this layer by name must be valid as it is."""
+    named = isinstance(ranks, Mapping)
+    if named and layer.name not in ranks:
+        return "no rank given for this layer", ""
+    r = ranks[layer.name] if named else ranks
+    if isinstance(r, float) and not isinstance(r, bool):
+        if not 0 < r <= 1:
+            raise ValueError(f"layer {layer.name}: a fractional rank must be in (0, 1], got {r}")
+        return _rounded(layer, _fraction_value(layer, r))
+    if isinstance(r, list):
+        r = tuple(r)
+    if layer.method == "tucker" and isinstance(r, int):
+        r = (r, r)
+    if not named:
+        return _rounded(layer, r)
+    from ._planner import layer_cost
+
+    try:
+        layer_cost(layer, r)  # validates the rank against the layer
+    except ValueError as e:
+        raise ValueError(f"layer {layer.name} ({type(layer.module).__name__}): {e}") from None
+    return r, ""
+
+
+def _fraction_value(layer: Any, f: float) -> Any:
+    """The real-valued rank ``f`` of the way up the layer's rank space (tucker: per mode)."""
+    from ._planner import _rank_space
+
+    mod = layer.module
+    if layer.method == "tucker":
+        return (f * mod.in_channels, f * mod.out_channels)
+    return f * len(_rank_space(layer))
+
+
+def _rounded(layer: Any, value: Any) -> tuple[Any, str]:
+    """(the valid rank nearest to ``value``, a note when it is not ``value`` rounded)."""
+    from ._planner import layer_cost
+
+    try:
+        r = layer.cls.valid_rank(layer.module, value, **layer.options)
+        layer_cost(layer, r)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"layer {layer.name} ({type(layer.module).__name__}): {e}") from None
+    naive = tuple(max(1, round(v)) for v in value) if isinstance(value, tuple) else max(1, round(value))
+    return r, "" if r == naive else f"rank {naive} is not valid for this layer; nearest valid rank {r}"
+
+
+def _fraction_rank(layer: Any, f: float) -> Any:
+    """The valid rank ``f`` (in (0, 1]) of the way up the layer's rank space."""
+    return _rounded(layer, _fraction_value(layer, f))[0]
+
+
+def _energy_rank(layer: Any, energy: float) -> Any:
+    """The fewest singular values keeping ``energy``, raised to the next valid rank (groups)."""
+    from .tensor import unfold
+
+    w = layer.module.weight.detach().double()
+    if layer.method == "svd":
+        return _at_least(layer, _keep_energy(w.reshape(w.shape[0], -1), energy))
+    if layer.method == "tucker":
+        return _at_least(layer, (_keep_energy(unfold(w, 1), energy), _keep_energy(unfold(w, 0), energy)))
+    if layer.method == "tt":
+        from .tensor import tt_matrix
+
+        eps = (1.0 - energy) ** 0.5
+        tt = tt_matrix(w, layer.options["in_modes"], layer.options["out_modes"], eps=eps)
+        return _at_least(layer, max(tt.ranks))
+    raise ValueError(
+        f"layer {layer.name}: the energy rule works for svd, tucker and tt; CP has no nested "
+        f"optimal truncation, so use ranks= or target_macs=/target_params= with method 'cp'"
+    )
+
+
+def _at_least(layer: Any, r: Any) -> Any:
+    """The smallest valid rank of ``layer`` that is >= ``r`` in every mode (or the largest
+    valid rank, when ``r`` is above it)."""
+    v = r
+    for k in range(257):  # a valid rank lies within one multiple (of groups) above r
+        v = layer.cls.valid_rank(layer.module, tuple(x + k for x in r) if isinstance(r, tuple) else r + k,
+                                 **layer.options)
+        if all(a >= b for a, b in zip(v, r)) if isinstance(r, tuple) else v >= r:
+            return v
+    return v
+
+
+def _keep_energy(m: torch.Tensor, energy: float) -> int:
+    s2 = torch.linalg.svdvals(m) ** 2
+    frac = torch.cumsum(s2, 0) / s2.sum()
+    return int(torch.searchsorted(frac, torch.tensor(energy, dtype=frac.dtype) - 1e-12).item()) + 1

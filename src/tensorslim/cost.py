@@ -1,9 +1,10 @@
 """Counting parameters and multiply-accumulates (MACs) of a model from traced shapes, and
 measuring latency.
 
-MACs are counted for convolutions and Linear layers (the ops that dominate cost and that
-``torch.utils.flop_counter.FlopCounterMode`` counts as 2 FLOPs per MAC); factorized layers
-count as the sum of their parts. Norms, activations and pooling are not counted.
+MACs are counted for convolutions, transposed convolutions and Linear layers (the ops that
+dominate cost and that ``torch.utils.flop_counter.FlopCounterMode`` counts as 2 FLOPs per MAC);
+factorized layers count as the sum of their parts. Norms, activations and pooling are not
+counted. A Parameter shared by several modules (tied weights) counts once.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+COUNTED = _CONV + _CONV_T + (nn.Linear,)  # the dense module types count() reports
 
 
 def _is_factorized(module: nn.Module) -> bool:
@@ -30,11 +33,13 @@ def primitive_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> i
     if isinstance(module, _CONV):
         per_out = (module.in_channels // module.groups) * prod(module.kernel_size)
         return out.numel() * per_out
+    if isinstance(module, _CONV_T):  # every input value meets C_out/g * prod(k) weights
+        return inp.numel() * (module.out_channels // module.groups) * prod(module.kernel_size)
     if isinstance(module, nn.Linear):
         return out.numel() * module.in_features
     custom = getattr(module, "macs", None)
     if callable(custom) and _is_factorized(module) and not any(
-        isinstance(m, _CONV + (nn.Linear,)) for m in module.modules()
+        isinstance(m, COUNTED) for m in module.modules()
     ):
         return int(custom(tuple(inp.shape)))
     own = getattr(module, "own_macs", None)  # MACs a factorized layer computes outside its children
@@ -57,7 +62,9 @@ def as_tuple(example_inputs: Any) -> tuple[Any, ...]:
 
 @dataclass(frozen=True)
 class LayerCost:
-    """Cost of one counted layer (a conv, a Linear, or a factorized layer as a whole)."""
+    """Cost of one counted layer (a conv, a transposed conv, a Linear, or a factorized layer
+    as a whole). ``params`` leaves out Parameters already counted in an earlier row (a weight
+    tied to another layer's counts once, in the first layer that holds it)."""
 
     name: str
     type: str
@@ -94,7 +101,7 @@ class CostReport:
 
 
 def _counted_units(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules reported as one row: factorized layers whole, other convs/linears."""
+    """Modules reported as one row: factorized layers whole, other (transposed) convs/linears."""
     units: dict[str, nn.Module] = {}
     skip: list[str] = []
     for name, mod in model.named_modules():
@@ -103,7 +110,7 @@ def _counted_units(model: nn.Module) -> dict[str, nn.Module]:
         if _is_factorized(mod):
             units[name] = mod
             skip.append(name)
-        elif isinstance(mod, _CONV + (nn.Linear,)):
+        elif isinstance(mod, COUNTED):
             units[name] = mod
     return units
 
@@ -111,7 +118,8 @@ def _counted_units(model: nn.Module) -> dict[str, nn.Module]:
 def count(model: nn.Module, example_inputs: Any) -> CostReport:
     """Count params and MACs per layer by running ``model`` once on ``example_inputs``.
 
-    A module called several times accumulates its MACs. Returns a :class:`CostReport`.
+    A module called several times accumulates its MACs. ``total_params`` counts every
+    Parameter once, even one shared by several modules. Returns a :class:`CostReport`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"count expects an nn.Module, got {type(model).__name__}")
@@ -146,10 +154,12 @@ def count(model: nn.Module, example_inputs: Any) -> CostReport:
     finally:
         for h in handles:
             h.remove()
-    layers = []
+    layers, seen = [], set()
     for name, unit in units.items():
         ins, outs = shapes.get(name, ((), ()))
-        params = sum(p.numel() for p in unit.parameters())
+        own = [p for p in unit.parameters() if id(p) not in seen]  # a tied weight counts once
+        seen.update(id(p) for p in own)
+        params = sum(p.numel() for p in own)
         layers.append(LayerCost(name, type(unit).__name__, params, macs[name], ins, outs))
     batch = int(inputs[0].shape[0]) if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
     total_params = sum(p.numel() for p in model.parameters())

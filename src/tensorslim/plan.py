@@ -5,10 +5,11 @@ saved next to the weights and replayed by :func:`tensorslim.compress` / :func:`t
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 PLAN_VERSION = 1
 METHODS = ("cp", "tucker", "svd", "tt", "auto")
@@ -32,7 +33,9 @@ class LayerSpec:
     ``reason``). ``rank`` is an int (cp, svd, tt max TT-rank) or a tuple (tucker: (r_in, r_out)).
     ``options`` holds method extras (tt: in_modes/out_modes). MACs are for the plan's example
     inputs (with their batch). ``error`` is the relative weight approximation error
-    ||W - W^|| / ||W||, when measured.
+    ||W - W^|| / ||W||, when measured. ``weight_shape`` is the dense layer's weight shape
+    when planned (``()`` when unknown, e.g. in plans written before it was recorded);
+    :func:`tensorslim.compress` refuses a model whose layer has another shape.
     """
 
     name: str
@@ -48,6 +51,7 @@ class LayerSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     error: float | None = None
     reason: str = ""
+    weight_shape: tuple[int, ...] = ()
 
     @property
     def compressed(self) -> bool:
@@ -55,6 +59,8 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LayerSpec":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a plan's layer entry must be a JSON object, got {type(d).__name__} {d!r:.60}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
@@ -111,7 +117,10 @@ class CompressionPlan:
         names = {s.name for s in self.layers}
         unknown = sorted(set(errors) - names)
         if unknown:
-            raise ValueError(f"with_errors: the plan has no layers {unknown}")
+            close = {u: difflib.get_close_matches(str(u), sorted(names), n=3) for u in unknown}
+            hint = "; ".join(f"{u!r} -> {c}" for u, c in close.items() if c)
+            raise ValueError(f"with_errors: the plan has no layers {unknown}"
+                             f"{'; close matches: ' + hint if hint else ''}")
         layers = tuple(s if errors.get(s.name) is None else replace(s, error=float(errors[s.name]))
                        for s in self.layers)
         return replace(self, layers=layers)
@@ -125,12 +134,15 @@ class CompressionPlan:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CompressionPlan":
         if not isinstance(d, Mapping):
-            raise TypeError(f"a plan must be a JSON object, got {type(d).__name__}")
+            raise ValueError(f"a plan must be a JSON object, got {type(d).__name__}")
         version = d.get("version")
         if version != PLAN_VERSION:
             raise ValueError(f"unsupported plan version {version!r}; this tensorslim reads version {PLAN_VERSION}")
         d = dict(d)
-        layers = tuple(LayerSpec.from_dict(x) for x in d.pop("layers", ()))
+        raw = d.pop("layers", [])
+        if not isinstance(raw, (list, tuple)):
+            raise ValueError(f"a plan's 'layers' must be a JSON list, got {type(raw).__name__}")
+        layers = tuple(LayerSpec.from_dict(x) for x in raw)
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
@@ -147,14 +159,20 @@ class CompressionPlan:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON atomically (temp file + rename)."""
-        from .io import write_text_atomic
+        from .files import write_text_atomic
 
         write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CompressionPlan":
-        with open(path) as f:
-            return cls.from_json(f.read())
+        """Read a plan written by :meth:`save`; ValueError naming ``path`` if it is not one."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_json(f.read())
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a compression plan (not UTF-8 text)") from None
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path} is not a valid compression plan: {e}") from None
 
     def table(self) -> str:
         """A human-readable table of the plan (what will change, before it changes)."""
@@ -178,6 +196,18 @@ class CompressionPlan:
         return "\n".join(rows)
 
 
+def unknown_names_error(what: str, unknown: Iterable[str], names: Sequence[str]) -> ValueError:
+    """The ValueError for layer names (or globs) in ``what`` that name no layer: each with
+    its close matches among ``names`` (difflib), and the layer names that exist."""
+    parts = []
+    for u in sorted(unknown):
+        close = difflib.get_close_matches(u, names, n=3, cutoff=0.6)
+        parts.append(f"{u!r}" + (f" (close matches: {', '.join(map(repr, close))})" if close else ""))
+    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+    return ValueError(f"{what} names no layer of this model: {'; '.join(parts)}. "
+                      f"Layers: {shown or 'none'}")
+
+
 def make_plan(model: Any, method: str = "tucker", example_inputs: Any = None, **goal: Any) -> CompressionPlan:
     """Choose a method and rank for every compressible layer of ``model``.
 
@@ -187,7 +217,10 @@ def make_plan(model: Any, method: str = "tucker", example_inputs: Any = None, **
             Linear and 1x1 convs).
         example_inputs: a tensor or tuple of inputs used to trace shapes (MACs depend on them).
         ranks: an int for every layer, a float in (0, 1] (fraction of each mode's full rank),
-            or a mapping from layer name to rank.
+            or a mapping from layer name to rank (ints or fractions). A fraction, or one int
+            for every layer, becomes each layer's nearest valid rank (e.g. a multiple of a
+            grouped conv's groups; the spec's reason says when it was moved); a rank given
+            by name must be valid as it is.
         target_macs / target_params: keep this fraction of the whole model's MACs / params
             (``target_macs=0.25`` = 4x fewer), met to within 2% when reachable.
         energy: fraction of squared singular values kept per layer (svd, tucker, tt).
@@ -207,6 +240,13 @@ def make_plan(model: Any, method: str = "tucker", example_inputs: Any = None, **
             (``drop=0.005``, ``evaluate=callable(model) -> accuracy``: per layer the cheapest
             rank whose compression alone costs at most ``drop``; the callable is recorded as a
             description).
+
+    Every counted layer is listed (transposed convs and layers holding a weight shared with
+    another module, e.g. an LM head tied to its embedding, stay dense with the reason).
+    ValueError, naming the layer or the argument: a name in ``ranks`` / ``layer_weights``
+    that is no (compressible) layer, or an include/exclude glob matching no layer (with
+    close matches); no layer this method can compress (with each layer's reason); a layer
+    to compress with NaN/Inf weights (leave it out with ``exclude``).
     """
     from ._planner import build_plan
 

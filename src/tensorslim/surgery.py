@@ -1,8 +1,9 @@
 """Model surgery: the one place in tensorslim that replaces submodules of a model."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -14,17 +15,27 @@ def build_layer(module: nn.Module, spec: LayerSpec, *, decompose: bool = True) -
 
     ``decompose=True`` decomposes the trained weights (``from_conv`` / ``from_linear``);
     ``decompose=False`` only builds the right shapes (``like``), for loading a checkpoint.
+    Every ValueError / TypeError (a wrong layer type or shape, a bad rank, non-finite
+    weights, ...) is raised again prefixed with ``layer <name> (<type>): ``.
     """
+    try:
+        return _build(module, spec, decompose)
+    except (ValueError, TypeError) as e:
+        msg = f"layer {spec.name} ({type(module).__name__}): {e}"
+        try:  # keep the error's own class (e.g. LayerTypeError) when it takes a message
+            err = type(e)(msg)
+        except Exception:  # noqa: BLE001 - an exception class with another signature
+            err = (ValueError if isinstance(e, ValueError) else TypeError)(msg)
+        raise err from e
+
+
+def _build(module: nn.Module, spec: LayerSpec, decompose: bool) -> nn.Module:
     from .layers import layer_for
 
-    if type(module).__name__ != spec.layer_type:
-        raise ValueError(
-            f"layer {spec.name}: the plan expects a {spec.layer_type}, the model has a {type(module).__name__}"
-        )
-    try:
-        cls = layer_for(spec.method, module)
-    except ValueError as e:
-        raise ValueError(f"layer {spec.name}: {e}") from None
+    problem = _mismatch(module, spec)
+    if problem:
+        raise ValueError(problem)
+    cls = layer_for(spec.method, module)
     opts: dict[str, Any] = dict(spec.options)
     if not decompose:
         return cls.like(module, spec.rank, **opts)
@@ -33,28 +44,91 @@ def build_layer(module: nn.Module, spec: LayerSpec, *, decompose: bool = True) -
     return cls.from_conv(module, spec.rank, **opts)
 
 
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The shape of ``module.weight`` when it is a tensor (dense layers), else ``()``."""
+    w = getattr(module, "weight", None)
+    return tuple(w.shape) if isinstance(w, torch.Tensor) else ()
+
+
+def _mismatch(module: nn.Module | None, spec: LayerSpec) -> str:
+    """Why ``module`` is not the layer ``spec`` was planned for ("" when it is)."""
+    if module is None:
+        return "the model does not have this layer"
+    if spec.compressed and type(module).__name__ != spec.layer_type:
+        return f"the plan expects a {spec.layer_type}, the model has a {type(module).__name__}"
+    shape = weight_shape(module)  # () for a layer since factorized: not another model
+    if spec.weight_shape and shape and shape != tuple(spec.weight_shape):
+        return (f"the plan expects a {spec.layer_type} with weight shape {tuple(spec.weight_shape)}, "
+                f"the model's has shape {shape}")
+    return ""
+
+
+def weight_ties(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """For each layer in ``names`` that holds a Parameter also held by a module outside it
+    (tied weights, e.g. an embedding tied to an LM head), the qualified name of that other
+    Parameter. A module registered under several names (called twice) is not a tie."""
+    holders: dict[int, list[str]] = {}
+    for qual, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(qual)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    ties = {}
+    for name in names:
+        inside = {id(m) for m in modules[name].modules()}
+        for p in modules[name].parameters():
+            other = [q for q in holders[id(p)] if id(modules[q.rpartition(".")[0]]) not in inside]
+            if other:
+                ties[name] = other[0]
+                break
+    return ties
+
+
+def tie_reason(other: str) -> str:
+    """The reason a layer whose weight is tied to the Parameter ``other`` stays dense."""
+    layer = other.rpartition(".")[0] or "the model itself"
+    return f"kept dense: weight shared with {layer} ({other}); compressing it would break the tie"
+
+
+def _check_fits(model: nn.Module, plan: CompressionPlan, modules: Mapping[str, nn.Module]) -> None:
+    """ValueError unless every compressed layer of ``plan`` is in ``model`` with the planned
+    type and weight shape, no kept layer's weight shape differs, and no compressed layer
+    holds a tied weight."""
+    problems = []
+    for spec in plan.layers:
+        if spec.compressed or spec.weight_shape:
+            why = _mismatch(modules.get(spec.name), spec)
+            if why:
+                problems.append(f"layer {spec.name}: {why}")
+    if problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise ValueError(f"the plan does not fit this model (was it made for another model?): "
+                         f"{'; '.join(problems[:5])}{more}")
+    ties = weight_ties(model, [s.name for s in plan.compressed])
+    if ties:
+        raise ValueError("; ".join(f"layer {n}: {tie_reason(o)}" for n, o in ties.items()))
+
+
 def compress(
     model: nn.Module, plan: CompressionPlan, *, decompose: bool = True, progress: bool = True
 ) -> nn.Module:
     """Replace every layer the plan compresses with its factorized form; returns ``model``.
 
     This mutates ``model`` in place (copy it first to keep the dense one). Each new layer
-    records its weight approximation error in ``layer.approx_error``.
+    records its weight approximation error in ``layer.approx_error``. A plan made for another
+    model (a layer missing, of another type or weight shape) or one that would compress a
+    layer with a tied weight is refused with a ValueError before anything changes. A module
+    registered under several names is replaced under all of them by one new module.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
     if not isinstance(plan, CompressionPlan):
         raise TypeError(f"compress expects a CompressionPlan, got {type(plan).__name__}")
     modules = dict(model.named_modules())
+    _check_fits(model, plan, modules)
     specs = plan.compressed
-    missing = [s.name for s in specs if s.name not in modules]
-    if missing:
-        raise ValueError(f"the plan names layers the model does not have: {missing}")
     new = {}
     for spec in tqdm(specs, desc="decomposing" if decompose else "building", disable=not progress or not specs):
         new[spec.name] = build_layer(modules[spec.name], spec, decompose=decompose)
-    for name, layer in new.items():  # swap only once every layer was built: never half-done
-        _set_submodule(model, name, layer)
+    _swap(model, {modules[n]: layer for n, layer in new.items()})
     return model
 
 
@@ -92,7 +166,9 @@ def recompress(
     for name, rank in tqdm(ranks.items(), desc="re-compressing", disable=not progress or not ranks):
         layer = modules.get(name)
         if layer is None:
-            raise ValueError(f"recompress: the model has no layer {name!r}")
+            from .plan import unknown_names_error
+
+            raise unknown_names_error("recompress: ranks", [name], list(modules))
         if not callable(getattr(layer, "recompress", None)):
             raise ValueError(f"recompress: layer {name} is a {type(layer).__name__}, which cannot be "
                              f"re-compressed; accepted: TuckerConv*, CPConv*, LowRankLinear, LowRankConv*")
@@ -100,9 +176,16 @@ def recompress(
             new[name] = layer.recompress(rank, **dict((options or {}).get(name, {})))
         except (ValueError, TypeError) as e:
             raise type(e)(f"layer {name}: {e}") from None
-    for name, layer in new.items():
-        _set_submodule(model, name, layer)
+    _swap(model, {modules[n]: layer for n, layer in new.items()})
     return model
+
+
+def _swap(model: nn.Module, new: Mapping[nn.Module, nn.Module]) -> None:
+    """Put each new module in place of the old one, under every name the old one has (a
+    module registered twice stays one shared module)."""
+    for name, old in list(model.named_modules(remove_duplicate=False)):
+        if name and old in new:
+            _set_submodule(model, name, new[old])
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
