@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def test_demo_runs_end_to_end_on_tiny_settings(tmp_path, capsys):
 
 def test_bad_argument_is_a_clear_error(capsys):
     assert main(["demo", "--target-macs", "7", "--out", "/nonexistent/x"]) == 2
-    assert "target_macs must be a number in (0, 1]" in capsys.readouterr().err
+    assert "argument --target-macs: expected a number in (0, 1], got '7'" in capsys.readouterr().err
 
 
 def test_demo_config_checks_rank_rule_and_bn_steps():
@@ -185,3 +186,108 @@ def test_bad_sweep_layer_and_method(trained, capsys):
     assert "accepted conv layers: features.0, features.3" in capsys.readouterr().err
     assert _code(base + ["--layers", "features.3", "--methods", "cp,tt"]) == 2
     assert "unknown sweep method(s) ['tt']; known: cp, tucker, svd" in capsys.readouterr().err
+
+
+# ---- issue 14: every user error is one line on stderr, exit code 2, no traceback -------------
+
+def _bad_inputs(tmp):
+    torch.save(torch.nn.Linear(2, 2), tmp / "module.pt")  # a pickled module
+    (tmp / "empty.safetensors").write_bytes(b"")
+    (tmp / "afile").write_text("keep me")
+    (tmp / "foreign").mkdir()
+    (tmp / "foreign" / "results.csv").write_text("keep me")
+    ev = ["evaluate", "--model", "vgg16", "--no-accuracy", "--latency-batch", "1", "--threads", "1"]
+    co = ["compress", "--model", "vgg16", "--ranks", "0.5", "--test-subset", "10", "--latency-batch", "1",
+          "--threads", "1", "--out"]
+    ro = "/sys/tensorslim-test/c" if os.geteuid() == 0 else str(_read_only(tmp) / "c")
+    return {
+        "pickled module": (ev + ["--weights", str(tmp / "module.pt")], "--weights: ", "pickled objects"),
+        "empty safetensors": (ev + ["--weights", str(tmp / "empty.safetensors")], "--weights: ",
+                              "truncated or corrupt"),
+        "threads 0": (ev + ["--threads", "0"], "argument --threads: ", "expected a positive int"),
+        "latency batch -3": (ev + ["--latency-batch", "-3"], "argument --latency-batch: ", "positive int"),
+        "latency batch 0": (ev + ["--latency-batch", "0"], "argument --latency-batch: ", "positive int"),
+        "read-only out": (co + [ro], "argument --out: ", "is not a writable folder"),
+        "out is a file": (co + [str(tmp / "afile")], "argument --out: ", "is not a folder"),
+        "out is foreign": (co + [str(tmp / "foreign")], "argument --out: ", "not a tensorslim checkpoint"),
+        "export out is a folder": (["export", "--model", "vgg16", "--out", str(tmp / "foreign")],
+                                   "argument --out: ", "is not a .onnx file"),
+        "train out clash": (["train", "--out", str(tmp / "foreign2")], "argument --out: ",
+                            "not a tensorslim model checkpoint"),
+        "sweep csv clash": (["sweep", "--model", "vgg16", "--layers", "features.3", "--ranks", "4",
+                             "--out", str(tmp / "foreign3")], "argument --out: ", "not a tensorslim sweep"),
+        "bad subcommand": (["squash"], "invalid choice", "squash"),
+    }
+
+
+def _read_only(tmp):
+    d = tmp / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    return d
+
+
+BAD = ["pickled module", "empty safetensors", "threads 0", "latency batch -3", "latency batch 0",
+       "read-only out", "out is a file", "out is foreign", "export out is a folder", "train out clash",
+       "sweep csv clash", "bad subcommand"]
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_user_errors_are_one_line_exit_2(case, tmp_path, capsys):
+    (tmp_path / "foreign2").mkdir()
+    (tmp_path / "foreign2" / "vgg16.json").write_text("not json")
+    (tmp_path / "foreign3").mkdir()
+    (tmp_path / "foreign3" / "sweep.csv").write_text("a,b\n1,2\n")
+    argv, flag, msg = _bad_inputs(tmp_path)[case]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and flag in err and msg in err and "Traceback" not in err, err
+    assert "decomposing" not in out + err  # refused before any work
+    assert (tmp_path / "afile").read_text() == "keep me"
+    assert os.listdir(tmp_path / "foreign") == ["results.csv"]
+    assert (tmp_path / "foreign3" / "sweep.csv").read_text() == "a,b\n1,2\n"
+
+
+def test_debug_env_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    (tmp_path / "e.safetensors").write_bytes(b"")
+    argv = ["evaluate", "--model", "vgg16", "--no-accuracy", "--weights", str(tmp_path / "e.safetensors")]
+    monkeypatch.setenv("TENSORSLIM_DEBUG", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("tensorslim evaluate: error: --weights")
+
+
+def test_console_script_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "tensorslim.cli", "evaluate", "--model", "vgg16",
+                           "--threads", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "--threads" in proc.stderr
+
+
+def test_compress_out_checkpoint_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "c"
+    ts.save(torch.nn.Linear(2, 2), ts.CompressionPlan(layers=(), method="keep"), out)
+    argv = ["compress", "--model", "vgg16", "--ranks", "0.5", "--test-subset", "10", "--latency-batch", "1",
+            "--reconstruct-steps", "0", "--bn-steps", "0",
+            "--threads", "1", "--out", str(out)]
+    assert main(argv) == 2
+    assert "already holds a tensorslim checkpoint; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0
+    plan = ts.CompressionPlan.load(out / "plan.json")
+    assert plan.compressed and (out / "report.md").is_file()
+    assert sum(p.numel() for p in ts.load(out).parameters()) == plan.params_after
+
+
+def test_demo_out_rules(tmp_path):
+    from tensorslim.demo import check_demo_out
+
+    check_demo_out(tmp_path / "new")  # new folder
+    (tmp_path / "other.txt").write_text("x")
+    check_demo_out(tmp_path)  # unrelated files are never touched
+    (tmp_path / "report.md").write_text("# my report")
+    with pytest.raises(ValueError, match=r"holds \['report.md'\] but no demo checkpoint"):
+        check_demo_out(tmp_path)
+    ts.save(torch.nn.Linear(2, 2), ts.CompressionPlan(layers=(), method="keep"), tmp_path / "checkpoint")
+    check_demo_out(tmp_path)  # an earlier demo's output: replaced by the next run

@@ -30,14 +30,14 @@ def test_load_refuses_bad_checkpoints(small_cnn, seq_net, image, tmp_path):
     with pytest.raises(ValueError, match="truncated or corrupt"):
         ts.load(ck, model=copy.deepcopy(small_cnn))
     # unknown format version
-    ts.save(model, plan, ck)
+    ts.save(model, plan, ck, overwrite=True)
     meta = json.loads((ck / "meta.json").read_text())
     meta["format_version"] = 42
     (ck / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format_version 42"):
         ts.load(ck, model=copy.deepcopy(small_cnn))
     # no registry architecture recorded and no model given
-    ts.save(model, plan, ck)
+    ts.save(model, plan, ck, overwrite=True)
     with pytest.raises(ValueError, match="model="):
         ts.load(ck)
     with pytest.raises(FileNotFoundError, match="not a tensorslim checkpoint"):
@@ -45,7 +45,7 @@ def test_load_refuses_bad_checkpoints(small_cnn, seq_net, image, tmp_path):
 
 
 def test_load_refuses_shape_mismatch(small_cnn, image, tmp_path):
-    ts.save(small_cnn, None, tmp_path / "dense")
+    ts.save(small_cnn, ts.CompressionPlan(layers=(), method="keep"), tmp_path / "dense")
     other = copy.deepcopy(small_cnn)
     other.head[3] = torch.nn.Linear(128, 11)
     with pytest.raises(ValueError, match=r"head.3.weight: checkpoint \(10, 128\) vs model \(11, 128\)"):
@@ -60,5 +60,5 @@ def test_save_is_atomic_on_failure(small_cnn, tmp_path, monkeypatch):
 
     monkeypatch.setattr(st, "save_file", boom)
     with pytest.raises(RuntimeError):
-        ts.save(small_cnn, None, tmp_path / "ckpt")
+        ts.save(small_cnn, ts.CompressionPlan(layers=(), method="keep"), tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []

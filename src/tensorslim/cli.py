@@ -11,14 +11,44 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Any, Sequence
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from .plan import METHODS
 
 _EPILOG = ("A model is --model NAME (registry; the shipped weights unless --weights PATH is given) "
            "or --checkpoint DIR (a folder written by `tensorslim compress`/tensorslim.save, or by "
            "`tensorslim train`). Bad input exits with code 2 and a message.")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with every error as ONE line on stderr (no usage block), exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _number(conv: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse type: ``conv(text)`` that must satisfy ``ok``, else the accepted values."""
+    def parse(text: str) -> Any:
+        try:
+            value = conv(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+_pos_int = _number(int, lambda v: v >= 1, "a positive int (1, 2, ...)")
+_count = _number(int, lambda v: v >= 0, "an int >= 0")
+_pos_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
+_fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _ranks(text: str) -> Any:
@@ -60,9 +90,28 @@ def _source(args: argparse.Namespace) -> Any:
                   width=args.width, pad_to_32=args.pad_to_32)
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+def _out(argument: str, check: Callable[[], Any]) -> None:
+    """Run an output check before any work; its error names the argument."""
+    try:
+        check()
+    except (ValueError, OSError) as e:
+        raise ValueError(f"argument {argument}: {e}") from None
 
+
+def _file_out(path: str, suffix: str) -> None:
+    """An output file may be new or an earlier ``suffix`` file, in a writable folder."""
+    from .files import check_writable
+
+    p = Path(os.path.abspath(path))
+    if p.is_dir() or (p.exists() and p.suffix != suffix):
+        raise ValueError(f"{p} exists and is not a {suffix} file; it is never replaced")
+    check_writable(p.parent, p)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, check_demo_out, run_demo
+
+    _out("--out", lambda: check_demo_out(Path(args.out)))
     run_demo(DemoConfig(model=args.model, method=args.method, rank_rule=args.rank_rule,
                         target_macs=args.target_macs,
                         finetune_steps=args.finetune_steps, bn_steps=args.bn_steps,
@@ -72,8 +121,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .models.checkpoint import check_checkpoint_target
     from .train_registry import train_registry_model
 
+    _out("--out", lambda: check_checkpoint_target(args.out, args.model))
     train_registry_model(args.model, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, out_dir=args.out, threads=args.threads,
                          pad_to_32=args.pad_to_32, val_size=args.val_size, subset=args.subset,
@@ -82,8 +133,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
+    from .io import check_save_target
     from .workflows import CompressConfig, run_compress
 
+    _out("--out", lambda: check_save_target(args.out, overwrite=args.overwrite))
     goal = {k: getattr(args, k) for k in ("ranks", "target_macs", "target_params", "energy",
                                            "include", "exclude") if getattr(args, k) is not None}
     goal.update(_rank_rule_goal(args))
@@ -93,7 +146,8 @@ def _compress(args: argparse.Namespace) -> int:
                                 batch_size=args.batch_size, latency_batch=args.latency_batch,
                                 threads=args.threads, test_subset=args.test_subset, seed=args.seed,
                                 val_subset=args.val_subset, multi_stage=args.multi_stage,
-                                stages=args.stages, state_dir=args.state_dir))
+                                stages=args.stages, state_dir=args.state_dir,
+                                overwrite=args.overwrite))
     return 0
 
 
@@ -118,8 +172,9 @@ def _rank_rule_goal(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .workflows import SweepConfig, run_sweep_config
+    from .workflows import SweepConfig, check_sweep_out, run_sweep_config
 
+    _out("--out", lambda: check_sweep_out(args.out))
     run_sweep_config(SweepConfig(source=_source(args), layers=args.layers, ranks=args.ranks,
                                  methods=args.methods, finetune_steps=args.finetune_steps,
                                  finetune_lr=args.finetune_lr, batch_size=args.batch_size,
@@ -148,6 +203,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .workflows import run_export
 
+    _out("--out", lambda: _file_out(args.out, ".onnx"))
     res = run_export(_source(args), args.out, check=not args.no_check, opset=args.opset,
                      dynamo=args.dynamo, latency_batch=args.latency_batch, threads=args.threads)
     print(json.dumps(res.as_dict(), indent=2) if args.json else res.table())
@@ -163,21 +219,21 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="registry model name (e.g. vgg16)")
     g.add_argument("--weights", help="state dict (.safetensors with its .json record, or .pt) for --model")
     g.add_argument("--checkpoint", help="checkpoint folder (tensorslim.save or tensorslim train output)")
-    g.add_argument("--width", type=float, help="width of --model for a bare state dict (default 1.0)")
+    g.add_argument("--width", type=_pos_float, help="width of --model for a bare state dict (default 1.0)")
     g.add_argument("--pad-to-32", action="store_true", default=None,
                    help="feed 32x32 inputs (default: as recorded with the weights, else 28x28)")
 
 
 def _add_run(p: argparse.ArgumentParser, *, finetune: int | None = None) -> None:
-    p.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
-    p.add_argument("--latency-batch", type=int, default=64, help="batch size for latency (default 64)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--test-subset", type=_pos_int, help="evaluate on the first N test images only")
+    p.add_argument("--latency-batch", type=_pos_int, default=64, help="batch size for latency (default 64)")
+    p.add_argument("--threads", type=_pos_int, default=2, help="CPU threads (default 2)")
     if finetune is not None:
-        p.add_argument("--finetune-steps", type=int, default=finetune,
+        p.add_argument("--finetune-steps", type=_count, default=finetune,
                        help=f"SGD fine-tune steps, distilled from the dense model (default {finetune})")
-        p.add_argument("--finetune-lr", type=float, default=0.01)
-        p.add_argument("--batch-size", type=int, default=128, help="fine-tune batch size")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--finetune-lr", type=_pos_float, default=0.01)
+        p.add_argument("--batch-size", type=_pos_int, default=128, help="fine-tune batch size")
+        p.add_argument("--seed", type=_count, default=0)
 
 
 def _add_demo(sub: Any) -> None:
@@ -191,13 +247,13 @@ def _add_demo(sub: Any) -> None:
                    help=f"default {DemoConfig.method}")
     d.add_argument("--rank-rule", default=DemoConfig.rank_rule, choices=["uniform", "min_error"],
                    help=f"how the MAC budget is spread over the layers (default {DemoConfig.rank_rule})")
-    d.add_argument("--target-macs", type=float, default=0.25, help="fraction of MACs to keep (0.25 = 4x fewer)")
-    d.add_argument("--finetune-steps", type=int, default=400)
-    d.add_argument("--bn-steps", type=int, default=None, help=BN_HELP)
-    d.add_argument("--reconstruct-steps", type=int, default=DemoConfig.reconstruct_steps,
+    d.add_argument("--target-macs", type=_fraction, default=0.25, help="fraction of MACs to keep (0.25 = 4x fewer)")
+    d.add_argument("--finetune-steps", type=_count, default=400)
+    d.add_argument("--bn-steps", type=_count, default=None, help=BN_HELP)
+    d.add_argument("--reconstruct-steps", type=_count, default=DemoConfig.reconstruct_steps,
                    help=RECONSTRUCT_HELP + f" (default {DemoConfig.reconstruct_steps})")
-    d.add_argument("--threads", type=int, default=2)
-    d.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images only")
+    d.add_argument("--threads", type=_pos_int, default=2)
+    d.add_argument("--test-subset", type=_pos_int, default=None, help="evaluate on the first N test images only")
     d.add_argument("--out", default="runs/demo", help="output folder (report.md, PNGs, checkpoint)")
     d.set_defaults(func=_demo)
 
@@ -208,17 +264,17 @@ def _add_train(sub: Any) -> None:
                                    "and write OUT/NAME.safetensors + OUT/NAME.json (use them with "
                                    "--checkpoint OUT or --weights OUT/NAME.safetensors).")
     t.add_argument("--model", default="vgg16")
-    t.add_argument("--width", type=float, default=0.25, help="channel width multiplier (default 0.25)")
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--lr", type=float, default=0.05)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--width", type=_pos_float, default=0.25, help="channel width multiplier (default 0.25)")
+    t.add_argument("--epochs", type=_pos_int, default=30)
+    t.add_argument("--lr", type=_pos_float, default=0.05)
+    t.add_argument("--batch-size", type=_pos_int, default=128)
+    t.add_argument("--seed", type=_count, default=0)
     t.add_argument("--out", default="runs/train", help="output folder")
-    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--threads", type=_pos_int, default=2)
     t.add_argument("--pad-to-32", action="store_true", help="train on 32x32 (padded) inputs")
-    t.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
-    t.add_argument("--subset", type=int, help="train on the first N training images only")
-    t.add_argument("--max-steps", type=int, help="stop after N SGD steps")
+    t.add_argument("--val-size", type=_count, default=5000, help="training images held out for validation")
+    t.add_argument("--subset", type=_pos_int, help="train on the first N training images only")
+    t.add_argument("--max-steps", type=_pos_int, help="stop after N SGD steps")
     t.set_defaults(func=_train)
 
 
@@ -231,9 +287,9 @@ def _add_compress(sub: Any) -> None:
     c.add_argument("--method", default="tucker", choices=METHODS, help="default tucker")
     g = c.add_mutually_exclusive_group(required=False)  # required unless a per-layer --rank-rule
     g.add_argument("--ranks", type=_ranks, help="int, fraction in (0, 1], or JSON {layer: rank}")
-    g.add_argument("--target-macs", type=float, help="keep this fraction of MACs (0.25 = 4x fewer)")
-    g.add_argument("--target-params", type=float, help="keep this fraction of parameters")
-    g.add_argument("--energy", type=float, help="fraction of squared singular values kept per layer")
+    g.add_argument("--target-macs", type=_fraction, help="keep this fraction of MACs (0.25 = 4x fewer)")
+    g.add_argument("--target-params", type=_fraction, help="keep this fraction of parameters")
+    g.add_argument("--energy", type=_fraction, help="fraction of squared singular values kept per layer")
     c.add_argument("--include", action="append", help="glob of layer names to compress (repeatable)")
     c.add_argument("--exclude", action="append", help="glob of layer names to keep dense (repeatable)")
     r = c.add_argument_group("rank rule (how ranks are chosen; see tensorslim.make_plan)")
@@ -242,28 +298,31 @@ def _add_compress(sub: Any) -> None:
                         "(--target-*: minimise the summed approximation error), constant (--rate), vbmf "
                         "(--vbmf-factor), energy (--energy, default 0.9), accuracy_drop (--max-drop on "
                         "the first --val-subset validation images)")
-    r.add_argument("--rate", type=float, help="constant: per-layer parameter reduction (default 4)")
+    r.add_argument("--rate", type=_pos_float, help="constant: per-layer parameter reduction (default 4)")
     r.add_argument("--vbmf-factor", type=float,
                    help="vbmf: 1 = pure EVBMF rank, 0 = no compression (MUSCO weakening, default 1)")
     r.add_argument("--max-drop", type=float,
                    help="accuracy_drop: per-layer validation accuracy drop bound (default 0.005)")
-    r.add_argument("--val-subset", type=int, default=1000,
+    r.add_argument("--val-subset", type=_pos_int, default=1000,
                    help="accuracy_drop: validation images to measure the drop on (default 1000)")
     m = c.add_argument_group("multi-stage (MUSCO: compress, fine-tune, re-compress the factors, ...)")
     m.add_argument("--multi-stage", action="store_true",
                    help="compress in stages, each fine-tuned for --finetune-steps; the goal is "
                         "--target-macs (met at the last stage), --rank-rule vbmf (--vbmf-factor "
                         "default 0.8 here) or --ranks FRACTION (of each rank, per stage)")
-    m.add_argument("--stages", type=int, default=3, help="most stages (default 3)")
+    m.add_argument("--stages", type=_pos_int, default=3, help="most stages (default 3)")
     m.add_argument("--state-dir", help="save every stage here and resume from it when re-run")
     _add_run(c, finetune=0)
-    c.add_argument("--bn-steps", type=int, default=None,
+    c.add_argument("--bn-steps", type=_count, default=None,
                    help=BN_HELP + " (every stage with --multi-stage)")
-    c.add_argument("--reconstruct-steps", type=int, default=None,
+    c.add_argument("--reconstruct-steps", type=_count, default=None,
                    help=RECONSTRUCT_HELP + " (every stage with --multi-stage; default 16 without "
                         "fine-tuning, 0 with --finetune-steps or --multi-stage: on the shipped VGG-16 "
                         "a refit start fine-tuned 0.6 points worse at 8x fewer MACs)")
-    c.add_argument("--out", default="runs/compress", help="output folder")
+    c.add_argument("--out", default="runs/compress",
+                   help="output folder: new, empty, or (with --overwrite) an earlier checkpoint")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace the tensorslim checkpoint at --out (never a file or another folder)")
     c.set_defaults(func=_compress)
 
 
@@ -277,7 +336,7 @@ def _add_sweep(sub: Any) -> None:
     s.add_argument("--layers", type=_names, required=True, help="comma-separated layer names")
     s.add_argument("--ranks", type=_ints, required=True, help="comma-separated ranks, e.g. 4,8,16,32")
     s.add_argument("--methods", type=_names, default=("cp", "tucker"), help="cp,tucker (default), svd")
-    s.add_argument("--repeats", type=int, default=20, help="latency repeats (median)")
+    s.add_argument("--repeats", type=_pos_int, default=20, help="latency repeats (median)")
     _add_run(s, finetune=50)
     s.add_argument("--out", default="runs/sweep", help="output folder")
     s.set_defaults(func=_sweep)
@@ -301,11 +360,11 @@ def _add_export(sub: Any) -> None:
                                    "Exit code 1 if the outputs differ beyond the tolerance.", epilog=_EPILOG)
     _add_source(x)
     x.add_argument("--out", required=True, help="path of the .onnx file to write")
-    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--opset", type=_pos_int, default=17)
     x.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter")
     x.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
-    x.add_argument("--latency-batch", type=int, default=64)
-    x.add_argument("--threads", type=int, default=2)
+    x.add_argument("--latency-batch", type=_pos_int, default=64)
+    x.add_argument("--threads", type=_pos_int, default=2)
     x.add_argument("--json", action="store_true", help="print JSON instead of text")
     x.set_defaults(func=_export)
 
@@ -313,7 +372,7 @@ def _add_export(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .runtime import add_allocator_option
 
-    p = argparse.ArgumentParser(prog="tensorslim", description="Compress trained PyTorch networks with tensor methods.")
+    p = _Parser(prog="tensorslim", description="Compress trained PyTorch networks with tensor methods.")
     add_allocator_option(p)  # acted on by entry(), before main() parses
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_demo, _add_train, _add_compress, _add_sweep, _add_evaluate, _add_export):
@@ -321,12 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# user errors: one line on stderr, exit code 2 (OSError: unreadable input, unwritable output)
+USER_ERRORS = (ValueError, TypeError, OSError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. A user error is one line on stderr and exit code 2; set
+    TENSORSLIM_DEBUG=1 to see its traceback."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad argument (2, one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"tensorslim {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if os.environ.get("TENSORSLIM_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"tensorslim {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

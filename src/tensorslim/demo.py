@@ -70,6 +70,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     from .models import pretrained_info
 
     t0 = time.perf_counter()
+    check_demo_out(Path(cfg.out_dir))  # before any work
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     pad = bool(pretrained_info(cfg.model).get("input", {}).get("pad_to_32", False)) if _has(cfg.model) else False
@@ -112,7 +113,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     print()
     print(summary_table(rows))
     out = Path(cfg.out_dir)
-    save(tuned, res.plan, out / "checkpoint")
+    save(tuned, res.plan, out / "checkpoint", overwrite=True)  # the demo's own folder: see check_demo_out
     notes = [
         f"base model: {source}",
         f"goal: {cfg.method}, target_macs={cfg.target_macs} (keep {100 * cfg.target_macs:.0f}% of MACs), "
@@ -130,6 +131,23 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     report = write_report(out, f"tensorslim demo: {cfg.model} on Fashion-MNIST", rows, res.plan, notes)
     print(f"\nreport: {report}   checkpoint: {out / 'checkpoint'}")
     return {"rows": rows, "plan": res.plan, "report": report}
+
+
+REPORT_FILES = ("report.md", "summary.png", "layers.png")
+
+
+def check_demo_out(out: Path) -> None:
+    """The demo writes ``out/checkpoint`` (a tensorslim checkpoint) and the report files into
+    ``out``, replacing those of an earlier demo run there. It refuses a folder whose
+    ``checkpoint`` is not a tensorslim checkpoint, or that holds report files but no demo
+    checkpoint (someone else's files); other files in ``out`` are never touched."""
+    from .io import check_save_target, is_checkpoint
+
+    check_save_target(out / "checkpoint", overwrite=True)
+    clash = [n for n in REPORT_FILES if (out / n).exists()]
+    if clash and not is_checkpoint(out / "checkpoint"):
+        raise ValueError(f"demo: refusing to write into {out}: it holds {clash} but no demo checkpoint "
+                         f"({out / 'checkpoint'}), so they are not a previous demo's; choose another --out")
 
 
 def _has(name: str) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io import atomic_write
+from .files import atomic_write
 
 
 @dataclass(frozen=True)

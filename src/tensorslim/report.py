@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .io import write_text_atomic
+from .files import write_text_atomic
 from .plan import CompressionPlan
 
 
@@ -105,7 +105,7 @@ def plot_layers(plan: CompressionPlan, path: str | os.PathLike) -> Path:
 def _save_fig(fig, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
-    from .io import atomic_write
+    from .files import atomic_write
 
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .cost import count, measure_latency
-from .io import atomic_write, write_text_atomic
+from .files import atomic_write, write_text_atomic
 from .plan import CompressionPlan, LayerSpec
 from .surgery import compress
 

@@ -68,12 +68,17 @@ def _pad(info: Mapping[str, Any] | None) -> bool:
 
 def load_source(src: Source) -> Loaded:
     """Load the model ``src`` names (raises FileNotFoundError / ValueError with the fix)."""
-    if src.checkpoint is not None:
-        loaded = _from_checkpoint(Path(src.checkpoint), src.model)
-    elif src.weights is not None:
-        loaded = _from_weights(Path(src.weights), src.model, src.width)
-    else:
-        loaded = _from_registry(src.model)  # type: ignore[arg-type]
+    try:
+        if src.checkpoint is not None:
+            loaded = _from_checkpoint(Path(src.checkpoint), src.model)
+        elif src.weights is not None:
+            loaded = _from_weights(Path(src.weights), src.model, src.width)
+        else:
+            loaded = _from_registry(src.model)  # type: ignore[arg-type]
+    except (ValueError, OSError) as e:  # name the argument (same exception type)
+        flag = "--checkpoint" if src.checkpoint is not None else "--weights" if src.weights else "--model"
+        kind = next(k for k in (FileNotFoundError, PermissionError, ValueError, OSError) if isinstance(e, k))
+        raise kind(f"{flag}: {e}") from None
     if src.pad_to_32 is not None:
         loaded.pad_to_32 = src.pad_to_32
     loaded.model.eval()
@@ -93,14 +98,14 @@ def _from_registry(name: str) -> Loaded:
 
 def _from_weights(path: Path, name: str | None, width: float | None) -> Loaded:
     from .io import load_state_checked, load_state_dict_file
-    from .models import create, list_models, load_checkpoint
+    from .models import checkpoint_info, create, list_models, load_checkpoint
 
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     record = path.with_suffix(".json")
     if path.suffix == ".safetensors" and record.is_file():
-        info = json.loads(record.read_text())
-        arch = (info.get("arch") or {}).get("name")
+        info = checkpoint_info(path.stem, path.parent)
+        arch = (info.get("arch") if isinstance(info.get("arch"), dict) else {}).get("name")
         if name is not None and arch != name:
             raise ValueError(f"{path} holds a {arch!r} model ({record}), not {name!r}")
         return Loaded(load_checkpoint(path.stem, path.parent), f"{arch}, weights {path}", _pad(info))
@@ -237,6 +242,24 @@ class CompressConfig:
     multi_stage: bool = False  # MUSCO: finetune_steps per stage
     stages: int = 3
     state_dir: str | None = None  # resumable multi-stage runs
+    overwrite: bool = False  # replace a tensorslim checkpoint already at out_dir (never other files)
+
+    def __post_init__(self) -> None:
+        check_counts("compress", positive=("batch_size", "latency_batch", "threads", "val_subset",
+                                           "stages"), non_negative=("finetune_steps", "bn_steps",
+                                                                    "reconstruct_steps"), obj=self)
+        if self.test_subset is not None:
+            check_counts("compress", positive=("test_subset",), obj=self)
+
+
+def check_counts(where: str, *, obj: Any, positive: Sequence[str] = (),
+                 non_negative: Sequence[str] = ()) -> None:
+    """Each named int field of ``obj`` (None skipped) is a positive / non-negative int."""
+    for names, low in ((positive, 1), (non_negative, 0)):
+        for name in names:
+            v = getattr(obj, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise ValueError(f"{where}: {name} must be an int >= {low}, got {v!r}")
 
 
 def resolve_reconstruct_steps(reconstruct_steps: int | None, finetune_steps: int,
@@ -273,12 +296,13 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     """Plan, compress, optionally fine-tune (KD from the dense model), compare and save:
     ``out_dir`` gets the checkpoint (model.safetensors, plan.json, meta.json), report.md,
     summary.png and layers.png. Returns ``{"rows", "plan", "report"}``."""
-    from .io import save
+    from .io import check_save_target, save
     from .methods import oneshot
     from .report import summary_table, write_report
     from .train import fine_tune
 
     t0 = time.perf_counter()
+    check_save_target(cfg.out_dir, overwrite=cfg.overwrite)  # refuse a bad --out before any work
     cfg = dataclasses.replace(cfg, reconstruct_steps=resolve_reconstruct_steps(
         cfg.reconstruct_steps, cfg.finetune_steps, cfg.multi_stage))
     bn_steps = resolve_bn_steps(cfg.bn_steps, cfg.reconstruct_steps)
@@ -316,8 +340,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     rows = with_side_by_side_latency(rows, src.model, res.model, xb, cfg.threads)
     print("\n" + summary_table(rows), flush=True)
     out = Path(cfg.out_dir)
-    save(res.model, res.plan, out, extra={"input": {"pad_to_32": src.pad_to_32},
-                                          "source": src.description})
+    save(res.model, res.plan, out, overwrite=cfg.overwrite,
+         extra={"input": {"pad_to_32": src.pad_to_32}, "source": src.description})
     notes = [f"base model: {src.description}",
              f"goal: {cfg.method}, {dict(cfg.goal)}",
              f"data-aware refit of the factors: {cfg.reconstruct_steps} training batches"
@@ -405,10 +429,33 @@ class SweepConfig:
     seed: int = 0
 
 
+def check_sweep_out(out_dir: str | Path) -> None:
+    """The sweep writes ``sweep.csv`` and ``sweep_<layer>.png`` into ``out_dir``, replacing
+    those of an earlier sweep; it refuses a file at ``out_dir`` or a ``sweep.csv`` that is not
+    a sweep's (other header), so nothing of someone else's is replaced."""
+    from .files import check_writable
+    from .sweep import COLUMNS, CSV_NAME
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; choose a new or existing folder")
+    csv = out / CSV_NAME
+    if csv.exists():
+        try:
+            first = csv.read_text(errors="replace").partition("\n")[0].strip()
+        except OSError:
+            first = ""
+        if first != ",".join(COLUMNS):
+            raise ValueError(f"refusing to replace {csv}: it is not a tensorslim sweep table "
+                             f"(header {first[:60]!r}); choose another folder")
+    check_writable(out, out)
+
+
 def run_sweep_config(cfg: SweepConfig) -> list[Any]:
     """Load the model and data, run the sweep, print its table; returns the rows."""
     from .sweep import CSV_NAME, run_sweep, sweep_table
 
+    check_sweep_out(cfg.out_dir)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     src = load_source(cfg.source)

@@ -167,7 +167,7 @@ def test_cli_compress_multi_stage_end_to_end(tmp_path, capsys):
     from tensorslim.cli import main
 
     src = tmp_path / "dense"
-    ts.save(_vgg(), None, src)
+    ts.save(_vgg(), ts.CompressionPlan(layers=(), method="keep"), src)
     out = tmp_path / "c"
     assert main(["compress", "--checkpoint", str(src), "--method", "tucker", "--multi-stage",
                  "--stages", "2", "--target-macs", "0.5", "--finetune-steps", "2", "--batch-size", "16",

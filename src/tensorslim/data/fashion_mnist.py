@@ -223,7 +223,7 @@ def download_file(stem: str, directory: Path, *, timeout: float = 60.0) -> Path:
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` via a temporary file in the same directory + rename."""
-    from tensorslim.io import atomic_write
+    from tensorslim.files import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
 

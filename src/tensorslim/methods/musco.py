@@ -417,13 +417,13 @@ class _Run:
             return
         from ..io import save
 
-        save(model, plan, self.dir / f"stage_{k}", extra={"musco": {"stage": k}})
+        save(model, plan, self.dir / f"stage_{k}", extra={"musco": {"stage": k}}, overwrite=True)
         self.save_state(k, history, done, reason)
 
     def save_state(self, k: int, history: list, done: bool, reason: str) -> None:
         if self.dir is None:
             return
-        from ..io import write_text_atomic
+        from ..files import write_text_atomic
 
         self.dir.mkdir(parents=True, exist_ok=True)
         state = {"version": STATE_VERSION, "stage": k, "done": done, "reason": reason,

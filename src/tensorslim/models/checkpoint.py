@@ -10,12 +10,13 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from tensorslim.io import atomic_write, load_state_checked
+from tensorslim.io import (atomic_write, check_shapes, check_writable, load_state_dict_file,
+                           load_state_checked, safetensors_shapes)
 from tensorslim.models.registry import create
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -34,7 +35,7 @@ def save_checkpoint(model: nn.Module, out_dir: PathLike, name: str,
     if not isinstance(arch, dict) or "name" not in arch:
         raise ValueError(f"model {type(model).__name__} has no tensorslim_arch record; "
                          "build it with tensorslim.models.create")
-    out = Path(out_dir)
+    out = check_checkpoint_target(out_dir, name)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights, info = out / f"{name}.safetensors", out / f"{name}.json"
@@ -42,6 +43,47 @@ def save_checkpoint(model: nn.Module, out_dir: PathLike, name: str,
     atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"arch": json.dumps(arch)}))
     atomic_write(info, lambda tmp: Path(tmp).write_text(text))
     return weights, info
+
+
+def check_checkpoint_target(out_dir: PathLike, name: str) -> Path:
+    """Raise unless :func:`save_checkpoint` may write ``{name}.safetensors`` / ``{name}.json``
+    into ``out_dir``: it replaces them only when the JSON is a checkpoint record (an object
+    with an ``"arch"``), never someone else's files of those names."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; choose a new or existing folder")
+    weights, info = out / f"{name}.safetensors", out / f"{name}.json"
+    ours = False
+    if info.is_file():
+        try:
+            ours = "arch" in json.loads(info.read_text())
+        except (OSError, ValueError, TypeError):
+            ours = False
+    clash = [p.name for p in (weights, info) if p.exists() or p.is_symlink()]
+    if clash and not ours:
+        raise ValueError(f"refusing to replace {clash} in {out}: they are not a tensorslim model "
+                         f"checkpoint ({info.name} with an 'arch' record); choose another folder")
+    check_writable(out, out)
+    return out
+
+
+def check_arch(arch: Any, source: PathLike) -> tuple[str, dict[str, Any]]:
+    """``(name, kwargs)`` of an architecture record ``{"name": str, "kwargs": {str: ...}}``."""
+    if (not isinstance(arch, Mapping) or not isinstance(arch.get("name"), str)
+            or not isinstance(arch.get("kwargs", {}), Mapping)
+            or not all(isinstance(k, str) for k in arch.get("kwargs", {}))):
+        raise ValueError(f"{source}: 'arch' must be an object {{\"name\": str, \"kwargs\": {{...}}}}, "
+                         f"got {arch!r:.200}")
+    return arch["name"], dict(arch.get("kwargs", {}))
+
+
+def build_arch(name: str, kwargs: dict[str, Any], source: PathLike) -> nn.Module:
+    """``create(name, **kwargs)`` (on the current default device), a wrong record as a
+    ValueError naming ``source``."""
+    try:
+        return create(name, **kwargs)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{source}: cannot build architecture {name!r}: {e}") from None
 
 
 def available_pretrained(weights_dir: PathLike | None = None) -> list[str]:
@@ -59,21 +101,28 @@ def checkpoint_info(name: str, directory: PathLike | None = None) -> dict[str, A
     if not path.is_file() or not path.with_suffix(".safetensors").is_file():
         raise ValueError(f"no checkpoint named {name!r} in {d} (need {name}.safetensors and "
                          f"{name}.json); available: {available_pretrained(d)}")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is corrupt (not JSON text): {e}") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} is corrupt: expected a JSON object, got {type(info).__name__}")
+    return info
 
 
 def load_checkpoint(name: str, directory: PathLike | None = None) -> nn.Module:
-    """Rebuild model ``name`` from ``directory`` (default: the shipped weights), in eval mode."""
-    from safetensors.torch import load_file
-
+    """Rebuild model ``name`` from ``directory`` (default: the shipped weights), in eval mode.
+    The architecture is built on the meta device and checked against the weights' header
+    before it is built for real."""
     d = Path(directory) if directory is not None else WEIGHTS_DIR
     info = checkpoint_info(name, d)
-    arch = info.get("arch")
-    if not isinstance(arch, dict) or "name" not in arch:
-        raise ValueError(f"{d / name}.json has no valid 'arch' record: {arch!r}")
-    model = create(arch["name"], **arch.get("kwargs", {}))
+    arch_name, kwargs = check_arch(info.get("arch"), d / f"{name}.json")
     path = d / f"{name}.safetensors"
-    load_state_checked(model, load_file(str(path)), str(path))
+    shapes = safetensors_shapes(path)
+    with torch.device("meta"):  # nothing real is built for a record that does not fit
+        check_shapes(build_arch(arch_name, kwargs, d / f"{name}.json"), shapes, str(path))
+    model = build_arch(arch_name, kwargs, d / f"{name}.json")
+    load_state_checked(model, load_state_dict_file(path), str(path))
     return model.eval()
 
 
