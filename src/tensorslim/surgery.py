@@ -126,8 +126,18 @@ def compress(
     _check_fits(model, plan, modules)
     specs = plan.compressed
     new = {}
-    for spec in tqdm(specs, desc="decomposing" if decompose else "building", disable=not progress or not specs):
+    from time import perf_counter
+
+    bar = tqdm(specs, desc="decomposing" if decompose else "building",
+               disable=not progress or not specs)
+    done = ""  # the bar shows the layer being built and how long the previous one took
+    for spec in bar:
+        bar.set_postfix_str(f"{spec.name}{done}")
+        start = perf_counter()
         new[spec.name] = build_layer(modules[spec.name], spec, decompose=decompose)
+        took = f"{spec.name} {perf_counter() - start:.1f}s"
+        bar.set_postfix_str(took)
+        done = f" (last: {took})"
     _swap(model, {modules[n]: layer for n, layer in new.items()})
     return model
 

@@ -177,14 +177,19 @@ class _TuckerConvNd(FactorizedConv):
     def from_conv(cls, conv: nn.Module, rank: Rank, **tucker_opts: Any) -> "_TuckerConvNd":
         """Partial Tucker (HOOI via ``tensorslim.tensor.tucker``) of each group's kernel.
 
-        ``rank``: int r (r_in = r_out = r) or (r_in, r_out), totals over the groups.
-        Sets ``approx_error`` = ||W - W^|| / ||W||.
+        ``rank``: int r (r_in = r_out = r) or (r_in, r_out), totals over the groups;
+        ``tucker_opts`` go to ``tucker`` (``n_iter``, ``tol``, ``init``, ``seed``). The kernel is
+        decomposed in its own precision (float32 or float64; half precisions in float32): the
+        factors are stored in that dtype anyway, and float32 halves the time of every product
+        and eigendecomposition. Sets ``approx_error`` = ||W - W^|| / ||W|| (computed in float64).
         """
         geo = cls._geometry(conv)
         r_in, r_out = cls._check_rank(geo, rank)
         check_module_finite(cls.__name__, conv)
         g = geo.groups
-        w = conv.weight.detach().to(torch.float64)
+        w = conv.weight.detach()
+        if w.dtype not in (torch.float32, torch.float64):
+            w = w.to(torch.float32)
         from ..tensor import tucker
         parts = [tucker(wg, (r_out // g, r_in // g), modes=(0, 1), **tucker_opts)
                  for wg in group_blocks(w, g)]
