@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -33,13 +34,31 @@ def test_unreachable_target_says_best_ratio(small_cnn, image):
 
 
 def test_layers_that_cannot_save_are_kept_with_reason(small_cnn, image):
-    plan = ts.make_plan(small_cnn, "tucker", image, target_macs=0.3)
+    plan = ts.make_plan(small_cnn, "tucker", image, target_macs=0.3, rank_rule="uniform")
+    assert all(len(s.reason) <= 100 and "\n" not in s.reason for s in plan.layers)  # one line each
     for spec in plan.compressed:  # nothing compressed gets more expensive
         assert spec.macs_after < spec.macs_before
     dw = plan["features.9"]
     assert dw.method == "keep" and "depthwise" in dw.reason
-    lin = plan["head.1"]  # no Tucker for Linear
-    assert lin.method == "keep" and lin.reason
+    lin = plan["head.1"]  # a Tucker-2 of a matrix is its truncated SVD: Linear layers get SVD
+    assert lin.method == "svd" and lin.macs_after < lin.macs_before
+    assert lin.reason == "svd: a matrix's Tucker-2 is its truncated SVD"
+    assert all(s.method == "tucker" for s in plan.compressed if s.layer_type == "Conv2d")
+
+
+@pytest.mark.parametrize("method", ["tucker", "cp"])
+def test_matrix_layers_get_svd_unless_excluded(small_cnn, image, method):
+    x1 = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.Conv2d(32, 48, 1),
+                             torch.nn.Flatten(), torch.nn.Linear(48 * 28 * 28, 64)).eval()
+    plan = ts.make_plan(x1, method, image, ranks={"1": 8, "3": 8})
+    for name in ("1", "3"):  # the 1x1 conv and the Linear layer
+        s = plan[name]
+        assert (s.method, s.rank) == ("svd", 8) and s.reason.startswith("svd: ") and "\n" not in s.reason
+    counted = ts.count(ts.compress(copy.deepcopy(x1), plan, progress=False), image)
+    assert counted.total_macs == plan.macs_after
+    kept = ts.make_plan(x1, method, image, target_macs=0.5, exclude=["1"])  # the user keeps the 1x1 conv
+    assert kept["1"].method == "keep" and kept["1"].reason == "not selected by include/exclude"
+    assert kept["3"].method == "svd"
 
 
 def test_manual_rank_that_does_not_pay_is_kept(small_cnn, image):

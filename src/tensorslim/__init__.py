@@ -20,7 +20,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "make_plan": "tensorslim.plan",
+    "make_plan": "tensorslim.planning",
     "CompressionPlan": "tensorslim.plan",
     "LayerSpec": "tensorslim.plan",
     "compress": "tensorslim.surgery",
@@ -30,7 +30,7 @@ _LAZY = {
     "save": "tensorslim.io",
     "load": "tensorslim.io",
 }
-_SUBMODULES = {"tensor", "layers", "rank", "methods", "data", "models", "train", "io", "report",
+_SUBMODULES = {"tensor", "layers", "rank", "planning", "methods", "data", "models", "train", "io", "report",
                "calibrate", "reconstruct"}
 
 

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from torch import nn
 from .files import (atomic_write, check_writable, existing_folder, folder_lock, pid_alive,
                     swap_into_place, write_text_atomic)
 from .plan import CompressionPlan
+from .statedict import check_shapes, load_state_checked, load_state_dict_file, safetensors_shapes
 
 __all__ = ["save", "load", "read_meta", "is_checkpoint", "check_save_target", "clean_stale_temps",
            "load_state_checked", "load_state_dict_file", "atomic_write", "write_text_atomic",
@@ -40,7 +41,6 @@ WEIGHTS, PLAN, META = "model.safetensors", "plan.json", "meta.json"
 # files tensorslim itself writes into a checkpoint folder (compress: report; export: ONNX)
 OWN_FILES = (WEIGHTS, PLAN, META, "report.md", "summary.png", "layers.png")
 _LEGACY_META_KEYS = {"format_version", "arch", "extra"}
-_MAX_HEADER = 100 * 2**20
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -204,36 +204,6 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def safetensors_shapes(file: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a safetensors file's header (reads the header only)."""
-    file = Path(file)
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or n > min(size - 8, _MAX_HEADER):
-            raise ValueError(f"{file} is truncated or corrupt: not a safetensors file ({size} bytes"
-                             + (f", header length {n})" if n >= 0 else ", too short for a header)"))
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
-    except (ValueError, TypeError, KeyError, AttributeError):
-        raise ValueError(f"{file} is truncated or corrupt: its header is not a safetensors tensor table") from None
-    return shapes
-
-
-def check_shapes(model: nn.Module, shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
-    """Every key and shape of ``model.state_dict()`` (may be on the meta device) must match."""
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(own) - set(shapes))
-    extra = sorted(set(shapes) - set(own))
-    bad = [f"{k}: checkpoint {shapes[k]} vs model {own[k]}" for k in own if k in shapes and shapes[k] != own[k]]
-    if missing or extra or bad:
-        raise ValueError(f"{source} does not match the model: missing keys {missing[:10]}, "
-                         f"unexpected keys {extra[:10]}, shape mismatches {bad[:10]}")
-
-
 def meta_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers live on the meta device (no memory)."""
     memo: dict[int, Any] = {}
@@ -308,39 +278,3 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, progress: b
         raise ValueError(f"{path / WEIGHTS} is truncated or corrupt: {e}") from None
     load_state_checked(model, state, str(path / WEIGHTS))
     return model
-
-
-def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model`` after checking every key and shape, with a clear error."""
-    check_shapes(model, {k: tuple(v.shape) for k, v in state.items()}, source)
-    model.load_state_dict(state, strict=True)
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a ``.pt``/``.pth`` file (never unpickles code).
-    A file that is not one is a ValueError naming it."""
-    import pickle
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        safetensors_shapes(path)
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path} is truncated or corrupt: {e}") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as e:
-        why = ("it holds pickled objects other than tensors (a whole module?); save "
-               "model.state_dict() instead" if isinstance(e, pickle.UnpicklingError)
-               else re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip() or type(e).__name__).splitlines()[0]))
-        raise ValueError(f"{path} is not a state dict torch.load(weights_only=True) can read "
-                         f"(tensorslim never unpickles code): {why}") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} holds no state dict of tensors (got {type(obj).__name__})")
-    return obj

@@ -16,12 +16,12 @@ METHODS = ("cp", "tucker", "svd", "tt", "auto")
 KEEP = "keep"
 
 
-def _freeze(v: Any) -> Any:
+def freeze(v: Any) -> Any:
     """JSON lists back to tuples (recursively) so specs stay hashable and comparable."""
     if isinstance(v, list):
-        return tuple(_freeze(x) for x in v)
+        return tuple(freeze(x) for x in v)
     if isinstance(v, dict):
-        return {k: _freeze(x) for k, x in v.items()}
+        return {k: freeze(x) for k, x in v.items()}
     return v
 
 
@@ -65,7 +65,7 @@ class LayerSpec:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown LayerSpec fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{k: _freeze(v) for k, v in d.items()})
+        return cls(**{k: freeze(v) for k, v in d.items()})
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class CompressionPlan:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown plan fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(layers=layers, **{k: _freeze(v) for k, v in d.items()})
+        return cls(layers=layers, **{k: freeze(v) for k, v in d.items()})
 
     @classmethod
     def from_json(cls, text: str) -> "CompressionPlan":
@@ -206,48 +206,3 @@ def unknown_names_error(what: str, unknown: Iterable[str], names: Sequence[str])
     shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
     return ValueError(f"{what} names no layer of this model: {'; '.join(parts)}. "
                       f"Layers: {shown or 'none'}")
-
-
-def make_plan(model: Any, method: str = "tucker", example_inputs: Any = None, **goal: Any) -> CompressionPlan:
-    """Choose a method and rank for every compressible layer of ``model``.
-
-    Args:
-        model: the dense ``nn.Module``.
-        method: ``cp`` | ``tucker`` | ``svd`` | ``tt`` | ``auto`` (tucker for k>1 convs, svd for
-            Linear and 1x1 convs).
-        example_inputs: a tensor or tuple of inputs used to trace shapes (MACs depend on them).
-        ranks: an int for every layer, a float in (0, 1] (fraction of each mode's full rank),
-            or a mapping from layer name to rank (ints or fractions). A fraction, or one int
-            for every layer, becomes each layer's nearest valid rank (e.g. a multiple of a
-            grouped conv's groups; the spec's reason says when it was moved); a rank given
-            by name must be valid as it is.
-        target_macs / target_params: keep this fraction of the whole model's MACs / params
-            (``target_macs=0.25`` = 4x fewer), met to within 2% when reachable.
-        energy: fraction of squared singular values kept per layer (svd, tucker, tt).
-        include / exclude: glob patterns on qualified layer names.
-        objective: ``macs`` (default) or ``params``: the cost a layer must reduce to be
-            compressed; a layer that would not get cheaper is kept dense with the reason.
-        measure_error: decompose every chosen layer now and record the approximation error.
-        cp_epc: with ``method="cp"``, decompose by CPD-EPC (``options={"epc": True}`` on every
-            CP layer spec: the CP-ALS error at least sensitivity, Phan et al. 2020).
-        rank_rule: how ranks are chosen (recorded in ``plan.goal`` with its parameters; see
-            ``tensorslim._rank_rules``): ``"uniform"`` (default for target_macs/target_params:
-            one cost fraction for every layer), ``"min_error"`` (target_macs/target_params met
-            while minimising the summed per-layer error proxy, weighted by
-            ``layer_weights={name: w}``), ``"constant"`` (``rate=4.0``: per layer the largest
-            rank with params <= dense/rate), ``"vbmf"`` (``vbmf_factor=1.0``: EVBMF ranks,
-            MUSCO-softened; tucker/svd), ``"energy"`` (``energy=0.9``), ``"accuracy_drop"``
-            (``drop=0.005``, ``evaluate=callable(model) -> accuracy``: per layer the cheapest
-            rank whose compression alone costs at most ``drop``; the callable is recorded as a
-            description).
-
-    Every counted layer is listed (transposed convs and layers holding a weight shared with
-    another module, e.g. an LM head tied to its embedding, stay dense with the reason).
-    ValueError, naming the layer or the argument: a name in ``ranks`` / ``layer_weights``
-    that is no (compressible) layer, or an include/exclude glob matching no layer (with
-    close matches); no layer this method can compress (with each layer's reason); a layer
-    to compress with NaN/Inf weights (leave it out with ``exclude``).
-    """
-    from ._planner import build_plan
-
-    return build_plan(model, method, example_inputs, dict(goal))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tensorslim.layers import LowRankConv2d, LowRankLinear, TuckerConv2d
-from tensorslim.rank import VBMFResult, evbmf, evbmf_rank, soften_rank, vbmf_ranks, vbmf_ranks_factorized
+from tensorslim.planning import vbmf_ranks_factorized
+from tensorslim.rank import VBMFResult, evbmf, evbmf_rank, soften_rank, vbmf_ranks
 from tensorslim.tensor import mode_dot
 
 

@@ -1,6 +1,6 @@
 """Rank choice of one MUSCO stage (pure: reads weights, never changes a model).
 
-Every compressible layer of the ORIGINAL dense model is a planner ``_Layer`` (its dense module,
+Every compressible layer of the ORIGINAL dense model is a planning ``PlannedLayer`` (its dense module,
 traced shapes and MACs); its current state is its plan spec (``keep`` = still dense, else the
 method and rank it runs at now). A rule gives each layer a *guide* rank:
 
@@ -8,7 +8,7 @@ method and rank it runs at now). A rule gives each layer a *guide* rank:
   factorized weight (``vbmf_ranks_factorized``), softened by ``factor`` as in MUSCO
   (R_new = R - factor (R - R_vbmf)). CP takes the CP rank with the parameters of the Tucker-2
   at the EVBMF ranks (EVBMF estimates matrix ranks, not CP ranks).
-* a fraction f (per stage): f times the current rank of every mode (a dense layer: the planner's
+* a fraction f (per stage): f times the current rank of every mode (a dense layer: the planning
   fraction rank).
 
 * a mapping {layer name: rank}: the ranks to end at (a one-shot plan's, say), so that
@@ -26,37 +26,37 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from .._planner import _fraction_rank, _Layer, _rank_space, layer_cost
+from ..planning import PlannedLayer, fraction_rank, layer_cost, rank_space
 from ..plan import LayerSpec
 
 GRID = 201  # points of t in [0, 2]
 
 
-def groups_of(layer: _Layer) -> int:
+def groups_of(layer: PlannedLayer) -> int:
     return int(getattr(layer.module, "groups", 1))
 
 
-def valid(layer: _Layer, rank: Any) -> Any:
+def valid(layer: PlannedLayer, rank: Any) -> Any:
     """``rank`` rounded down to a multiple of the groups (at least one per group)."""
     g = groups_of(layer)
     fix = lambda r: max(g, (int(r) // g) * g)  # noqa: E731
     return tuple(fix(r) for r in rank) if isinstance(rank, tuple) else fix(rank)
 
 
-def full_rank(layer: _Layer) -> Any:
+def full_rank(layer: PlannedLayer) -> Any:
     """The rank a dense layer stands at: Tucker (S, T), SVD min(T, S/g prod(k)) (Linear
     min(M, N)), CP the rank whose parameters match the dense layer's."""
     mod = layer.module
     if layer.method == "tucker":
         return (mod.in_channels, mod.out_channels)
     if layer.method == "cp":
-        return _rank_space(layer)[-1]
+        return rank_space(layer)[-1]
     if isinstance(mod, nn.Linear):
         return min(mod.in_features, mod.out_features)
     return min(mod.out_channels, mod.in_channels // mod.groups * prod(mod.kernel_size))
 
 
-def current_rank(layer: _Layer, spec: LayerSpec) -> Any:
+def current_rank(layer: PlannedLayer, spec: LayerSpec) -> Any:
     return spec.rank if spec.compressed else full_rank(layer)
 
 
@@ -68,7 +68,7 @@ def cp_equivalent(shape: Sequence[int], tucker_rank: tuple[int, int]) -> int:
     return max(1, round(params / (s + t + sum(k))))
 
 
-def guide_rank(layer: _Layer, spec: LayerSpec, module: nn.Module, rule: Any, factor: float,
+def guide_rank(layer: PlannedLayer, spec: LayerSpec, module: nn.Module, rule: Any, factor: float,
                stage: int) -> tuple[Any, str]:
     """(guide rank or None, why): None when the rule does not apply to this layer."""
     if isinstance(rule, Mapping):  # final ranks given (e.g. a one-shot plan's): head for them
@@ -81,15 +81,16 @@ def guide_rank(layer: _Layer, spec: LayerSpec, module: nn.Module, rule: Any, fac
         return _vbmf(layer, spec, module, factor), f"EVBMF (factor {factor:g})"
     frac = float(rule[min(stage, len(rule)) - 1])
     if not spec.compressed:
-        return valid(layer, _fraction_rank(layer, frac)), f"{frac:g} of the rank"
+        return valid(layer, fraction_rank(layer, frac)), f"{frac:g} of the rank"
     cur = spec.rank
     scale = lambda r: max(1, round(frac * r))  # noqa: E731
     new = tuple(scale(r) for r in cur) if isinstance(cur, tuple) else scale(cur)
     return valid(layer, new), f"{frac:g} of the current rank"
 
 
-def _vbmf(layer: _Layer, spec: LayerSpec, module: nn.Module, factor: float) -> Any:
-    from ..rank.vbmf import soften_rank, vbmf_ranks, vbmf_ranks_factorized
+def _vbmf(layer: PlannedLayer, spec: LayerSpec, module: nn.Module, factor: float) -> Any:
+    from ..planning import vbmf_ranks_factorized
+    from ..rank.vbmf import soften_rank, vbmf_ranks
 
     if not spec.compressed:
         w = module.weight.detach()
@@ -121,7 +122,7 @@ def _along(cur: Any, guide: Any, t: float) -> Any:
     return max(1, round(one(cur, guide)))
 
 
-def mac_path(layer: _Layer, spec: LayerSpec, guide: Any) -> tuple[list[tuple[Any, int, int]], list[int]]:
+def mac_path(layer: PlannedLayer, spec: LayerSpec, guide: Any) -> tuple[list[tuple[Any, int, int]], list[int]]:
     """Candidates ``(rank or None = dense, params, MACs)`` with strictly falling MACs (index 0
     = the layer now), and the candidate index at each of the ``GRID`` values of t."""
     if spec.compressed:

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from tensorslim.io import (atomic_write, check_shapes, check_writable, load_state_dict_file,
-                           load_state_checked, safetensors_shapes)
+from tensorslim.files import atomic_write, check_writable
+from tensorslim.statedict import check_shapes, load_state_checked, load_state_dict_file, safetensors_shapes
 from tensorslim.models.registry import create
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"

@@ -1,7 +1,7 @@
 """Pure rank-selection rules: approximation-error proxies, a per-layer constant compression
 rate, an error-minimising whole-model budget, and a monotone bisection search.
 
-Nothing here touches ``nn.Module``; the planner (``tensorslim._rank_rules``) feeds these
+Nothing here touches ``nn.Module``; the planner (``tensorslim.planning.rules``) feeds these
 functions with weights, rank candidates and costs.
 
 Error proxies (squared relative error ||W - W^||^2 / ||W||^2, from SVDs computed once):

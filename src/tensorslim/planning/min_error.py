@@ -1,0 +1,105 @@
+"""The searching rank rules: ``min_error`` (a whole-model target met at the least weighted
+error proxy) and ``accuracy_drop`` (per layer, the cheapest rank within an accuracy drop)."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+from torch import nn
+
+from .candidates import PlannedLayer, build_spec, rank_candidates
+from .rule_base import Choice, PlanContext
+
+
+def min_error_ranks(layers: Sequence[PlannedLayer], weights: Any, obj: int, total: int, kind: str,
+                    target: float) -> Choice:
+    """Ranks meeting ``target`` of the ``total`` cost (``obj`` 0 params, 1 MACs) with the
+    least sum of weighted per-layer error proxies (see ``rank.rules.min_error_allocation``)."""
+    from ..rank.rules import error_proxies, min_error_allocation
+
+    weights = _layer_weights(weights, layers)
+    cands = {l.name: rank_candidates(l, obj) for l in layers}
+    dense = {l.name: (l.params, l.macs)[obj] for l in layers}
+    costs, errors = [], []
+    for l in layers:
+        c = cands[l.name]
+        errs = error_proxies(l.module.weight, l.method, [r for r, _ in c],
+                             getattr(l.module, "groups", 1), **l.options) if c else []
+        costs.append([rc[1][obj] for rc in c] + [dense[l.name]])
+        errors.append(errs + [0.0])
+    fixed = total - sum(dense.values())
+    budget = target * total - fixed
+    cheapest = fixed + sum(min(c) for c in costs)
+    if cheapest > target * total * 1.0000001:
+        raise ValueError(f"{kind}={target} is unreachable: with the smallest rank on every compressible "
+                         f"layer the model keeps {cheapest / total:.4f} of its cost (best reachable "
+                         f"{kind}={cheapest / total:.4f})")
+    idx = min_error_allocation(costs, errors, budget, [weights[l.name] for l in layers])
+    chosen, notes = {}, {}
+    for l, i, errs in zip(layers, idx, errors):
+        if i == len(cands[l.name]):
+            chosen[l.name] = ("kept dense: the min-error allocation keeps it dense" if cands[l.name]
+                              else "kept dense: no rank of this method reduces its cost")
+            continue
+        chosen[l.name] = cands[l.name][i][0]
+        notes[l.name] = f"min_error: error proxy {errs[i]:.4g} (weight {weights[l.name]:g})"
+    return chosen, notes
+
+
+def _layer_weights(weights: Any, layers: Sequence[PlannedLayer]) -> dict[str, float]:
+    names = [l.name for l in layers]
+    if weights is None:
+        return {n: 1.0 for n in names}
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"layer_weights must be a mapping {{layer name: weight}}, got {type(weights).__name__}")
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        import difflib
+
+        close = {u: difflib.get_close_matches(str(u), names, n=3) for u in unknown}
+        hint = "; ".join(f"{u!r} -> {c}" for u, c in close.items() if c)
+        raise ValueError(f"layer_weights names layers that are not planned for compression: {unknown}"
+                         f"{'; close matches: ' + hint if hint else ''}; planned: {names}")
+    for n, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"layer_weights[{n!r}] must be a finite number >= 0, got {w!r}")
+    return {n: float(weights.get(n, 1.0)) for n in names}
+
+
+def accuracy_drop_ranks(ctx: PlanContext, layers: Sequence[PlannedLayer], drop: float,
+                        evaluate: Callable[[nn.Module], float]) -> Choice:
+    """Per layer, alone on a copy of the model: the cheapest rank candidate whose accuracy
+    drop (``evaluate(dense) - evaluate(compressed)``, before any fine-tuning) is <= ``drop``,
+    by bisection over the candidates sorted by cost (the drop is assumed monotone in rank)."""
+    from tqdm.auto import tqdm
+
+    from ..plan import CompressionPlan
+    from ..rank.rules import smallest_passing
+    from ..surgery import compress
+
+    model = ctx.model
+    base = float(evaluate(model))
+    chosen, notes = {}, {}
+    bar = tqdm(layers, desc="accuracy-drop ranks", disable=not layers)
+    for l in bar:
+        cands = rank_candidates(l, ctx.obj)
+        cache: dict[int, float] = {}
+
+        def cost_of(i: int) -> float:
+            if i not in cache:
+                spec = build_spec(l, cands[i][0], ctx.objective)
+                trial = compress(copy.deepcopy(model), CompressionPlan((spec,), l.method), progress=False)
+                cache[i] = base - float(evaluate(trial))
+                bar.set_postfix(layer=l.name, rank=str(cands[i][0]), drop=f"{cache[i]:.4f}")
+            return cache[i]
+
+        i = smallest_passing(len(cands), lambda k: cost_of(k) <= drop)
+        if i is None:
+            chosen[l.name] = ("kept dense: no rank of this method reduces its cost" if not cands else
+                              f"kept dense: even rank {cands[-1][0]} alone drops accuracy by "
+                              f"{cache[len(cands) - 1]:.4f} > {drop:g}")
+            continue
+        chosen[l.name] = cands[i][0]
+        notes[l.name] = f"accuracy drop {cache[i]:.4f} <= {drop:g} alone (dense {base:.4f})"
+    return chosen, notes
