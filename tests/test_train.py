@@ -210,3 +210,31 @@ def test_channels_last_guard_finds_narrow_strided_1x1() -> None:
         hist = train(model, [(x, y)], epochs=1, lr=0.01, progress=False, log_every=0,
                      channels_last=True)
     assert hist["steps"] == 1 and math.isfinite(hist["loss"][0])
+
+
+def test_fine_tune_steps_runs_exactly_that_many_steps_cycling_the_loader() -> None:
+    # 4 batches per epoch, 10 steps: 3 epochs (4 + 4 + 2), the cosine schedule spans the 10 steps
+    a, b = _tiny(), _tiny()
+    hist = fine_tune(a, _toy_loader(), steps=10, lr=0.05, seed=2, progress=False, log_every=0)
+    assert hist["steps"] == 10 and hist["epoch"] == [1, 2, 3]
+    assert hist["lr"][-1] == pytest.approx(0.05 * _lr_factor(10, 10, 0, "cosine"), abs=1e-12)
+    # the same as the epochs form with a step cap (what callers wrote before steps= existed)
+    old = fine_tune(b, _toy_loader(), epochs=3, max_steps=10, lr=0.05, seed=2, progress=False,
+                    log_every=0)
+    assert old["loss"] == hist["loss"] and old["steps"] == 10
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # fewer steps than one epoch: one (partial) epoch
+    short = fine_tune(_tiny(), _toy_loader(), steps=3, progress=False, log_every=0)
+    assert short["steps"] == 3 and short["epoch"] == [1]
+
+
+def test_fine_tune_steps_errors() -> None:
+    model, loader = _tiny(), _toy_loader()
+    with pytest.raises(ValueError, match="give epochs or steps, not both"):
+        fine_tune(model, loader, epochs=2, steps=5)
+    with pytest.raises(ValueError, match="give steps or max_steps, not both"):
+        fine_tune(model, loader, steps=5, max_steps=3, progress=False)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="steps must be a positive int or None"):
+            fine_tune(model, loader, steps=bad, progress=False)

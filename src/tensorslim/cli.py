@@ -294,8 +294,8 @@ def _add_compress(sub: Any) -> None:
     c.add_argument("--exclude", action="append", help="glob of layer names to keep dense (repeatable)")
     r = c.add_argument_group("rank rule (how ranks are chosen; see tensorslim.make_plan)")
     r.add_argument("--rank-rule", choices=("uniform", "min_error") + _PER_LAYER_RULES,
-                   help="uniform (default with --target-*: one cost fraction for all layers), min_error "
-                        "(--target-*: minimise the summed approximation error), constant (--rate), vbmf "
+                   help="min_error (default with --target-*: meet it with the least summed approximation "
+                        "error), uniform (--target-*: one cost fraction for all layers), constant (--rate), vbmf "
                         "(--vbmf-factor), energy (--energy, default 0.9), accuracy_drop (--max-drop on "
                         "the first --val-subset validation images)")
     r.add_argument("--rate", type=_pos_float, help="constant: per-layer parameter reduction (default 4)")

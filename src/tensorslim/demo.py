@@ -2,8 +2,8 @@
 fine-tune briefly, and compare accuracy / params / MACs / CPU latency in a table and a report."""
 from __future__ import annotations
 
-import copy
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,18 +12,20 @@ import torch
 from torch import nn
 
 from .report import summary_table, write_report
-from .workflows import RECONSTRUCT_STEPS, latency_note, resolve_bn_steps, summarize, with_side_by_side_latency
+from .app.summary import latency_note, recovered_rows, summarize, test_accuracy, with_side_by_side_latency
+from .reconstruct import DEFAULT_STEPS as RECONSTRUCT_STEPS
+from .recover import RecoverConfig
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     model: str = "vgg16"
     method: str = "tucker"
-    rank_rule: str = "min_error"  # beat uniform on the shipped VGG-16 (benchmarks/bench_musco.py --parts rules)
+    rank_rule: str = "min_error"  # make_plan's default for a target (README, "Default rank rule")
     target_macs: float = 0.25
     finetune_steps: int = 400
     finetune_lr: float = 0.01
-    bn_steps: int | None = None  # None: 50 without the refit, 0 after it (see methods.oneshot)
+    bn_steps: int | None = None  # None: 50 without the refit, 0 after it (see recover.resolve_bn_steps)
     reconstruct_steps: int = RECONSTRUCT_STEPS
     batch_size: int = 128
     latency_batch: int = 64
@@ -49,6 +51,12 @@ class DemoConfig:
                 raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} int, got {v!r}")
 
 
+    def recover_config(self) -> RecoverConfig:
+        """Refit, BatchNorm re-calibration and KD fine-tuning after decomposing."""
+        return RecoverConfig(reconstruct_steps=self.reconstruct_steps, bn_steps=self.bn_steps,
+                             finetune_steps=self.finetune_steps, lr=self.finetune_lr, seed=self.seed)
+
+
 def _pretrained_or_trained(name: str, loaders: Any, seed: int) -> tuple[nn.Module, str]:
     from .models import available_pretrained, create, load_pretrained
 
@@ -68,6 +76,7 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     from .io import save
     from .methods import oneshot
     from .models import pretrained_info
+    from .recover import recover
 
     t0 = time.perf_counter()
     check_demo_out(Path(cfg.out_dir))  # before any work
@@ -84,30 +93,13 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
     rows = [summarize(f"{cfg.model} dense", model, test, x1, None, cfg.threads)]
     res = oneshot(model, cfg.method, x1, target_macs=cfg.target_macs, rank_rule=cfg.rank_rule,
                   progress=True)
-    rows.append(summarize(f"{cfg.method} (no fine-tune)", res.model, test, x1, None, cfg.threads))
-    if cfg.reconstruct_steps:
-        from .reconstruct import reconstruct
-
-        reconstruct(res.model, model, loaders.train, steps=cfg.reconstruct_steps, progress=True)
-        rows.append(summarize(f"{cfg.method} + data-aware refit ({cfg.reconstruct_steps} batches, "
-                              "least squares)", res.model.eval(), test, x1, None, cfg.threads))
-    bn_steps = resolve_bn_steps(cfg.bn_steps, cfg.reconstruct_steps)
-    if bn_steps:
-        from .calibrate import recalibrate_bn
-
-        recalibrate_bn(res.model, loaders.train, steps=bn_steps, progress=True)
-        rows.append(summarize(f"{cfg.method} + BN re-calibration ({bn_steps} batches, no gradient steps)",
-                              res.model.eval(), test, x1, None, cfg.threads))
-    tuned = copy.deepcopy(res.model)  # fine-tune the refit / re-calibrated model
-    if cfg.finetune_steps:
-        from .train import fine_tune
-
-        epochs = max(1, -(-cfg.finetune_steps // len(loaders.train)))
-        fine_tune(tuned, loaders.train, epochs=epochs, max_steps=cfg.finetune_steps,
-                  lr=cfg.finetune_lr, teacher=copy.deepcopy(model).eval(), seed=cfg.seed,
-                  log_every=0)
-    rows.append(summarize(f"{cfg.method} + {cfg.finetune_steps} steps KD", tuned.eval(), test, x1, None,
-                          cfg.threads))
+    rc = cfg.recover_config()
+    rec = recover(res.model, model, rc, train_loader=loaders.train, evaluate=test_accuracy(test),
+                  progress=True)  # evaluated before and after each step that runs
+    rows += recovered_rows(cfg.method, rec, x1, cfg.threads, {})
+    if not rc.finetune_steps:  # the report always shows the fine-tuned row
+        rows.append(dataclasses.replace(rows[-1], label=f"{cfg.method} + 0 steps KD"))
+    tuned = rec.model
     rows = with_side_by_side_latency(rows, model, tuned, xb, cfg.threads)
     print(res.plan.table())
     print()
@@ -120,8 +112,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict[str, Any]:
         f"rank rule {cfg.rank_rule}",
         f"data-aware refit: {cfg.reconstruct_steps} training batches, every factorized layer's last "
         "factors fitted by least squares to the dense layer's outputs" + ("" if cfg.reconstruct_steps else " (off)"),
-        f"BatchNorm re-calibration: {bn_steps} training batches after decomposing, before fine-tuning"
-        if bn_steps else "BatchNorm re-calibration: off (after the refit the dense statistics fit)",
+        f"BatchNorm re-calibration: {rc.bn_batches} training batches after decomposing, before fine-tuning"
+        if rc.bn_batches else "BatchNorm re-calibration: off (after the refit the dense statistics fit)",
         f"fine-tune: {cfg.finetune_steps} SGD steps, batch {cfg.batch_size}, lr {cfg.finetune_lr}, "
         f"distillation from the dense model",
         f"test set: official Fashion-MNIST test, {cfg.test_subset or 10000} images; "

@@ -108,6 +108,7 @@ class TrainOptions:
     distill_alpha: float = 0.5
     distill_T: float = 4.0
     max_steps: int | None = None
+    steps: int | None = None
     log_every: int = 50
     progress: bool = True
     channels_last: bool = False
@@ -124,8 +125,10 @@ class TrainOptions:
         if not 0.0 <= self.distill_alpha <= 1.0 or not self.distill_T > 0:
             raise ValueError("need 0 <= distill_alpha <= 1 and distill_T > 0, got "
                              f"{self.distill_alpha!r}, {self.distill_T!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"max_steps must be a positive int or None, got {self.max_steps!r}")
+        for name in ("max_steps", "steps"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
@@ -172,6 +175,7 @@ def train(
     distill_alpha: float = 0.5,
     distill_T: float = 4.0,
     max_steps: int | None = None,
+    steps: int | None = None,
     val_loader: Batches | None = None,
     device: torch.device | str | None = None,
     seed: int = 0,
@@ -184,6 +188,8 @@ def train(
     Loss: cross-entropy (``label_smoothing``), mixed with ``distill_alpha`` times the
     distillation loss when a ``teacher`` is given. The learning rate follows ``schedule``
     per step (after ``warmup_steps`` of linear warm-up). Stops after ``max_steps`` if set.
+    ``steps`` instead runs exactly that many optimizer steps, cycling through the loader
+    (a new epoch, with its own batch order, each time it runs out; ``epochs`` is then unused).
     ``channels_last`` runs convolutions in NHWC layout (often faster on CPU).
     Returns the history: ``{"epoch", "loss", "acc", "lr", "val_loss", "val_acc"}`` (lists,
     one entry per epoch, accuracies in [0, 1]) plus ``"steps"``, ``"time_s"``,
@@ -192,7 +198,7 @@ def train(
     opts = TrainOptions(
         epochs=epochs, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
         schedule=schedule, warmup_steps=warmup_steps, label_smoothing=label_smoothing,
-        distill_alpha=distill_alpha, distill_T=distill_T, max_steps=max_steps,
+        distill_alpha=distill_alpha, distill_T=distill_T, max_steps=max_steps, steps=steps,
         log_every=log_every, progress=progress, channels_last=channels_last)
     seed_everything(seed)
     env = _setup_distributed(torch.device(device) if device is not None else None)
@@ -231,20 +237,17 @@ def _train_loop(model: nn.Module, loader: Batches, teacher: nn.Module | None,
     net = _prepare(model, teacher, o, env, device)
     fmt = torch.channels_last if o.channels_last else torch.contiguous_format
     opt = _make_optimizer(model, o.optimizer, o.lr, o.weight_decay, o.momentum)
-    total = len(loader) * o.epochs  # type: ignore[arg-type]
-    total = min(total, o.max_steps) if o.max_steps else total
-    if total < 1:
-        raise ValueError("train_loader yields no batches")
+    epochs, total = _schedule_length(len(loader), o)  # type: ignore[arg-type]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: _lr_factor(s, total, o.warmup_steps, o.schedule))
     hist: dict[str, Any] = {k: [] for k in ("epoch", "loss", "acc", "lr", "val_loss", "val_acc")}
     step, t0 = 0, time.perf_counter()
-    for epoch in range(o.epochs):
+    for epoch in range(epochs):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         net.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{o.epochs}", leave=False,
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                    disable=not (o.progress and env.is_main), dynamic_ncols=True)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -277,6 +280,19 @@ def _train_loop(model: nn.Module, loader: Batches, teacher: nn.Module | None,
     _sync_buffers(model, env)
     hist.update(steps=step, time_s=time.perf_counter() - t0, world_size=env.world_size)
     return hist
+
+
+def _schedule_length(batches: int, o: TrainOptions) -> tuple[int, int]:
+    """(epochs, optimizer steps) for a loader of ``batches`` batches per epoch (this rank's)."""
+    if batches < 1:
+        raise ValueError("train_loader yields no batches")
+    if o.steps is not None:
+        if o.max_steps is not None:
+            raise ValueError(f"give steps or max_steps, not both (got steps={o.steps}, "
+                             f"max_steps={o.max_steps})")
+        return math.ceil(o.steps / batches), o.steps
+    total = batches * o.epochs
+    return o.epochs, min(total, o.max_steps) if o.max_steps else total
 
 
 def _prepare(model: nn.Module, teacher: nn.Module | None, o: TrainOptions, env: DistEnv,
@@ -364,19 +380,17 @@ def evaluate(model: nn.Module, loader: Batches, device: torch.device | str | Non
     return {"accuracy": correct / n, "loss": loss_sum / n, "n": int(n)}
 
 
-def fine_tune(
-    model: nn.Module,
-    train_loader: Batches,
-    *,
-    epochs: int = 1,
-    lr: float = 0.005,
-    weight_decay: float = 5e-4,
-    teacher: nn.Module | None = None,
-    distill_alpha: float = 0.5,
-    distill_T: float = 4.0,
-    **kwargs: Any,
-) -> dict[str, Any]:
+def fine_tune(model: nn.Module, train_loader: Batches, *, epochs: int | None = None,
+              steps: int | None = None, lr: float = 0.005, weight_decay: float = 5e-4,
+              teacher: nn.Module | None = None, distill_alpha: float = 0.5,
+              distill_T: float = 4.0, **kwargs: Any) -> dict[str, Any]:
     """:func:`train` with fine-tuning defaults (SGD, small lr, cosine), optionally distilling
-    from ``teacher`` (typically the uncompressed model). Other keywords go to :func:`train`."""
-    return train(model, train_loader, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                 teacher=teacher, distill_alpha=distill_alpha, distill_T=distill_T, **kwargs)
+    from ``teacher`` (typically the uncompressed model). Give ``epochs`` (default 1) or
+    ``steps`` (exactly that many optimizer steps, cycling the loader; the cosine schedule
+    spans them), not both. Other keywords go to :func:`train`."""
+    if epochs is not None and steps is not None:
+        raise ValueError(f"fine_tune: give epochs or steps, not both (got epochs={epochs!r}, "
+                         f"steps={steps!r})")
+    return train(model, train_loader, epochs=1 if epochs is None else epochs, steps=steps, lr=lr,
+                 weight_decay=weight_decay, teacher=teacher, distill_alpha=distill_alpha,
+                 distill_T=distill_T, **kwargs)

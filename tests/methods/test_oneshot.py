@@ -92,3 +92,14 @@ def test_plan_records_each_layers_weight_error_measured_while_decomposing():
         assert res.plan[name].error == pytest.approx(float(want), rel=1e-4)
     assert res.plan["8"].error is None  # kept dense: nothing measured
     assert "at decomposition" in res.plan.table() and f"{res.plan['3'].error:.3f}" in res.plan.table()
+
+
+def test_recovery_without_data_fails_before_decomposing():
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="oneshot: finetune_steps > 0 needs a train_loader"):
+        oneshot(_net(), "tucker", x, ranks={"3": 4}, finetune_steps=3, progress=False)
+    with pytest.raises(ValueError, match="oneshot: lr must be a number > 0, got -1"):
+        oneshot(_net(), "tucker", x, ranks={"3": 4}, finetune_lr=-1, progress=False)
+    # no data and nothing asked: the decomposition alone, BN statistics kept
+    res = oneshot(_net(), "tucker", x, ranks={"3": 4}, progress=False)
+    assert res.history == {} and torch.equal(res.model[4].running_mean, _net()[4].running_mean)

@@ -24,15 +24,18 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .._planner import _collect, _spec
+from ..planning import build_spec, collect_layers
 from ..cost import count
 from ..plan import KEEP, CompressionPlan, LayerSpec
 from . import _musco_ranks as R
+
+if TYPE_CHECKING:
+    from ..recover import RecoverConfig
 
 METHODS = ("tucker", "svd", "cp", "auto")
 STATE = "state.json"
@@ -138,19 +141,18 @@ def musco(
     layers, plan = _start(model, cfg, example_inputs)
     run = _Run(cfg, model, Path(state_dir) if state_dir is not None else None, progress)
     current, plan, history, done, reason = run.resume(plan)
-    teacher = copy.deepcopy(model).eval() if distill and finetune_steps_per_stage else None
     ran = 0
     while not done and len(history) < cfg.stages:
         if max_stages_this_call is not None and ran >= max_stages_this_call:
             reason = f"paused after {ran} stage(s) in this call"
             break
-        plan, done, reason = _step(run, current, plan, layers, teacher, train_loader, history)
+        plan, done, reason = _step(run, current, plan, layers, train_loader, history)
         ran += 1
     return MuscoResult(current.eval(), plan, tuple(history), len(history), reason)
 
 
 def _step(run: "_Run", current: nn.Module, plan: CompressionPlan, layers: dict,
-          teacher: nn.Module | None, loader: Any, history: list) -> tuple[CompressionPlan, bool, str]:
+          loader: Any, history: list) -> tuple[CompressionPlan, bool, str]:
     """Run the next stage on ``current`` (appending its record to ``history``) and save it;
     returns (plan, done, why it stopped)."""
     cfg, k = run.cfg, len(history) + 1
@@ -159,8 +161,7 @@ def _step(run: "_Run", current: nn.Module, plan: CompressionPlan, layers: dict,
         reason = f"stage {k}: the rank rule changes no rank (ranks stabilised)"
         run.save_state(k - 1, history, True, reason)
         return plan, True, reason
-    rec = _do_stage(current, plan, new_plan, changed, (teacher, run.dense), loader, cfg, k,
-                    run.progress)
+    rec = _do_stage(current, plan, new_plan, changed, run.dense, loader, cfg, k, run.progress)
     history.append(json.loads(json.dumps({**rec, "goal_macs_ratio": goal})))
     reached = cfg.target_macs is not None and new_plan.macs_ratio <= cfg.target_macs
     done = reached or len(history) == cfg.stages
@@ -201,7 +202,7 @@ def _start(model: nn.Module, cfg: MuscoConfig, example_inputs: Any) -> tuple[dic
     """The compressible layers of the dense model and the all-dense starting plan."""
     report = count(model, example_inputs)
     goal = {"include": cfg.include, "exclude": cfg.exclude}
-    todo, kept = _collect(model, cfg.method, report, goal)
+    todo, kept = collect_layers(model, cfg.method, report, goal)
     specs = kept + [LayerSpec(name=l.name, layer_type=type(l.module).__name__, method=KEEP,
                               rank=None, params_before=l.params, params_after=l.params,
                               macs_before=l.macs, macs_after=l.macs, in_shape=l.in_shape,
@@ -247,7 +248,7 @@ def _rule_spec(layer: Any, spec: LayerSpec, guide: Any, why: str, k: int) -> Lay
         guide = R.shrink(spec.rank, guide)
         if guide == spec.rank:
             return spec
-    new = _spec(layer, guide, 1, "macs")
+    new = build_spec(layer, guide, "macs")
     if not new.compressed:  # a dense layer the rule would not make cheaper
         return replace(spec, reason=new.reason)
     return replace(new, reason=f"stage {k}: {why}")
@@ -271,15 +272,15 @@ def _target_specs(layers: dict, specs: dict, guides: dict, plan: CompressionPlan
             continue
         rank = paths[n][0][i][0]
         why = f"stage {k}: MAC schedule {goal:.4f}, {guides[n][1] if guides[n][0] else 'uniform'}"
-        out[n] = replace(_spec(layers[n], rank, 1, "macs"), reason=why)
+        out[n] = replace(build_spec(layers[n], rank, "macs"), reason=why)
     return out
 
 
 def _do_stage(model: nn.Module, old: CompressionPlan, new: CompressionPlan, changed: list[str],
-              models: tuple[nn.Module | None, nn.Module], loader: Any, cfg: MuscoConfig, k: int,
+              dense: nn.Module, loader: Any, cfg: MuscoConfig, k: int,
               progress: bool) -> dict[str, Any]:
-    """Apply stage ``k``'s ranks to ``model`` (through surgery) and fine-tune it;
-    ``models`` = (distillation teacher or None, the dense model for the refit)."""
+    """Apply stage ``k``'s ranks to ``model`` (through surgery) and recover it (refit, BN
+    re-calibration, fine-tuning distilled from the ``dense`` model)."""
     from ..surgery import compress, recompress
 
     t0 = time.perf_counter()
@@ -291,7 +292,7 @@ def _do_stage(model: nn.Module, old: CompressionPlan, new: CompressionPlan, chan
         recompress(model, again, options={n: dict(new[n].options) for n in again},
                    progress=progress)
     errors = {n: getattr(model.get_submodule(n), "approx_error", None) for n in changed}
-    ft = _finetune(model, models, loader, cfg, k, progress)
+    ft = _recover_stage(model, dense, loader, cfg, k, progress)
     rec = {"stage": k, "macs": new.macs_after, "macs_ratio": new.macs_ratio,
            "params": new.params_after, "params_ratio": new.params_ratio,
            "ranks": {s.name: s.rank for s in new.compressed}, "changed": changed,
@@ -307,13 +308,17 @@ class _StageLoader:
     """A training loader whose epochs are offset per stage (new batch orders every stage,
     deterministic from the stage); everything else is the wrapped loader's."""
 
-    def __init__(self, inner: Any, offset: int) -> None:
-        self.inner, self.offset = inner, offset
+    def __init__(self, inner: Any, offset: int, start: int | None = None) -> None:
+        # ``start``: the epoch (within the stage) set when it is first iterated
+        self.inner, self.offset, self.start = inner, offset, start
 
     def __len__(self) -> int:
         return len(self.inner)
 
     def __iter__(self) -> Any:
+        if self.start is not None:
+            self.set_epoch(self.start)
+            self.start = None
         return iter(self.inner)
 
     def set_epoch(self, epoch: int) -> None:
@@ -321,45 +326,46 @@ class _StageLoader:
             self.inner.set_epoch(self.offset + epoch)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "inner":
+        if name in ("inner", "start"):
             raise AttributeError(name)
         if name == "shard" and hasattr(self.inner, "shard"):
-            return lambda *a, **kw: _StageLoader(self.inner.shard(*a, **kw), self.offset)
+            return lambda *a, **kw: _StageLoader(self.inner.shard(*a, **kw), self.offset, self.start)
         return getattr(self.inner, name)
 
 
-def _finetune(model: nn.Module, models: tuple[nn.Module | None, nn.Module], loader: Any,
-              cfg: MuscoConfig, k: int, progress: bool) -> dict[str, Any]:
+def _recover_config(cfg: MuscoConfig, k: int) -> "RecoverConfig":
+    """Stage ``k``'s recovery: refit, BatchNorm re-calibration, KD fine-tuning seeded by (seed, k)."""
+    from ..recover import RecoverConfig
+
+    return RecoverConfig(reconstruct_steps=cfg.reconstruct_steps, bn_steps=cfg.bn_steps,
+                         finetune_steps=cfg.finetune_steps_per_stage, lr=cfg.finetune_lr,
+                         distill=cfg.distill, seed=cfg.seed * 1_000_003 + k)
+
+
+def _stage_loaders(loader: Any, k: int) -> dict[str, Any]:
+    """Stage ``k``'s loader per recovery step: the refit and the BatchNorm re-calibration each
+    get a fixed batch order of their own (resumed runs see the same batches), fine-tuning
+    the stage's epochs."""
+    if loader is None:
+        return {}
+    return {"reconstruct": _StageLoader(loader, 10_000 * k, start=9_998),
+            "bn": _StageLoader(loader, 10_000 * k, start=9_999),
+            "finetune": _StageLoader(loader, 10_000 * k)}
+
+
+def _recover_stage(model: nn.Module, dense: nn.Module, loader: Any, cfg: MuscoConfig, k: int,
+              progress: bool) -> dict[str, Any]:
     """Data-aware refit (``cfg.reconstruct_steps`` batches), BatchNorm re-calibration
     (``cfg.bn_steps``) then ``finetune_steps_per_stage`` SGD steps; the record of each."""
-    out: dict[str, Any] = {}
-    teacher, dense = models
-    if cfg.reconstruct_steps and loader is not None:
-        from ..reconstruct import reconstruct
+    from ..recover import recover
 
-        fit_loader = _StageLoader(loader, 10_000 * k)
-        fit_loader.set_epoch(9_998)
-        fits = reconstruct(model, dense, fit_loader, steps=cfg.reconstruct_steps)
-        out["reconstruct"] = [asdict(f) for f in fits]
-    if cfg.bn_steps and loader is not None:
-        from ..calibrate import recalibrate_bn
-
-        bn_loader = _StageLoader(loader, 10_000 * k)
-        bn_loader.set_epoch(9_999)  # a fixed order of its own: resumed runs see the same batches
-        out["bn_batches"] = recalibrate_bn(model, bn_loader, steps=cfg.bn_steps)
-        model.eval()
-    if not cfg.finetune_steps_per_stage:
+    rc = _recover_config(cfg, k)
+    res = recover(model, dense, rc, loaders=_stage_loaders(loader, k), progress=progress)
+    out = {key: res.history[key] for key in ("reconstruct", "bn_batches") if key in res.history}
+    if "finetune" not in res.history:
         return out
-    from ..train import fine_tune
-
-    steps = cfg.finetune_steps_per_stage
-    wrapped = _StageLoader(loader, 10_000 * k)
-    epochs = max(1, -(-steps // max(1, len(wrapped))))
-    seed = cfg.seed * 1_000_003 + k
-    hist = fine_tune(model, wrapped, epochs=epochs, max_steps=steps, lr=cfg.finetune_lr,
-                     teacher=teacher, seed=seed, progress=progress, log_every=0)
-    model.eval()
-    return out | {"steps": hist["steps"], "loss": hist["loss"][-1], "acc": hist["acc"][-1], "seed": seed}
+    hist = res.history["finetune"]
+    return out | {"steps": hist["steps"], "loss": hist["loss"][-1], "acc": hist["acc"][-1], "seed": rc.seed}
 
 
 def _fingerprint(model: nn.Module) -> str:
