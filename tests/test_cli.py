@@ -1,8 +1,10 @@
 import json
+import math
 import os
 
 import pytest
 import torch
+from _bounds import eckart_young, unfold_rank
 
 import tensorslim as ts
 from tensorslim.cli import build_parser, main
@@ -92,17 +94,32 @@ def test_compress_evaluate_export_end_to_end(trained, tmp_path, capsys):
         assert (out / name).is_file(), name
     plan = ts.CompressionPlan.load(out / "plan.json")
     assert plan.macs_ratio <= 0.5 * 1.02 and plan.compressed
-    # every factorized layer's weight error, measured while decomposing, in plan and report
-    assert all(0.0 < s.error < 1.0 for s in plan.compressed)
+    # every factorized layer's weight error, measured while decomposing, in plan and report:
+    # no lower than the Eckart-Young floor of its rank on the dense weight, and below 1
+    dense = ts.models.load_checkpoint("vgg16", trained)
+    for s in plan.compressed:
+        layer = dense.get_submodule(s.name)
+        floor = eckart_young(layer.weight, getattr(layer, "groups", 1), unfold_rank(s.rank))
+        assert floor * (1 - 1e-5) <= s.error < 1.0, (s.name, s.error, floor)
     spec = plan.compressed[0]
-    assert f"| {spec.name} | " in (out / "report.md").read_text()
-    assert f" {spec.error:.3f} | " in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert f"| {spec.name} | " in report and f" {spec.error:.3f} | " in report
+    acc = _report_accuracy(report)
+    assert list(acc)[0] == "dense" and list(acc)[-1] == "tucker + 10 steps KD"
 
     assert main(["evaluate", "--checkpoint", str(out), "--test-subset", "300", "--latency-batch", "4",
                  "--threads", "1", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["macs"] == plan.macs_after and res["params"] == plan.params_after
-    assert res["test_images"] == 300 and 0.0 <= res["accuracy"] <= 1.0 and res["latency_ms"] > 0
+    # the saved checkpoint scores what the compressed model scored in memory on the same 300
+    # test images (the report's last row, to its 2 decimals in %), well above chance (10 %,
+    # +- 1.7 points on 300 images); the dense row is the trained model's recorded accuracy
+    # (10000 images) to within 3 sigma of 300 images
+    assert res["test_images"] == 300 and f"{100 * res['accuracy']:.2f}" == acc["tucker + 10 steps KD"]
+    assert res["accuracy"] >= 0.15, (acc, res["accuracy"])
+    dense_acc = json.loads((trained / "vgg16.json").read_text())["test_accuracy"]
+    assert abs(float(acc["dense"]) / 100 - dense_acc) <= 0.08, (acc["dense"], dense_acc)
+    assert res["latency_batch"] == 4 and math.isfinite(res["latency_ms"]) and res["latency_ms"] > 0
     assert main(["evaluate", "--checkpoint", str(out), "--no-accuracy", "--latency-batch", "2",
                  "--threads", "1"]) == 0
     assert f"{plan.params_after:,d}" in capsys.readouterr().out
@@ -112,6 +129,18 @@ def test_compress_evaluate_export_end_to_end(trained, tmp_path, capsys):
                  "--threads", "1", "--json"]) == 0
     exp = json.loads(capsys.readouterr().out)
     assert onnx_path.is_file() and exp["matches"] is True and exp["max_abs_diff"] <= 1e-4
+
+
+def _report_accuracy(report: str) -> dict[str, str]:
+    """label -> "test acc %" cell of report.md's model table (the first table)."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model | test acc % |"))
+    rows = []
+    for line in lines[start + 2:]:  # after the header and its |---| line
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.split("|")[1:-1]])
+    return {r[0]: r[1] for r in rows}
 
 
 def test_compress_with_per_layer_ranks_and_weights_file(trained, tmp_path, capsys):

@@ -3,6 +3,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from _bounds import eckart_young, kernel, unfold_rank
 from torch import nn
 
 import tensorslim as ts
@@ -30,7 +31,25 @@ def test_compress_replaces_only_planned_layers(compressed, image):
             assert type(model.get_submodule(spec.name)) is type(dense.get_submodule(spec.name))
     out, ref = model(image), dense(image)
     assert out.shape == ref.shape
-    assert ts.tensor.rel_error(ref, out) < 1.0
+    # the compressed model IS the dense model with every planned weight replaced by its
+    # rebuilt kernel W^ (so a zero, mis-padded or bias-less output fails), and each W^ is as
+    # close to W as its rank allows: at least the Eckart-Young bound, equal to it for SVD
+    rebuilt = copy.deepcopy(dense)
+    with torch.no_grad():
+        for spec in plan.compressed:
+            w = dense.get_submodule(spec.name).weight.detach().double()
+            w_hat = kernel(model.get_submodule(spec.name)).reshape(w.shape)
+            rebuilt.get_submodule(spec.name).weight.copy_(w_hat)
+            layer = model.get_submodule(spec.name)
+            err = ts.tensor.rel_error(w, w_hat)
+            assert err == pytest.approx(layer.approx_error, rel=1e-4, abs=1e-6), spec.name
+            bound = eckart_young(w, getattr(dense.get_submodule(spec.name), "groups", 1),
+                                 unfold_rank(layer.rank))
+            assert err >= bound * (1 - 1e-5), (spec.name, err, bound)
+            if layer.method == "svd":
+                assert err == pytest.approx(bound, rel=1e-4), spec.name
+    torch.testing.assert_close(out, rebuilt(image), rtol=1e-5, atol=1e-6)
+    assert 0.0 < ts.tensor.rel_error(ref, out) < 1.0
 
 
 def test_exact_low_rank_layers_are_reproduced(seq_net, sequence):

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from _layer_helpers import CONV1D_CONFIGS, CONV2D_CONFIGS, conv_input, dense_conv, known_factors
+from _layer_helpers import CONV1D_CONFIGS, CONV2D_CONFIGS, conv_input, dense_conv, hook_macs, known_factors
 from torch import nn
 
 import tensorslim as ts
@@ -51,8 +51,21 @@ def test_epc_option_validation_and_like_cost():
     with pytest.raises(TypeError, match="CPConv2d: epc must be True or False"):
         CPConv2d.from_conv(conv, 4, epc="yes")
     shapes = ((6, 9, 9), (8, 7, 7))
-    assert CPConv2d.cost(conv, 4, *shapes, epc=True) == CPConv2d.cost(conv, 4, *shapes)
-    assert isinstance(CPConv2d.like(conv, 4, epc=True), CPConv2d)
+    params, macs = CPConv2d.cost(conv, 4, *shapes, epc=True)
+    assert (params, macs) == CPConv2d.cost(conv, 4, *shapes)
+    # rank 4 on 6 -> 8 channels, 3x3: weights 6*4 in, 3*4 + 3*4 depthwise, 4*8 out, 8 bias;
+    # MACs: the 1x1 in-projection on 9x9, the fused 3x3 depthwise and the out-projection on 7x7
+    assert params == 6 * 4 + 3 * 4 + 3 * 4 + 4 * 8 + 8
+    assert macs == 6 * 4 * 81 + 4 * 9 * 49 + 4 * 8 * 49
+    # like(..., epc=True) is the same skeleton from_conv(..., epc=True) fills: its state loads
+    # strictly and then the layer computes exactly what the decomposed one does
+    like, full = CPConv2d.like(conv, 4, epc=True), CPConv2d.from_conv(conv, 4, epc=True)
+    assert type(like) is CPConv2d and like.rank == 4 and like.approx_error is None
+    assert sum(p.numel() for p in like.parameters()) == params
+    like.load_state_dict(full.state_dict(), strict=True)
+    x = torch.randn(2, 6, 9, 9, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(like(x), full(x), rtol=0, atol=0)
+    assert hook_macs(like.eval(), x) == macs
 
 
 class _Net(nn.Sequential):

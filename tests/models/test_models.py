@@ -141,4 +141,22 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
 def test_pretrained_lookup_errors() -> None:
     with pytest.raises(ValueError, match="no checkpoint named 'no-such-model'"):
         models.pretrained_info("no-such-model")
-    assert all(isinstance(n, str) for n in models.available_pretrained())
+
+
+def test_shipped_weights_load_and_score_as_recorded() -> None:
+    """The package always ships its two pretrained models; each loads into its recorded
+    architecture and scores, on 200 real test images, within 4 points of its recorded test
+    accuracy (a wrong transform, key mapping or missing BN statistics falls far below)."""
+    from tensorslim.data import Transform, load_fashion_mnist, to_inputs
+
+    assert models.available_pretrained() == ["resnet20", "vgg16"]
+    images, labels = load_fashion_mnist("test")
+    for name in ("resnet20", "vgg16"):
+        info = models.pretrained_info(name)
+        assert info["arch"]["name"] == name and info["test_accuracy"] >= 0.92
+        model = models.load_pretrained(name).eval()
+        assert model.tensorslim_arch == info["arch"]
+        x = to_inputs(images[:200], Transform(pad_to_32=info["input"]["pad_to_32"]))
+        with torch.no_grad():
+            acc = float((model(x).argmax(1) == torch.as_tensor(labels[:200])).double().mean())
+        assert abs(acc - info["test_accuracy"]) <= 0.04, (name, acc, info["test_accuracy"])

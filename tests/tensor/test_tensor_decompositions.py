@@ -21,6 +21,28 @@ DECOMPOSITIONS = {
 }
 
 
+def _unfold(x: torch.Tensor, mode: int) -> torch.Tensor:
+    return x.movedim(mode, 0).reshape(x.shape[mode], -1)
+
+
+# name -> the (matrix, rank) pairs its result's rank bounds: every mode unfolding for CP, the
+# kept modes for Tucker, the left/right splits of the train for TT
+FLOORS = {
+    "svd": lambda x: [(x, 3)],
+    "svd_randomized": lambda x: [(x, 3)],
+    "cp_als": lambda x: [(_unfold(x, m), 3) for m in range(4)],
+    "tucker": lambda x: [(_unfold(x, m), r) for m, r in enumerate((2, 3, 2))],
+    "tucker2": lambda x: [(_unfold(x, 0), 4), (_unfold(x, 1), 3)],
+    "tt_svd": lambda x: [(x.reshape(4, -1), 2), (x.reshape(20, -1), 2)],
+}
+
+
+def _ey(mat: torch.Tensor, rank: int) -> float:
+    """Eckart-Young floor ||M - M_r|| / ||M|| of a matrix (float64)."""
+    s = torch.linalg.svdvals(mat.double())
+    return float((s[rank:] ** 2).sum() / (s ** 2).sum()) ** 0.5
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", sorted(DECOMPOSITIONS))
 def test_every_decomposition(name, dtype):
@@ -33,6 +55,11 @@ def test_every_decomposition(name, dtype):
     assert res.num_params() == n_params
     assert len(res.errors) >= 1 and 0.0 < res.errors[-1] < 1.0
     tol = 1e-8 if dtype == torch.float64 else 1e-3
+    if name in FLOORS:  # no fit of that rank beats the Eckart-Young floor of its unfoldings
+        floor = max(_ey(mat, r) for mat, r in FLOORS[name](x))
+        assert res.errors[-1] >= floor * (1 - 1e-6), (res.errors[-1], floor)
+        if name == "svd":  # the truncated SVD is the floor (Eckart-Young)
+            assert res.errors[-1] == pytest.approx(floor, rel=tol)
     assert res.errors[-1] == pytest.approx(rel_error(x, rebuilt), rel=tol)
     again = fn(x.clone())
     assert torch.equal(again.to_tensor(), rebuilt)  # same input and seed -> same result
