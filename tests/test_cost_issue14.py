@@ -9,6 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tensorslim as ts
 
+from test_planner_issue14 import Tied  # two convs sharing one weight
+
 
 def _flops(model, x):
     with FlopCounterMode(display=False) as fc:
@@ -63,20 +65,6 @@ def test_conv3d_and_unbatched_transposed_input_counted():
     up = nn.Sequential(nn.ConvTranspose2d(3, 5, 3, stride=2)).eval()
     u = torch.randn(3, 6, 6)  # unbatched (C, H, W) input
     assert ts.count(up, u).total_macs == u.numel() * 5 * 9 == _flops(up, u) // 2
-
-
-class Tied(nn.Module):
-    """Two convs sharing one weight Parameter, then a plain compressible conv."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(4, 4, 3, padding=1)
-        self.b = nn.Conv2d(4, 4, 3, padding=1)
-        self.b.weight = self.a.weight
-        self.c = nn.Conv2d(4, 32, 3, padding=1)
-
-    def forward(self, x):
-        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
 def test_count_counts_a_tied_parameter_once():
