@@ -128,8 +128,7 @@ def main() -> None:
             acc_r = evaluate(comp.eval(), test)["accuracy"]
         torch.manual_seed(args.seed)
         if args.steps > 0:
-            fine_tune(comp, loaders.train, epochs=max(1, -(-args.steps // len(loaders.train))),
-                      max_steps=args.steps, lr=args.lr, teacher=copy.deepcopy(dense).eval(),
+            fine_tune(comp, loaders.train, steps=args.steps, lr=args.lr, teacher=copy.deepcopy(dense).eval(),
                       progress=True, log_every=0)
         comp.eval()
         acc = evaluate(comp, test)["accuracy"]

@@ -52,8 +52,7 @@ class Ctx:
 
     def tune(self, model, steps: int):
         torch.manual_seed(self.args.seed)
-        fine_tune(model, self.loaders.train, epochs=max(1, -(-steps // len(self.loaders.train))),
-                  max_steps=steps, lr=self.args.lr, teacher=copy.deepcopy(self.dense).eval(),
+        fine_tune(model, self.loaders.train, steps=steps, lr=self.args.lr, teacher=copy.deepcopy(self.dense).eval(),
                   progress=True, log_every=0)
         return model.eval()
 

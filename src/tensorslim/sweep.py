@@ -230,8 +230,7 @@ class _Context:
             acc_c = evaluate(student, self.test)["accuracy"]
         if self.steps:
             dev = next(student.parameters()).device
-            epochs = max(1, -(-self.steps // max(1, len(self.train))))  # type: ignore[arg-type]
-            fine_tune(student, self.train, epochs=epochs, max_steps=self.steps, lr=self.lr,
+            fine_tune(student, self.train, steps=self.steps, lr=self.lr,
                       teacher=self.teacher, progress=False, log_every=0, device=dev)
             if self.test is not None:
                 acc_f = evaluate(student, self.test)["accuracy"]
