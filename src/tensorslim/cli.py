@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .app import argtypes as at
 from .plan import METHODS
 
 _EPILOG = ("A model is --model NAME (registry; the shipped weights unless --weights PATH is given) "
@@ -29,58 +30,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
-
-
-def _number(conv: Callable[[str], Any], ok: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
-    """An argparse type: ``conv(text)`` that must satisfy ``ok``, else the accepted values."""
-    def parse(text: str) -> Any:
-        try:
-            value = conv(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    parse.__name__ = what
-    return parse
-
-
-_pos_int = _number(int, lambda v: v >= 1, "a positive int (1, 2, ...)")
-_count = _number(int, lambda v: v >= 0, "an int >= 0")
-_pos_float = _number(float, lambda v: 0 < v < float("inf"), "a positive number")
-_fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-
-
-def _ranks(text: str) -> Any:
-    """--ranks: an int, a fraction in (0, 1], or a JSON object {layer: rank}."""
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(
-            f"expected an int (8), a fraction in (0, 1] (0.25) or a JSON object "
-            f"'{{\"features.3\": 8}}', got {text!r}")
-    return value
-
-
-def _names(text: str) -> tuple[str, ...]:
-    items = tuple(s.strip() for s in text.split(",") if s.strip())
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    return items
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in _names(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 4,8,16, got {text!r}") from None
 
 
 def _source(args: argparse.Namespace) -> Any:
@@ -219,21 +168,21 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="registry model name (e.g. vgg16)")
     g.add_argument("--weights", help="state dict (.safetensors with its .json record, or .pt) for --model")
     g.add_argument("--checkpoint", help="checkpoint folder (tensorslim.save or tensorslim train output)")
-    g.add_argument("--width", type=_pos_float, help="width of --model for a bare state dict (default 1.0)")
+    g.add_argument("--width", type=at.pos_float, help="width of --model for a bare state dict (default 1.0)")
     g.add_argument("--pad-to-32", action="store_true", default=None,
                    help="feed 32x32 inputs (default: as recorded with the weights, else 28x28)")
 
 
 def _add_run(p: argparse.ArgumentParser, *, finetune: int | None = None) -> None:
-    p.add_argument("--test-subset", type=_pos_int, help="evaluate on the first N test images only")
-    p.add_argument("--latency-batch", type=_pos_int, default=64, help="batch size for latency (default 64)")
-    p.add_argument("--threads", type=_pos_int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--test-subset", type=at.pos_int, help="evaluate on the first N test images only")
+    p.add_argument("--latency-batch", type=at.pos_int, default=64, help="batch size for latency (default 64)")
+    p.add_argument("--threads", type=at.pos_int, default=2, help="CPU threads (default 2)")
     if finetune is not None:
-        p.add_argument("--finetune-steps", type=_count, default=finetune,
+        p.add_argument("--finetune-steps", type=at.count, default=finetune,
                        help=f"SGD fine-tune steps, distilled from the dense model (default {finetune})")
-        p.add_argument("--finetune-lr", type=_pos_float, default=0.01)
-        p.add_argument("--batch-size", type=_pos_int, default=128, help="fine-tune batch size")
-        p.add_argument("--seed", type=_count, default=0)
+        p.add_argument("--finetune-lr", type=at.pos_float, default=0.01)
+        p.add_argument("--batch-size", type=at.pos_int, default=128, help="fine-tune batch size")
+        p.add_argument("--seed", type=at.count, default=0)
 
 
 def _add_demo(sub: Any) -> None:
@@ -247,13 +196,13 @@ def _add_demo(sub: Any) -> None:
                    help=f"default {DemoConfig.method}")
     d.add_argument("--rank-rule", default=DemoConfig.rank_rule, choices=["uniform", "min_error"],
                    help=f"how the MAC budget is spread over the layers (default {DemoConfig.rank_rule})")
-    d.add_argument("--target-macs", type=_fraction, default=0.25, help="fraction of MACs to keep (0.25 = 4x fewer)")
-    d.add_argument("--finetune-steps", type=_count, default=400)
-    d.add_argument("--bn-steps", type=_count, default=None, help=BN_HELP)
-    d.add_argument("--reconstruct-steps", type=_count, default=DemoConfig.reconstruct_steps,
+    d.add_argument("--target-macs", type=at.fraction, default=0.25, help="fraction of MACs to keep (0.25 = 4x fewer)")
+    d.add_argument("--finetune-steps", type=at.count, default=400)
+    d.add_argument("--bn-steps", type=at.count, default=None, help=BN_HELP)
+    d.add_argument("--reconstruct-steps", type=at.count, default=DemoConfig.reconstruct_steps,
                    help=RECONSTRUCT_HELP + f" (default {DemoConfig.reconstruct_steps})")
-    d.add_argument("--threads", type=_pos_int, default=2)
-    d.add_argument("--test-subset", type=_pos_int, default=None, help="evaluate on the first N test images only")
+    d.add_argument("--threads", type=at.pos_int, default=2)
+    d.add_argument("--test-subset", type=at.pos_int, default=None, help="evaluate on the first N test images only")
     d.add_argument("--out", default="runs/demo", help="output folder (report.md, PNGs, checkpoint)")
     d.set_defaults(func=_demo)
 
@@ -264,17 +213,17 @@ def _add_train(sub: Any) -> None:
                                    "and write OUT/NAME.safetensors + OUT/NAME.json (use them with "
                                    "--checkpoint OUT or --weights OUT/NAME.safetensors).")
     t.add_argument("--model", default="vgg16")
-    t.add_argument("--width", type=_pos_float, default=0.25, help="channel width multiplier (default 0.25)")
-    t.add_argument("--epochs", type=_pos_int, default=30)
-    t.add_argument("--lr", type=_pos_float, default=0.05)
-    t.add_argument("--batch-size", type=_pos_int, default=128)
-    t.add_argument("--seed", type=_count, default=0)
+    t.add_argument("--width", type=at.pos_float, default=0.25, help="channel width multiplier (default 0.25)")
+    t.add_argument("--epochs", type=at.pos_int, default=30)
+    t.add_argument("--lr", type=at.pos_float, default=0.05)
+    t.add_argument("--batch-size", type=at.pos_int, default=128)
+    t.add_argument("--seed", type=at.count, default=0)
     t.add_argument("--out", default="runs/train", help="output folder")
-    t.add_argument("--threads", type=_pos_int, default=2)
+    t.add_argument("--threads", type=at.pos_int, default=2)
     t.add_argument("--pad-to-32", action="store_true", help="train on 32x32 (padded) inputs")
-    t.add_argument("--val-size", type=_count, default=5000, help="training images held out for validation")
-    t.add_argument("--subset", type=_pos_int, help="train on the first N training images only")
-    t.add_argument("--max-steps", type=_pos_int, help="stop after N SGD steps")
+    t.add_argument("--val-size", type=at.count, default=5000, help="training images held out for validation")
+    t.add_argument("--subset", type=at.pos_int, help="train on the first N training images only")
+    t.add_argument("--max-steps", type=at.pos_int, help="stop after N SGD steps")
     t.set_defaults(func=_train)
 
 
@@ -286,10 +235,10 @@ def _add_compress(sub: Any) -> None:
     _add_source(c)
     c.add_argument("--method", default="tucker", choices=METHODS, help="default tucker")
     g = c.add_mutually_exclusive_group(required=False)  # required unless a per-layer --rank-rule
-    g.add_argument("--ranks", type=_ranks, help="int, fraction in (0, 1], or JSON {layer: rank}")
-    g.add_argument("--target-macs", type=_fraction, help="keep this fraction of MACs (0.25 = 4x fewer)")
-    g.add_argument("--target-params", type=_fraction, help="keep this fraction of parameters")
-    g.add_argument("--energy", type=_fraction, help="fraction of squared singular values kept per layer")
+    g.add_argument("--ranks", type=at.ranks, help="int, fraction in (0, 1], or JSON {layer: rank}")
+    g.add_argument("--target-macs", type=at.fraction, help="keep this fraction of MACs (0.25 = 4x fewer)")
+    g.add_argument("--target-params", type=at.fraction, help="keep this fraction of parameters")
+    g.add_argument("--energy", type=at.fraction, help="fraction of squared singular values kept per layer")
     c.add_argument("--include", action="append", help="glob of layer names to compress (repeatable)")
     c.add_argument("--exclude", action="append", help="glob of layer names to keep dense (repeatable)")
     r = c.add_argument_group("rank rule (how ranks are chosen; see tensorslim.make_plan)")
@@ -298,24 +247,24 @@ def _add_compress(sub: Any) -> None:
                         "error), uniform (--target-*: one cost fraction for all layers), constant (--rate), vbmf "
                         "(--vbmf-factor), energy (--energy, default 0.9), accuracy_drop (--max-drop on "
                         "the first --val-subset validation images)")
-    r.add_argument("--rate", type=_pos_float, help="constant: per-layer parameter reduction (default 4)")
+    r.add_argument("--rate", type=at.pos_float, help="constant: per-layer parameter reduction (default 4)")
     r.add_argument("--vbmf-factor", type=float,
                    help="vbmf: 1 = pure EVBMF rank, 0 = no compression (MUSCO weakening, default 1)")
     r.add_argument("--max-drop", type=float,
                    help="accuracy_drop: per-layer validation accuracy drop bound (default 0.005)")
-    r.add_argument("--val-subset", type=_pos_int, default=1000,
+    r.add_argument("--val-subset", type=at.pos_int, default=1000,
                    help="accuracy_drop: validation images to measure the drop on (default 1000)")
     m = c.add_argument_group("multi-stage (MUSCO: compress, fine-tune, re-compress the factors, ...)")
     m.add_argument("--multi-stage", action="store_true",
                    help="compress in stages, each fine-tuned for --finetune-steps; the goal is "
                         "--target-macs (met at the last stage), --rank-rule vbmf (--vbmf-factor "
                         "default 0.8 here) or --ranks FRACTION (of each rank, per stage)")
-    m.add_argument("--stages", type=_pos_int, default=3, help="most stages (default 3)")
+    m.add_argument("--stages", type=at.pos_int, default=3, help="most stages (default 3)")
     m.add_argument("--state-dir", help="save every stage here and resume from it when re-run")
     _add_run(c, finetune=0)
-    c.add_argument("--bn-steps", type=_count, default=None,
+    c.add_argument("--bn-steps", type=at.count, default=None,
                    help=BN_HELP + " (every stage with --multi-stage)")
-    c.add_argument("--reconstruct-steps", type=_count, default=None,
+    c.add_argument("--reconstruct-steps", type=at.count, default=None,
                    help=RECONSTRUCT_HELP + " (every stage with --multi-stage; default 16 without "
                         "fine-tuning, 0 with --finetune-steps or --multi-stage: on the shipped VGG-16 "
                         "a refit start fine-tuned 0.6 points worse at 8x fewer MACs)")
@@ -333,10 +282,10 @@ def _add_sweep(sub: Any) -> None:
                                    "accuracy before/after a short fine-tune. Writes OUT/sweep.csv and "
                                    "OUT/sweep_<layer>.png.", epilog=_EPILOG)
     _add_source(s)
-    s.add_argument("--layers", type=_names, required=True, help="comma-separated layer names")
-    s.add_argument("--ranks", type=_ints, required=True, help="comma-separated ranks, e.g. 4,8,16,32")
-    s.add_argument("--methods", type=_names, default=("cp", "tucker"), help="cp,tucker (default), svd")
-    s.add_argument("--repeats", type=_pos_int, default=20, help="latency repeats (median)")
+    s.add_argument("--layers", type=at.names, required=True, help="comma-separated layer names")
+    s.add_argument("--ranks", type=at.ints, required=True, help="comma-separated ranks, e.g. 4,8,16,32")
+    s.add_argument("--methods", type=at.names, default=("cp", "tucker"), help="cp,tucker (default), svd")
+    s.add_argument("--repeats", type=at.pos_int, default=20, help="latency repeats (median)")
     _add_run(s, finetune=50)
     s.add_argument("--out", default="runs/sweep", help="output folder")
     s.set_defaults(func=_sweep)
@@ -360,11 +309,11 @@ def _add_export(sub: Any) -> None:
                                    "Exit code 1 if the outputs differ beyond the tolerance.", epilog=_EPILOG)
     _add_source(x)
     x.add_argument("--out", required=True, help="path of the .onnx file to write")
-    x.add_argument("--opset", type=_pos_int, default=17)
+    x.add_argument("--opset", type=at.pos_int, default=17)
     x.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter")
     x.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
-    x.add_argument("--latency-batch", type=_pos_int, default=64)
-    x.add_argument("--threads", type=_pos_int, default=2)
+    x.add_argument("--latency-batch", type=at.pos_int, default=64)
+    x.add_argument("--threads", type=at.pos_int, default=2)
     x.add_argument("--json", action="store_true", help="print JSON instead of text")
     x.set_defaults(func=_export)
 
