@@ -132,3 +132,21 @@ def test_with_errors_records_errors_and_rejects_unknown_layers(small_cnn, image)
     assert again.macs_after == plan.macs_after and CompressionPlan.from_json(again.to_json()) == again
     with pytest.raises(ValueError, match="no layers \\['nope'\\]"):
         plan.with_errors({"nope": 0.1})
+
+
+def test_plan_records_fused_batchnorms_and_old_plans_load():
+    from tensorslim.plan import FusedBN
+
+    plan = CompressionPlan(layers=(), method="keep",
+                           fused=(FusedBN("features.1", "features.0", "TuckerConv2d"),))
+    data = json.loads(plan.to_json())
+    assert data["fused"] == [{"bn": "features.1", "into": "features.0", "into_type": "TuckerConv2d"}]
+    assert CompressionPlan.from_json(plan.to_json()) == plan
+    assert "fused: 1 BatchNorm(s) folded" in plan.table()
+    del data["fused"]  # a plan written before issue 16
+    assert CompressionPlan.from_dict(data).fused == ()
+    for bad in ({"bn": "a", "into": 3, "into_type": "Conv2d"}, ["a", "b"], "a"):
+        with pytest.raises(ValueError, match="'fused' entry must be an object"):
+            CompressionPlan.from_dict({**data, "fused": [bad]})
+    with pytest.raises(ValueError, match="'fused' must be a JSON list, got dict"):
+        CompressionPlan.from_dict({**data, "fused": {"bn": "a"}})

@@ -50,7 +50,7 @@ def test_rules_are_frozen_and_round_trip_through_json(rule):
 def test_rule_json_values():
     assert Manual(ranks={"a": (4, 6)}).to_dict() == {"rank_rule": "manual", "ranks": {"a": [4, 6]}}
     assert Constant().to_dict() == {"rank_rule": "constant", "rate": 4.0}  # defaults are written
-    assert VBMF().to_dict() == {"rank_rule": "vbmf", "vbmf_factor": 1.0}
+    assert VBMF().to_dict() == {"rank_rule": "vbmf", "vbmf_factor": 0.8}
     assert Energy().to_dict() == {"rank_rule": "energy", "energy": 0.9}
     d = AccuracyDrop(evaluate=_acc).to_dict()
     assert d == {"rank_rule": "accuracy_drop", "drop": 0.005,

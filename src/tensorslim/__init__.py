@@ -7,6 +7,7 @@ Public API (stable names)::
                svd, cp_als, tucker, tt_svd, tt_matrix, rel_error}
     ts.layers.{CPConv2d, TuckerConv2d, LowRankLinear, TTLinear, ...}
     ts.make_plan, ts.compress, ts.count, ts.measure_latency, ts.CompressionPlan, ts.LayerSpec
+    ts.fuse (fold eval-mode BatchNorms into the layers before them, for inference)
     ts.calibrate.recalibrate_bn (BatchNorm statistics after compression)
     ts.reconstruct.reconstruct (data-aware refit of the factors to the dense layers' outputs)
 
@@ -27,6 +28,7 @@ _LAZY = {
     "count": "tensorslim.cost",
     "CostReport": "tensorslim.cost",
     "measure_latency": "tensorslim.cost",
+    "fuse": "tensorslim.fusion",
     "save": "tensorslim.io",
     "load": "tensorslim.io",
 }

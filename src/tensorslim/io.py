@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -105,6 +106,8 @@ def save(model: nn.Module, plan: CompressionPlan, path: str | os.PathLike, *,
     ``plan`` is the :class:`CompressionPlan` that compressed the model (it is replayed by
     :func:`load`; for an uncompressed model pass ``CompressionPlan(layers=(), method="keep")``).
     ``path`` must be new, an empty folder, or (with ``overwrite=True``) a tensorslim checkpoint.
+    A model fused by ``tensorslim.fuse`` is saved with a copy of ``plan`` that records the
+    folded BatchNorms (``plan.fused``), so :func:`load` rebuilds the fused structure.
     The base architecture is recorded when the model came from ``tensorslim.models.create``
     (``model.tensorslim_arch``), so :func:`load` can rebuild it without the user's code.
     """
@@ -118,6 +121,7 @@ def save(model: nn.Module, plan: CompressionPlan, path: str | os.PathLike, *,
                         f"one), got {type(plan).__name__}")
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"save: extra must be a dict or None, got {type(extra).__name__}")
+    plan = _with_fusion(model, plan)
     shown, path = Path(path), check_save_target(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.ts-tmp-{os.getpid()}-"))
@@ -136,6 +140,21 @@ def save(model: nn.Module, plan: CompressionPlan, path: str | os.PathLike, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return shown
+
+
+def _with_fusion(model: nn.Module, plan: CompressionPlan) -> CompressionPlan:
+    """``plan`` recording the BatchNorms ``tensorslim.fuse`` folded into ``model`` (the
+    model's record wins over the plan's); ValueError if a recorded BatchNorm is still one."""
+    from .fusion import fused_record
+
+    fused = fused_record(model) or plan.fused
+    modules = dict(model.named_modules())
+    for f in fused:
+        if not isinstance(modules.get(f.bn), nn.Identity):
+            raise ValueError(f"save: the plan records BatchNorm {f.bn} as folded into {f.into}, but "
+                             f"the model's {f.bn} is a {type(modules.get(f.bn)).__name__}; save the "
+                             f"fused model (tensorslim.fuse) or a plan without 'fused'")
+    return plan if fused == plan.fused else dataclasses.replace(plan, fused=fused)
 
 
 _TEMP = re.compile(r"\.(?P<name>.+)\.ts-(?P<kind>tmp|old)-(?P<pid>\d+)-")
@@ -242,11 +261,21 @@ def _build(meta: dict[str, Any], model: nn.Module | None, plan: CompressionPlan 
         with contextlib.nullcontext() if real else torch.device("meta"):
             return build_arch(name, kwargs, path / META)
 
+    fused = plan.fused if plan is not None else ()
     for real in (False, True):
         built = make(real)
         try:
+            # BatchNorms folded before compression (into a layer of the type the plan then
+            # compressed), the plan, then those folded into factorized or kept layers: the
+            # order the saved model was made in, so the rebuilt structure (biases, a TT
+            # layer's out_scale) is the saved one
+            from .fusion import apply_folds
+            planned = {s.name: s.layer_type for s in plan.compressed} if plan is not None else {}
+            first = [f for f in fused if planned.get(f.into) == f.into_type]
+            apply_folds(built, first)
             if plan is not None and plan.layers:
                 compress(built, plan, decompose=False, progress=progress and real)
+            apply_folds(built, [f for f in fused if f not in first])
         except (ValueError, TypeError, KeyError) as e:
             what = "the model given" if model is not None else f"the architecture recorded in {META}"
             raise ValueError(f"{path / PLAN} does not fit {what}: {e}") from None
@@ -260,7 +289,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, progress: b
 
     ``model`` is the user's uncompressed architecture instance (any ``nn.Module``); when
     omitted, the base architecture recorded in the checkpoint is rebuilt from the registry.
-    The plan is replayed (factorized layers of the right shapes) and all tensors are loaded;
+    The plan is replayed (factorized layers of the right shapes; the BatchNorms it records
+    as fused are folded again, ``tensorslim.fuse``, and the loaded model records them) and
+    all tensors are loaded;
     every key and shape must match, which is checked against the weights file's header on
     the meta device before anything real is built.
     """

@@ -69,8 +69,38 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
+class FusedBN:
+    """One BatchNorm folded into the layer before it by :func:`tensorslim.fuse`.
+
+    ``bn``: the BatchNorm's qualified name (an ``nn.Identity`` since); ``into``: the layer
+    that absorbed it; ``into_type``: that layer's class name when it was folded (a dense
+    type, e.g. ``Conv2d``, when the model was fused before it was compressed: :func:`load`
+    then folds before replaying the plan, so the rebuilt layers have the saved structure).
+    """
+
+    bn: str
+    into: str
+    into_type: str
+
+    @classmethod
+    def from_json(cls, v: Any) -> "FusedBN":
+        if isinstance(v, Mapping):
+            v = (v.get("bn"), v.get("into"), v.get("into_type"))
+        if (not isinstance(v, (list, tuple)) or len(v) != 3
+                or not all(isinstance(x, str) and x for x in v)):
+            raise ValueError(f"a plan's 'fused' entry must be an object {{bn, into, into_type}} "
+                             f"of non-empty strings, got {v!r:.80}")
+        return cls(*v)
+
+
+@dataclass(frozen=True)
 class CompressionPlan:
-    """A per-layer compression plan plus the goal that produced it and model totals."""
+    """A per-layer compression plan plus the goal that produced it and model totals.
+
+    ``fused``: the BatchNorms :func:`tensorslim.fuse` folded into the model (empty for
+    an unfused model, and in plans written before fusion existed); :func:`tensorslim.load`
+    replays them after the layers.
+    """
 
     layers: tuple[LayerSpec, ...]
     method: str
@@ -80,6 +110,7 @@ class CompressionPlan:
     macs_before: int = 0
     macs_after: int = 0
     version: int = PLAN_VERSION
+    fused: tuple[FusedBN, ...] = ()
 
     def __getitem__(self, name: str) -> LayerSpec:
         for spec in self.layers:
@@ -143,11 +174,15 @@ class CompressionPlan:
         if not isinstance(raw, (list, tuple)):
             raise ValueError(f"a plan's 'layers' must be a JSON list, got {type(raw).__name__}")
         layers = tuple(LayerSpec.from_dict(x) for x in raw)
+        fused = d.pop("fused", [])
+        if not isinstance(fused, (list, tuple)):
+            raise ValueError(f"a plan's 'fused' must be a JSON list, got {type(fused).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown plan fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(layers=layers, **{k: freeze(v) for k, v in d.items()})
+        return cls(layers=layers, fused=tuple(FusedBN.from_json(f) for f in fused),
+                   **{k: freeze(v) for k, v in d.items()})
 
     @classmethod
     def from_json(cls, text: str) -> "CompressionPlan":
@@ -189,6 +224,8 @@ class CompressionPlan:
             )
         if any(s.error is not None for s in self.layers):
             rows.append("error: relative weight approximation error ||W - W^|| / ||W|| at decomposition")
+        if self.fused:
+            rows.append(f"fused: {len(self.fused)} BatchNorm(s) folded into the layer before them")
         rows.append(
             f"total: params {self.params_before:,d} -> {self.params_after:,d} ({self.params_ratio:.3f}x), "
             f"MACs {self.macs_before:,d} -> {self.macs_after:,d} ({self.macs_ratio:.3f}x)"

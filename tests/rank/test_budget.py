@@ -37,3 +37,25 @@ def test_budget_keeps_layers_without_candidates():
     ranks = solve_budget(layers, cands, 5000, 0.6, objective=1)
     assert isinstance(ranks["a"], str) and "no rank" in ranks["a"]
     assert 2000 + 30 * ranks["b"] <= 3000
+
+
+def test_budget_on_any_numeric_cost():
+    # measured ms: dense times per layer, candidates (rank, ms) ascending; 1 ms is fixed
+    dense = {"a": 2.0, "b": 6.0}
+    cands = {"a": [(4, 1.8), (8, 1.9)], "b": [(r, 0.5 * r) for r in range(1, 12)]}
+    ranks = solve_budget(dense, cands, 9.0, 0.5, kind="target_latency")
+    # by hand: 4.5 ms budget = 1 fixed + a 1.8 + b 0.5 * 3 (b at 4 would be 4.8 ms), then the
+    # 0.2 ms of slack takes a's step to rank 8 (0.1 ms) but not b's (0.5 ms): 4.4 ms
+    assert ranks == {"a": 8, "b": 3}
+    assert 1.0 + 1.9 + 0.5 * 3 <= 4.5
+    with pytest.raises(ValueError, match=r"target_latency=0.2 is unreachable.*best reachable target_latency=0\.3667"):
+        solve_budget(dense, cands, 9.0, 0.2, kind="target_latency")
+
+
+def test_budget_pairs_and_numbers_agree():
+    layers, cands = _layers()
+    as_numbers = {n: [(r, c[1]) for r, c in cs] for n, cs in cands.items()}
+    dense = {l.name: l.macs for l in layers}
+    for target in (0.25, 0.5, 0.9):
+        assert solve_budget(layers, cands, 5000, target, objective=1) == \
+            solve_budget(dense, as_numbers, 5000, target)

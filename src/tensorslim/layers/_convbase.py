@@ -154,6 +154,18 @@ class FactorizedConv(FactorizedLayer):
                 y = y.contiguous(memory_format=torch.channels_last)
         return y
 
+    def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """``y -> scale * y + shift`` per output channel, folded into the last 1x1 conv
+        (``project_out``: its weight rows and bias, the bias created if absent); every
+        subclass ends with that 1x1, so no op is added. ``scale``, ``shift``: (T,)."""
+        from dataclasses import replace
+
+        from .base import check_affine, fold_affine_
+
+        check_affine(type(self).__name__, self.out_channels, scale, shift)
+        fold_affine_(self.project_out, scale, shift)
+        self.geometry = replace(self.geometry, bias=True)
+
     @classmethod
     def check(cls, module: nn.Module) -> None:
         cls._geometry(module)

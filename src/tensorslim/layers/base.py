@@ -18,6 +18,10 @@ call nothing else): ``from_conv`` / ``from_linear`` / ``from_dense(module, rank,
 ``like(module, rank, **options)``, ``cost(module, rank, in_shape, out_shape, **options)``,
 ``valid_rank(module, rank, **options)`` and ``check(module)``; method extras (TT modes, CP's
 ``epc``) are keyword options with defaults, the ones a plan's ``LayerSpec.options`` holds.
+
+Inference fusion (``tensorslim.fuse``) calls one more method on a built layer:
+``fold_output_affine(scale, shift)``, which makes the layer compute ``scale * y + shift`` per
+output channel (a following eval-mode BatchNorm) inside its last stage, not as an extra op.
 """
 import math
 import numbers
@@ -95,6 +99,13 @@ class FactorizedLayer(nn.Module):
         """Raise ValueError (LayerTypeError for a wrong type) if no rank of this layer can
         replace ``module`` (e.g. a depthwise conv); the message says why."""
         cls._check_type(module)
+
+    # -- inference fusion ---------------------------------------------------------------------
+    def fold_output_affine(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Make the layer compute ``y -> scale * y + shift`` per output channel (``scale``,
+        ``shift``: (out_channels,)) in its last stage: the out-projection's weights and bias
+        (created if the layer had none). Used to fold a following eval-mode BatchNorm."""
+        raise NotImplementedError
 
     # -- helpers for subclasses ---------------------------------------------------------------
     @classmethod
@@ -208,6 +219,44 @@ def chain_uniform_(weights: Sequence[torch.Tensor], fan_ins: Sequence[int]) -> N
         for w, fan_in in zip(weights, fan_ins):
             bound = (3.0 * gain / max(fan_in, 1)) ** 0.5
             w.uniform_(-bound, bound)
+
+
+def check_affine(layer: str, channels: int, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """ValueError unless ``scale`` and ``shift`` are float tensors of shape (channels,)."""
+    for name, t in (("scale", scale), ("shift", shift)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{layer}.fold_output_affine: {name} must be a float tensor, got "
+                            f"{type(t).__name__}")
+        if tuple(t.shape) != (channels,):
+            raise ValueError(f"{layer}.fold_output_affine: {name} has shape {tuple(t.shape)}; "
+                             f"accepted: ({channels},), one value per output channel")
+
+
+def _new_param(value: torch.Tensor, like: Optional[torch.Tensor]) -> nn.Parameter:
+    grad = True if like is None else like.requires_grad
+    return nn.Parameter(value, requires_grad=grad)
+
+
+def fold_affine_(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor, *,
+                 axis: int = 0, groups: int = 1) -> None:
+    """Fold ``y -> scale * y + shift`` (per output channel) into a conv / linear ``module``:
+    its weight scaled along the output-channel ``axis`` (0 for ``nn.Conv*`` / ``nn.Linear``;
+    1 for ``nn.ConvTranspose*``, whose weight is (in, out/groups, *k)), its bias
+    ``scale * bias + shift`` (created when absent). Computed in float64, stored in the
+    weight's dtype, as NEW Parameters: a weight tied to another module keeps its values there.
+    """
+    w = module.weight
+    s, t = scale.detach().double(), shift.detach().double()
+    if axis == 0:
+        new_w = w.detach().double() * s.reshape((-1,) + (1,) * (w.dim() - 1))
+    else:  # transposed conv: output channel o = group * (out/groups) + j at weight[:, j]
+        wg = w.detach().double().reshape(groups, w.shape[0] // groups, *w.shape[1:])
+        sg = s.reshape(groups, 1, w.shape[1], *(1,) * (w.dim() - 2))
+        new_w = (wg * sg).reshape(w.shape)
+    bias = module.bias
+    new_b = t if bias is None else bias.detach().double() * s + t
+    module.weight = _new_param(new_w.to(w.dtype), w)
+    module.bias = _new_param(new_b.to(dtype=w.dtype, device=w.device), bias if bias is not None else w)
 
 
 def dense_bias_(bias: Optional[torch.Tensor], fan_in: int) -> None:

@@ -94,6 +94,14 @@ class LowRankLinear(FactorizedLayer):
         """(*, N) -> (*, M)."""
         return self.project_out(self.project_in(x))
 
+    def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """``y -> scale * y + shift`` per output feature, folded into ``project_out`` (its
+        weight rows and bias, the bias created if absent). ``scale``, ``shift``: (M,)."""
+        from .base import check_affine, fold_affine_
+
+        check_affine(type(self).__name__, self.out_features, scale, shift)
+        fold_affine_(self.project_out, scale, shift)
+
     @classmethod
     def _linear(cls, module: nn.Module) -> nn.Linear:
         cls._check_type(module)

@@ -134,7 +134,8 @@ class TTLinear(FactorizedLayer):
     ``TTLinear(in_features, out_features, in_modes=None, out_modes=None, ranks=8, bias=True,
     *, d=3)``: modes default to ``factorize(features, d)``; ``ranks`` is an int (clipped per
     bond to the useful maximum) or the d-1 internal TT-ranks. Parameters: ``cores[k]``
-    (r_{k-1}, m_k, n_k, r_k) and ``bias`` (M,). Shapes: (*, N) -> (*, M).
+    (r_{k-1}, m_k, n_k, r_k), ``bias`` (M,) and, once a BatchNorm was folded into the layer,
+    ``out_scale`` (M,) (see ``fold_output_affine``). Shapes: (*, N) -> (*, M).
     """
 
     method = "tt"
@@ -173,6 +174,8 @@ class TTLinear(FactorizedLayer):
             self.bias = nn.Parameter(torch.empty(out_features))
         else:
             self.register_parameter("bias", None)
+        # per-output scale of a folded BatchNorm (see fold_output_affine); None until then
+        self.register_parameter("out_scale", None)
         # Contraction plan: fixed here so forward has no data-dependent control flow.
         rtl = _plan(self.in_modes, self.out_modes, self.rank, ltr=False)
         ltr = _plan(self.in_modes, self.out_modes, self.rank, ltr=True)
@@ -241,10 +244,34 @@ class TTLinear(FactorizedLayer):
             y = y.view(-1, self.a[s], self.q[s], self.b[s], self.c[s]).permute(0, 4, 2, 1, 3)
             z = y.reshape(-1, self.a[s] * self.b[s])
         out = z.reshape(lead + [self.out_features])
-        bias = self.bias
-        if bias is not None:
+        bias, scale = self.bias, self.out_scale
+        if scale is not None and bias is not None:  # a folded BatchNorm: in the bias add
+            out = torch.addcmul(bias, out, scale)
+        elif bias is not None:
             out = out + bias
         return out
+
+    def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """``y -> scale * y + shift`` per output feature (``scale``, ``shift``: (M,)); the bias
+        becomes ``scale * bias + shift`` (created if absent). Output feature i = (i_1..i_d)
+        is a product of modes, so a scale folds into the cores only if it is a Kronecker
+        product of per-mode vectors: in general it becomes an ``out_scale`` parameter applied
+        inside the bias add (``torch.addcmul``, one pass as before); when one out-mode holds
+        all M features it folds exactly into that core."""
+        from .base import check_affine
+
+        check_affine(type(self).__name__, self.out_features, scale, shift)
+        s, t, ref = scale.detach().double(), shift.detach().double(), self.cores[0]
+        wide = [k for k, m in enumerate(self.out_modes) if m > 1] or [0]
+        as_param = lambda v: nn.Parameter(v.to(dtype=ref.dtype, device=ref.device),  # noqa: E731
+                                          requires_grad=ref.requires_grad)
+        if len(wide) == 1:
+            self.cores[wide[0]] = as_param(self.cores[wide[0]].detach().double() * s.view(1, -1, 1, 1))
+        else:
+            old = self.out_scale
+            self.out_scale = as_param(s if old is None else old.detach().double() * s)
+        bias = self.bias
+        self.bias = as_param(t if bias is None else bias.detach().double() * s + t)
 
     def macs(self, in_shape: Sequence[int]) -> int:
         """Multiply-accumulates of ``forward`` on an input of shape ``in_shape`` (*, N): leading

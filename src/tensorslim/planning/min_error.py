@@ -12,35 +12,37 @@ from .candidates import PlannedLayer, build_spec, rank_candidates
 from .rule_base import Choice, PlanContext
 
 
-def min_error_ranks(layers: Sequence[PlannedLayer], weights: Any, obj: int, total: int, kind: str,
+def min_error_ranks(layers: Sequence[PlannedLayer], weights: Any, ctx: PlanContext, kind: str,
                     target: float) -> Choice:
-    """Ranks meeting ``target`` of the ``total`` cost (``obj`` 0 params, 1 MACs) with the
-    least sum of weighted per-layer error proxies (see ``rank.rules.min_error_allocation``)."""
+    """Ranks meeting ``target`` of the ``ctx.total`` cost (params, MACs or measured ms: see
+    :meth:`PlanContext.candidates`) with the least sum of weighted per-layer error proxies
+    (see ``rank.rules.min_error_allocation``)."""
     from ..rank.rules import error_proxies, min_error_allocation
 
     weights = _layer_weights(weights, layers)
-    cands = {l.name: rank_candidates(l, obj) for l in layers}
-    dense = {l.name: (l.params, l.macs)[obj] for l in layers}
+    target = ctx.feasible(target)
+    cands = {l.name: ctx.candidates(l) for l in layers}
+    dense = {l.name: ctx.dense_cost(l) for l in layers}
     costs, errors = [], []
     for l in layers:
         c = cands[l.name]
         errs = error_proxies(l.module.weight, l.method, [r for r, _ in c],
                              getattr(l.module, "groups", 1), **l.options) if c else []
-        costs.append([rc[1][obj] for rc in c] + [dense[l.name]])
+        costs.append([x for _, x in c] + [dense[l.name]])
         errors.append(errs + [0.0])
+    total = ctx.total
     fixed = total - sum(dense.values())
-    budget = target * total - fixed
     cheapest = fixed + sum(min(c) for c in costs)
     if cheapest > target * total * 1.0000001:
         raise ValueError(f"{kind}={target} is unreachable: with the smallest rank on every compressible "
                          f"layer the model keeps {cheapest / total:.4f} of its cost (best reachable "
                          f"{kind}={cheapest / total:.4f})")
-    idx = min_error_allocation(costs, errors, budget, [weights[l.name] for l in layers])
+    idx = min_error_allocation(costs, errors, target * total - fixed, [weights[l.name] for l in layers])
     chosen, notes = {}, {}
     for l, i, errs in zip(layers, idx, errors):
         if i == len(cands[l.name]):
             chosen[l.name] = ("kept dense: the min-error allocation keeps it dense" if cands[l.name]
-                              else "kept dense: no rank of this method reduces its cost")
+                              else ctx.dense_reason(l))
             continue
         chosen[l.name] = cands[l.name][i][0]
         notes[l.name] = f"min_error: error proxy {errs[i]:.4g} (weight {weights[l.name]:g})"

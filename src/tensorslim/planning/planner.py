@@ -3,6 +3,7 @@ their ranks, and write the plan."""
 from __future__ import annotations
 
 from dataclasses import replace
+import warnings
 from typing import Any, Mapping
 
 from torch import nn
@@ -10,11 +11,13 @@ from torch import nn
 from ..cost import CostReport, count
 from ..plan import METHODS, CompressionPlan, LayerSpec, unknown_names_error
 from .candidates import PlannedLayer, build_spec, collect_layers, rank_candidates
+from .latency import LATENCY_OPTIONS, LatencySettings, latency_record, latency_settings, verified_choice
+from .latency_measure import measure_table
 from .rule_base import PlanContext, RankRule
 from .rules import RULE_OPTIONS, goal_record, rule_from_goal
 
-GOALS = ("ranks", "target_macs", "target_params", "energy")
-OPTIONS = ("include", "exclude", "objective", "measure_error", "tt_order", "cp_epc")
+GOALS = ("ranks", "target_macs", "target_params", "target_latency", "energy")
+OPTIONS = ("include", "exclude", "objective", "measure_error", "tt_order", "cp_epc") + LATENCY_OPTIONS
 
 
 def make_plan(model: nn.Module, method: str = "tucker", example_inputs: Any = None, **goal: Any) -> CompressionPlan:
@@ -26,67 +29,90 @@ def make_plan(model: nn.Module, method: str = "tucker", example_inputs: Any = No
             Linear and 1x1 convs).
         example_inputs: a tensor or tuple of inputs used to trace shapes (MACs depend on them).
         ranks: an int for every layer, a float in (0, 1] (fraction of each mode's full rank),
-            or a mapping from layer name to rank (ints or fractions). A fraction, or one int
-            for every layer, becomes each layer's nearest valid rank (e.g. a multiple of a
-            grouped conv's groups; the spec's reason says when it was moved); a rank given
-            by name must be valid as it is.
+            or a mapping from layer name to rank (ints or fractions); a fraction, or one int
+            for every layer, becomes each layer's nearest valid rank (the reason says when it
+            moved); a rank given by name must be valid as it is.
         target_macs / target_params: keep this fraction of the whole model's MACs / params
             (``target_macs=0.25`` = 4x fewer), met to within 2% when reachable.
+        target_latency: keep this fraction of the dense model's MEASURED time: candidate ranks
+            of every layer are timed on this machine (``latency_batch``: default the example
+            inputs' batch; ``layout``: ``"channels_last"`` (default) or ``"nchw"``;
+            ``latency_timer``, ``latency_cache``: see :mod:`tensorslim.planning.latency`). A
+            layer no rank makes faster stays dense; the choice is checked on the whole model;
+            ``plan.goal["latency"]`` records measured and predicted times. An unreachable
+            target warns and plans the fastest choice (never one slower than dense).
         energy: fraction of squared singular values kept per layer (svd, tucker, tt).
         include / exclude: glob patterns on qualified layer names.
-        objective: ``macs`` (default) or ``params``: the cost a layer must reduce to be
-            compressed; a layer that would not get cheaper is kept dense with the reason.
+        objective: ``macs`` (default) or ``params``: the cost a layer must reduce.
         measure_error: decompose every chosen layer now and record the approximation error.
-        cp_epc: with ``method="cp"``, decompose by CPD-EPC (``options={"epc": True}`` on every
-            CP layer spec: the CP-ALS error at least sensitivity, Phan et al. 2020).
-        rank_rule: how ranks are chosen (recorded in ``plan.goal`` with its parameters; see
-            ``tensorslim.planning.rules``): ``"min_error"`` (default for target_macs/target_params:
-            the target met while minimising the summed per-layer error proxy, weighted by
-            ``layer_weights={name: w}``), ``"uniform"`` (one cost fraction for every layer), ``"constant"`` (``rate=4.0``: per layer the largest
-            rank with params <= dense/rate), ``"vbmf"`` (``vbmf_factor=1.0``: EVBMF ranks,
-            MUSCO-softened; tucker/svd), ``"energy"`` (``energy=0.9``), ``"accuracy_drop"``
-            (``drop=0.005``, ``evaluate=callable(model) -> accuracy``: per layer the cheapest
-            rank whose compression alone costs at most ``drop``; the callable is recorded as a
-            description).
+        cp_epc: with ``method="cp"``, decompose every CP layer by CPD-EPC.
+        rank_rule: how ranks are chosen (recorded in ``plan.goal``; see
+            :mod:`tensorslim.planning.rules`): ``min_error`` (default for a target),
+            ``uniform``, ``constant``, ``vbmf``, ``energy``, ``accuracy_drop``.
 
-    Every counted layer is listed (transposed convs and layers holding a weight shared with
-    another module, e.g. an LM head tied to its embedding, stay dense with the reason).
-    ValueError, naming the layer or the argument: a name in ``ranks`` / ``layer_weights``
-    that is no (compressible) layer, or an include/exclude glob matching no layer (with
-    close matches); no layer this method can compress (with each layer's reason); a layer
-    to compress with NaN/Inf weights (leave it out with ``exclude``).
+    Every counted layer is listed (one that stays dense with its reason). ValueError naming
+    the layer or argument: a name in ``ranks`` / ``layer_weights`` that is no (compressible)
+    layer, or a glob matching none (with close matches); no layer this method can compress;
+    NaN/Inf weights in a layer to compress; an argument out of range.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"make_plan expects an nn.Module, got {type(model).__name__}")
-    if example_inputs is None:
-        raise ValueError("make_plan needs example_inputs (a tensor or tuple) to trace layer shapes")
-    rule = _check_goal(method, goal)
+    rule = _check_goal(model, method, example_inputs, goal)
+    latency = latency_settings(goal)
     objective = (rule.target[0].removeprefix("target_") if rule.target is not None
                  else goal.get("objective", "macs"))
+    priced = "macs" if objective == "latency" else objective  # what a spec's cost check uses
     report = count(model, example_inputs)
     todo, kept = collect_layers(model, method, report, goal)
     if rule.name == "manual" and isinstance(goal["ranks"], Mapping):
         _check_rank_names(goal["ranks"], report, kept)
-    if not todo or rule.target is not None and not any(rank_candidates(l, objective) for l in todo):
-        raise _nothing_compressible(method, kept, todo, model, objective)
-    ctx = PlanContext(model, method, objective, report.total_params if objective == "params" else report.total_macs)
-    chosen, notes = rule.choose(todo, ctx)
-    specs = kept + [_noted(build_spec(l, chosen[l.name], objective), notes.get(l.name, ""), l.note) for l in todo]
+    if not todo or rule.target is not None and not any(rank_candidates(l, priced) for l in todo):
+        raise _nothing_compressible(method, kept, todo, model, priced)
+    ctx = _context(model, method, objective, report, todo, example_inputs, latency)
+    chosen, notes, ctx = _choose(rule, todo, ctx)
+    specs = kept + [_noted(build_spec(l, chosen[l.name], priced), notes.get(l.name, ""), l.note) for l in todo]
     order = {lc.name: i for i, lc in enumerate(report.layers)}
     specs.sort(key=lambda s: order[s.name])
     if goal.get("measure_error"):
         specs = [_with_error(model, s) for s in specs]
-    plan = CompressionPlan(
-        layers=(), method=method, goal={**goal_record(rule, goal), "objective": objective},
-        params_before=report.total_params, params_after=report.total_params,
-        macs_before=report.total_macs, macs_after=report.total_macs,
-    )
+    plan = CompressionPlan(layers=(), method=method, goal=_record(rule, goal, ctx, chosen),
+                           params_before=report.total_params,
+                           params_after=report.total_params, macs_before=report.total_macs,
+                           macs_after=report.total_macs)
     return plan.with_layers(tuple(specs))
 
 
-def _check_goal(method: str, goal: dict) -> RankRule:
-    """The rank rule of a make_plan goal; ValueError for an unknown method or argument, or
-    an invalid option."""
+def _context(model: nn.Module, method: str, objective: str, report: CostReport, todo: list[PlannedLayer],
+             example_inputs: Any, latency: LatencySettings | None) -> PlanContext:
+    """The rules' view of the plan; for a latency goal, with the measured table."""
+    if objective == "latency" and latency is not None:
+        table = measure_table(model, todo, example_inputs, report.batch_size, latency)
+        return PlanContext(model, method, objective, table.total_ms, table)
+    return PlanContext(model, method, objective, report.total_params if objective == "params" else report.total_macs)
+
+
+def _choose(rule: RankRule, layers: list[PlannedLayer], ctx: PlanContext) -> tuple[dict, dict, PlanContext]:
+    """The rule's choice; for a latency goal checked on the whole model (and corrected)."""
+    chosen, notes = rule.choose(layers, ctx)
+    return verified_choice(rule, layers, ctx, chosen, notes)
+
+
+def _record(rule: RankRule, goal: Mapping[str, Any], ctx: PlanContext, chosen: Mapping[str, Any]) -> dict:
+    """The plan's goal: the arguments, the rule, the objective and, for a latency goal, the
+    measured table's record (warning when the target was unreachable)."""
+    record = {**goal_record(rule, goal), "objective": ctx.objective}
+    if ctx.latency is not None:
+        record["latency"] = latency_record(ctx.latency, chosen, rule.target[1])
+        if "note" in record["latency"]:
+            warnings.warn(record["latency"]["note"], RuntimeWarning, stacklevel=3)
+    return record
+
+
+def _check_goal(model: nn.Module, method: str, example_inputs: Any, goal: dict) -> RankRule:
+    """The rank rule of a make_plan goal; TypeError for a model that is no module,
+    ValueError for missing inputs, an unknown method or argument, or an invalid option."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"make_plan expects an nn.Module, got {type(model).__name__}")
+    if example_inputs is None:
+        raise ValueError("make_plan needs example_inputs (a tensor or tuple) to trace layer shapes")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
     unknown = set(goal) - set(GOALS) - set(OPTIONS) - set(RULE_OPTIONS)

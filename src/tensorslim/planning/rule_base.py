@@ -10,7 +10,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 from torch import nn
 
 from ..plan import freeze
-from .candidates import PlannedLayer, objective_index
+from .candidates import PlannedLayer, objective_index, rank_candidates
 
 RULES: dict[str, type["RankRule"]] = {}  # rank_rule name -> config class, in registration order
 
@@ -18,17 +18,49 @@ RULES: dict[str, type["RankRule"]] = {}  # rank_rule name -> config class, in re
 @dataclass(frozen=True)
 class PlanContext:
     """What a rule may read besides the layers: the dense model, the plan's method, the
-    cost it reduces (``params`` or ``macs``) and the whole model's dense cost of that kind."""
+    cost it reduces (``params``, ``macs`` or ``latency``) and the whole model's dense cost of
+    that kind; for ``latency`` the measured table (:class:`.latency.LatencyTable`). Rules
+    price a layer through :meth:`candidates` / :meth:`dense_cost`, so one rule serves every
+    cost."""
 
     model: nn.Module
     method: str
     objective: str
-    total: int
+    total: float
+    latency: Any = None  # a LatencyTable for objective "latency"
 
     @property
     def obj(self) -> int:
-        """0 for params, 1 for MACs (the index in a (params, MACs) cost pair)."""
-        return objective_index(self.objective)
+        """0 for params, 1 for MACs (the index in a (params, MACs) cost pair); a latency plan
+        prices MACs where a pair is needed."""
+        return 1 if self.objective == "latency" else objective_index(self.objective)
+
+    def candidates(self, layer: PlannedLayer) -> list[tuple[Any, float]]:
+        """``(rank, cost)`` of ``layer``'s candidates cheaper than dense, ascending in cost
+        (latency: the measured ranks faster than dense that no faster rank dominates)."""
+        if self.latency is not None:
+            return self.latency.candidates(layer.name)
+        return [(r, c[self.obj]) for r, c in rank_candidates(layer, self.obj)]
+
+    def dense_cost(self, layer: PlannedLayer) -> float:
+        """``layer``'s dense cost (latency: measured ms, 0 when untimed: then it is part of
+        the model's fixed rest)."""
+        if self.latency is not None:
+            return self.latency.dense_ms(layer.name)
+        return layer.dense_cost(self.objective)
+
+    def dense_reason(self, layer: PlannedLayer) -> str:
+        """Why ``layer`` stays dense when it has no candidate."""
+        if self.latency is not None:
+            return self.latency.dense_reason(layer.name)
+        return "kept dense: no rank of this method reduces its cost"
+
+    def feasible(self, target: float) -> float:
+        """``target``, or for a latency plan the best reachable ratio when ``target`` is
+        below it (the plan then records the best reachable ratio and warns)."""
+        if self.latency is None:
+            return target
+        return max(target, self.latency.best_ratio() * (1 + 1e-9))
 
 
 Choice = tuple[dict[str, Any], dict[str, str]]  # (rank or reason to keep dense, note) per layer name

@@ -5,10 +5,12 @@ rank_rule       make_plan keywords               rank of each layer
 =============== ================================ ==========================================
 manual          ranks=                           as given
 uniform         target_macs= / target_params=    one global cost fraction
-min_error       target_macs= / target_params=,   whole-model target met while minimising the
-                layer_weights={name: w}          weighted sum of per-layer error proxies (default)
+                / target_latency=
+min_error       target_macs= / target_params=    whole-model target met while minimising the
+                / target_latency=,               weighted sum of per-layer error proxies (default)
+                layer_weights={name: w}
 constant        rate=4.0                         largest rank with params <= dense / rate
-vbmf            vbmf_factor=1.0                  EVBMF rank softened MUSCO-style
+vbmf            vbmf_factor=0.8                  EVBMF rank softened MUSCO-style
 energy          energy=0.9                       fewest singular values keeping that energy
 accuracy_drop   drop=0.005, evaluate=callable    smallest rank costing <= drop accuracy alone
 =============== ================================ ==========================================
@@ -25,8 +27,9 @@ from .candidates import PlannedLayer, rank_candidates
 from .rule_base import RULES, Choice, PlanContext, RankRule, check_number, jsonable, register, rule_class
 from .ranks import energy_rank, manual_rank
 from .vbmf import layer_vbmf_rank
+from ..rank.vbmf import DEFAULT_FACTOR
 
-_TARGETS = ("target_macs", "target_params")
+_TARGETS = ("target_macs", "target_params", "target_latency")
 
 
 @register
@@ -54,23 +57,25 @@ class Manual(RankRule):
 
 @dataclass(frozen=True)
 class _Budget(RankRule):
-    """A whole-model target: exactly one of ``target_macs`` / ``target_params`` in (0, 1]."""
+    """A whole-model target: exactly one of ``target_macs`` / ``target_params`` /
+    ``target_latency`` (measured time, see :mod:`.latency`) in (0, 1]."""
 
     target_macs: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None
     goals = _TARGETS
     goal_needed = True
 
     def __post_init__(self) -> None:
         given = [k for k in _TARGETS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"rank_rule={self.name!r} needs exactly one of target_macs / target_params, "
+            raise ValueError(f"rank_rule={self.name!r} needs exactly one of {' / '.join(_TARGETS)}, "
                              f"got {given or 'none'}")
         check_number(given[0], getattr(self, given[0]), lambda v: 0 < v <= 1, "a number in (0, 1]")
 
     @property
     def target(self) -> tuple[str, float]:
-        kind = "target_macs" if self.target_macs is not None else "target_params"
+        kind = next(k for k in _TARGETS if getattr(self, k) is not None)
         return kind, float(getattr(self, kind))
 
 
@@ -85,8 +90,12 @@ class Uniform(_Budget):
         from ..rank.budget import solve_budget
 
         kind, value = self.target
-        cands = {l.name: rank_candidates(l, ctx.obj) for l in layers}
-        return solve_budget(layers, cands, ctx.total, value, ctx.obj, kind), {}
+        cands = {l.name: ctx.candidates(l) for l in layers}
+        dense = {l.name: ctx.dense_cost(l) for l in layers}
+        chosen = solve_budget(dense, cands, ctx.total, ctx.feasible(value), kind=kind)
+        if ctx.latency is not None:
+            chosen.update({l.name: ctx.dense_reason(l) for l in layers if not cands[l.name]})
+        return chosen, {}
 
 
 @register
@@ -102,7 +111,7 @@ class MinError(_Budget):
         from .min_error import min_error_ranks
 
         kind, value = self.target
-        return min_error_ranks(layers, self.layer_weights, ctx.obj, ctx.total, kind, value)
+        return min_error_ranks(layers, self.layer_weights, ctx, kind, value)
 
 
 @register
@@ -137,7 +146,7 @@ class Constant(RankRule):
 class VBMF(RankRule):
     """EVBMF rank of each layer (tucker / svd), softened: R - vbmf_factor (R - R_evbmf)."""
 
-    vbmf_factor: float = 1.0
+    vbmf_factor: float = DEFAULT_FACTOR
     name = "vbmf"
 
     def __post_init__(self) -> None:
