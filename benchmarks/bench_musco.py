@@ -84,12 +84,12 @@ def part_musco(c: Ctx) -> list[dict]:
             if guide not in ("vbmf", "oneshot"):
                 raise SystemExit(f"unknown --musco-guides entry {guide!r}; known: vbmf, oneshot")
             # oneshot: the stages head for the one-shot plan's ranks (same final architecture)
-            rule = {s.name: s.rank for s in plan.compressed} if guide == "oneshot" else "vbmf"
+            ranks = {s.name: s.rank for s in plan.compressed} if guide == "oneshot" else "vbmf"
             goal = plan.macs_ratio if guide == "oneshot" else target
             t0 = time.perf_counter()
             res = musco(c.dense, "tucker", c.x1, train_loader=c.loaders.train, stages=a.stages,
                         finetune_steps_per_stage=a.steps // a.stages, target_macs=goal,
-                        rank_rule=rule, seed=a.seed, finetune_lr=a.lr, bn_steps=a.bn_steps,
+                        stage_ranks=ranks, seed=a.seed, finetune_lr=a.lr, bn_steps=a.bn_steps,
                         progress=True)
             row = {"label": f"MUSCO tucker {1 / target:.0f}x, {res.stages_done} stages, "
                             f"{'to the one-shot ranks' if guide == 'oneshot' else 'EVBMF-shaped ranks'}",

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import tensorslim as ts
-from tensorslim.export import _session, export_onnx
+from tensorslim.export import export_onnx, ort_session
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -56,7 +56,7 @@ def main() -> None:
     for name, m in models.items():
         path = tmp / f"{name}.onnx"
         export_onnx(m, xb, path, check=False)
-        sess, xn = _session(path, args.threads), xb.numpy()
+        sess, xn = ort_session(path, args.threads), xb.numpy()
         cl = copy.deepcopy(m).to(memory_format=torch.channels_last)
         xcl = xb.contiguous(memory_format=torch.channels_last)
         runs[name] = {"torch NCHW": lambda m=m: m(xb), "torch channels_last": lambda m=cl: m(xcl),

@@ -46,29 +46,42 @@ def test_bad_argument_is_a_clear_error(capsys):
     assert "argument --target-macs: expected a number in (0, 1], got '7'" in capsys.readouterr().err
 
 
-def test_demo_config_checks_rank_rule_and_bn_steps():
-    from tensorslim.demo import DemoConfig
+def test_demo_is_a_preset_of_compress():
+    from tensorslim.demo import DEMO, demo_config
+    from tensorslim.workflows import CompressConfig, Source
 
-    from tensorslim.workflows import resolve_bn_steps
+    cfg = demo_config()
+    assert cfg is DEMO and isinstance(cfg, CompressConfig)
+    assert (cfg.source, cfg.method, dict(cfg.goal)) == (Source(model="vgg16"), "tucker",
+                                                         {"target_macs": 0.25, "rank_rule": "min_error"})
+    assert (cfg.finetune_steps, cfg.reconstruct_steps, cfg.bn_steps, cfg.out_dir) == (400, 16, None, "runs/demo")
+    # the recovery it runs: 16 refit batches, so no BN re-calibration, then 400 KD steps
+    rc = cfg.recover_config()
+    assert (rc.reconstruct_steps, rc.bn_batches, rc.finetune_steps, rc.lr) == (16, 0, 400, 0.01)
+    assert rc.steps() == ("reconstruct", "finetune")
+    # settings override the preset; the rest stays the demo's
+    small = demo_config(finetune_steps=10, test_subset=500)
+    assert (small.finetune_steps, small.test_subset, small.reconstruct_steps, small.every_step) == (10, 500, 16, True)
+    assert demo_config({"threads": 1}).threads == 1 and demo_config({"threads": 1}).method == "tucker"
+    with pytest.raises(ValueError, match="compress: reconstruct_steps must be an int >= 0, got -2"):
+        demo_config(reconstruct_steps=-2)
+    with pytest.raises(ValueError, match="compress: bn_steps must be an int >= 0, got -1"):
+        demo_config(bn_steps=-1)
+    with pytest.raises(TypeError, match=r"demo: unknown setting\(s\) 'target_macs'; accepted: source, method, goal"):
+        demo_config(target_macs=0.5)  # a goal setting: goal={"target_macs": 0.5, ...}
 
-    cfg = DemoConfig()
-    assert cfg.rank_rule == "min_error" and cfg.bn_steps is None and cfg.reconstruct_steps == 16
+
+def test_resolve_defaults_of_bn_and_reconstruct_steps():
+    from tensorslim.workflows import resolve_bn_steps, resolve_reconstruct_steps
+
     # BN re-calibration by default only without the refit; an explicit value always wins
     assert resolve_bn_steps(None, 16) == 0 and resolve_bn_steps(None, 0) == 50
     assert resolve_bn_steps(7, 16) == 7 and resolve_bn_steps(0, 0) == 0
     # compress: the refit by default only for a model used without fine-tuning
-    from tensorslim.workflows import resolve_reconstruct_steps
-
     assert resolve_reconstruct_steps(None, 0, False) == 16
     assert resolve_reconstruct_steps(None, 400, False) == 0
     assert resolve_reconstruct_steps(None, 0, True) == 0
     assert resolve_reconstruct_steps(3, 400, True) == 3
-    with pytest.raises(ValueError, match="reconstruct_steps must be a non-negative int"):
-        DemoConfig(reconstruct_steps=-2)
-    with pytest.raises(ValueError, match="rank_rule must be 'uniform' or 'min_error'"):
-        DemoConfig(rank_rule="vbmf")
-    with pytest.raises(ValueError, match="bn_steps must be a non-negative int"):
-        DemoConfig(bn_steps=-1)
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +142,18 @@ def test_compress_evaluate_export_end_to_end(trained, tmp_path, capsys):
                  "--threads", "1", "--json"]) == 0
     exp = json.loads(capsys.readouterr().out)
     assert onnx_path.is_file() and exp["matches"] is True and exp["max_abs_diff"] <= 1e-4
+    # --fuse: every BatchNorm folded (13 in VGG-16), and the fused export still matches torch
+    fused_path = out / "fused.onnx"
+    assert main(["export", "--checkpoint", str(out), "--out", str(fused_path), "--fuse",
+                 "--latency-batch", "4", "--threads", "1", "--json"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("fuse: folded 13 BatchNorm(s), left 0")
+    fexp = json.loads(text[text.index("{"):])
+    assert fexp["matches"] is True and fexp["max_abs_diff"] <= 1e-4
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(fused_path)).graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
 
 
 def _report_accuracy(report: str) -> dict[str, str]:
@@ -193,7 +218,7 @@ def test_sweep_command(trained, tmp_path, capsys):
     (["compress", "--model", "vgg16", "--method", "foo", "--ranks", "4"], "invalid choice: 'foo'"),
     (["compress", "--model", "vgg16", "--ranks", "4", "--target-macs", "0.5"],
      "argument --target-macs: not allowed with argument --ranks"),
-    (["compress", "--model", "vgg16"], "one of the arguments --ranks --target-macs --target-params --energy is required"),
+    (["compress", "--model", "vgg16"], "one of the arguments --ranks --target-macs --target-params --target-latency --energy is required"),
     (["compress", "--model", "vgg16", "--ranks", "lots"], "expected an int (8), a fraction in (0, 1]"),
     (["compress", "--checkpoint", "/nonexistent/ckpt", "--ranks", "4"], "checkpoint folder /nonexistent/ckpt does not exist"),
     (["evaluate", "--checkpoint", "/nonexistent/ckpt"], "checkpoint folder /nonexistent/ckpt does not exist"),
@@ -320,3 +345,18 @@ def test_demo_out_rules(tmp_path):
         check_demo_out(tmp_path)
     ts.save(torch.nn.Linear(2, 2), ts.CompressionPlan(layers=(), method="keep"), tmp_path / "checkpoint")
     check_demo_out(tmp_path)  # an earlier demo's output: replaced by the next run
+
+
+def test_compress_target_latency_goes_to_make_plan_with_the_latency_batch():
+    from tensorslim.cli import _goal, build_parser
+
+    def goal(*extra):
+        return _goal(build_parser().parse_args(["compress", "--model", "vgg16", *extra]))
+
+    assert goal("--target-latency", "0.6", "--latency-batch", "8") == {
+        "target_latency": 0.6, "latency_batch": 8, "layout": None}
+    assert goal("--target-latency", "0.6", "--layout", "nchw")["layout"] == "nchw"
+    assert goal("--target-latency", "0.6")["latency_batch"] == 64  # the report's latency batch
+    with pytest.raises(ValueError, match="^argument --layout: only takes effect with --target-latency$"):
+        goal("--target-macs", "0.5", "--layout", "nchw")
+    assert main(["compress", "--model", "vgg16", "--target-latency", "0.5", "--target-macs", "0.5"]) == 2

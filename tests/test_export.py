@@ -97,7 +97,39 @@ def test_static_batch_and_no_check(tmp_path):
     dims = onnx.load(str(tmp_path / "s.onnx")).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims] == [3, 1, 28, 28]
     _assert_matches(tmp_path / "s.onnx", model, x)
-    assert res.as_dict()["path"] == str(tmp_path / "s.onnx")
+    d = res.to_dict()
+    assert d["path"] == str(tmp_path / "s.onnx") and d["size_bytes"] == (tmp_path / "s.onnx").stat().st_size
+    assert d["dynamic_batch"] is False and d["checked"] is False and d["opset"] == res.opset
+
+
+def test_as_dict_is_the_old_name_of_to_dict(tmp_path):
+    res = ExportResult(tmp_path / "a.onnx", "torchscript", 17, 1234, True, checked=True,
+                       checked_batches=(1, 3), max_abs_diff=2e-6, max_rel_diff=1e-5, rtol=1e-4,
+                       atol=1e-5, matches=True, latency_batch=8, threads=1, torch_latency_ms=2.5,
+                       ort_latency_ms=1.25)
+    d = res.to_dict()
+    assert res.as_dict() == d
+    assert d == {"path": str(tmp_path / "a.onnx"), "exporter": "torchscript", "opset": 17,
+                 "size_bytes": 1234, "dynamic_batch": True, "checked": True,
+                 "checked_batches": (1, 3), "max_abs_diff": 2e-6, "max_rel_diff": 1e-5,
+                 "rtol": 1e-4, "atol": 1e-5, "matches": True, "latency_batch": 8, "threads": 1,
+                 "torch_latency_ms": 2.5, "ort_latency_ms": 1.25}
+    assert "(2.00x)" in res.table()
+
+
+def test_example_inputs_by_keyword(tmp_path):
+    model = _compressed("svd", ranks=0.5)
+    x = _images(2)
+    res = export_onnx(model, example_inputs=x, path=tmp_path / "k.onnx", check=False)
+    assert res.path == tmp_path / "k.onnx" and res.dynamic_batch is True
+    _assert_matches(tmp_path / "k.onnx", model, x)
+    from tensorslim.export import ort_session
+
+    sess = ort_session(res.path, threads=1)
+    assert sess.get_session_options().intra_op_num_threads == 1
+    (got,) = sess.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=_atol(model, x))
 
 
 def test_export_restores_training_mode(tmp_path):
@@ -135,7 +167,7 @@ def test_failed_export_leaves_nothing(tmp_path):
 @pytest.mark.parametrize("args,exc,msg", [
     ((torch.nn.Linear(2, 2), torch.zeros(1, 2), "x.pt"), ValueError, "must end in .onnx"),
     (("model", torch.zeros(1, 2), "x.onnx"), TypeError, "expects an nn.Module"),
-    ((torch.nn.Linear(2, 2), [1, 2], "x.onnx"), TypeError, "example_input must be a batched torch.Tensor"),
+    ((torch.nn.Linear(2, 2), [1, 2], "x.onnx"), TypeError, "example_inputs must be one batched torch.Tensor"),
 ])
 def test_bad_arguments(tmp_path, args, exc, msg):
     model, x, name = args

@@ -141,7 +141,7 @@ def test_pure_math_imports_no_other_package_module(pure):
     assert not bad, f"{pure} must import nothing of tensorslim outside {(pure,) + allowed}: {bad}"
 
 
-@pytest.mark.parametrize("leaf", ["tensorslim.files", "tensorslim.statedict"])
+@pytest.mark.parametrize("leaf", ["tensorslim.files", "tensorslim.statedict", "tensorslim.configs"])
 def test_file_and_state_helpers_are_leaves(leaf):
     assert import_graph()[leaf] == set()  # every writer / loader may import them, cycle-free
 

@@ -145,7 +145,7 @@ def test_evaluate_at_and_errors():
 
 
 def test_pipeline_configs_map_to_the_recovery_with_the_project_defaults():
-    from tensorslim.demo import DemoConfig
+    from tensorslim.demo import demo_config
     from tensorslim.workflows import CompressConfig, Source
 
     def compress(**kw):
@@ -157,6 +157,6 @@ def test_pipeline_configs_map_to_the_recovery_with_the_project_defaults():
     assert compress(finetune_steps=400, finetune_lr=0.02) == RecoverConfig(0, 50, 400, 0.02, True, seed=3)
     assert compress(multi_stage=True).steps() == ("bn",)
     assert compress(reconstruct_steps=2, bn_steps=5).steps() == ("reconstruct", "bn")
-    demo = DemoConfig().recover_config()
-    assert demo == RecoverConfig(reconstruct_steps=16, bn_steps=None, finetune_steps=400, lr=0.01, seed=0)
+    demo = demo_config().recover_config()
+    assert demo == RecoverConfig(reconstruct_steps=16, bn_steps=0, finetune_steps=400, lr=0.01, seed=0)
     assert demo.steps() == ("reconstruct", "finetune")

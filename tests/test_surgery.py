@@ -103,3 +103,47 @@ def test_compress_rejects_mismatched_model(small_cnn, image, seq_net):
         ts.compress(other, plan, progress=False)
     with pytest.raises(TypeError, match="CompressionPlan"):
         ts.compress(small_cnn, {"layers": []})
+
+
+def test_set_submodule_keeps_mode_and_refuses_unknown_names():
+    from tensorslim.surgery import set_submodule
+
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Sequential(nn.ReLU(), nn.Linear(4, 5)))
+    model[1].eval()  # the replaced module's mode is what the new one gets
+    new = nn.Linear(4, 5).train()
+    with torch.no_grad():
+        new.weight.fill_(0.5), new.bias.fill_(-1.0)
+    set_submodule(model, "1.1", new)
+    assert model[1][1] is new and new.training is False and model[0].training is True
+    x = torch.ones(2, 4)
+    assert torch.equal(model[1](x), torch.full((2, 5), 1.0))  # relu(1) * 0.5 * 4 - 1
+    for name in ("2", "1.7", "0.weight", "", "1.1.x"):
+        with pytest.raises(ValueError, match=f"no submodule '{name}'.*named_modules"):
+            set_submodule(model, name, nn.ReLU())
+    with pytest.raises(TypeError, match="must be an nn.Module, got Tensor"):
+        set_submodule(model, "0", torch.zeros(1))
+    assert model[1][1] is new  # nothing changed on refusal
+
+
+@pytest.mark.parametrize("method,layer,rank", [
+    ("tucker", nn.Conv2d(6, 8, 3, padding=1), (3, 4)),
+    ("svd", nn.Conv2d(6, 8, 3, padding=1), 4),
+    ("svd", nn.Linear(12, 10), 5),
+    ("cp", nn.Conv2d(6, 8, 3, padding=1), 5),
+])
+def test_build_layer_decomposes_through_from_dense(method, layer, rank):
+    from tensorslim.layers import layer_for
+    from tensorslim.plan import LayerSpec
+    from tensorslim.surgery import build_layer
+
+    torch.manual_seed(0)
+    spec = LayerSpec(name="l", layer_type=type(layer).__name__, method=method, rank=rank,
+                     params_before=0, params_after=0, macs_before=0, macs_after=0,
+                     weight_shape=tuple(layer.weight.shape))
+    built = build_layer(layer, spec)
+    direct = layer_for(method, layer).from_dense(layer, rank)
+    x = torch.randn(2, 6, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(2, 12)
+    with torch.no_grad():
+        assert torch.allclose(built(x), direct(x), rtol=0, atol=1e-6)
+    assert built.approx_error == pytest.approx(direct.approx_error, abs=1e-9)
+    assert 0.0 < built.approx_error < 1.0

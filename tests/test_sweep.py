@@ -9,7 +9,7 @@ from torch import nn
 import tensorslim as ts
 from tensorslim.data import TensorBatchLoader, make_loaders
 from tensorslim.layers import FactorizedLayer, layer_for
-from tensorslim.sweep import COLUMNS, layer_rank, read_csv, run_sweep, sweep_table
+from tensorslim.sweep import COLUMNS, SweepOptions, layer_rank, read_csv, run_sweep, sweep_table
 from tensorslim.train import evaluate, train
 
 LAYERS = ["features.3", "features.24"]  # (8 -> 8) and (32 -> 64) channels at width 0.125
@@ -33,8 +33,8 @@ def swept(setup, tmp_path_factory):
     model, train_loader, test = setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path_factory.mktemp("sweep")
-    rows = run_sweep(model, LAYERS, RANKS, ("cp", "tucker"), test_loader=test,
-                     train_loader=train_loader, finetune_steps=3, example_input=X1,
+    rows = run_sweep(model, layers=LAYERS, ranks=RANKS, methods=("cp", "tucker"), test_loader=test,
+                     train_loader=train_loader, finetune_steps=3, example_inputs=X1,
                      latency_batch=4, threads=1, out_dir=out, repeats=3, warmup=1, progress=False)
     return rows, out, before
 
@@ -119,9 +119,10 @@ def test_csv_round_trip_and_table(swept):
 
 def test_no_finetune_no_test_leaves_accuracy_empty(setup, tmp_path):
     model, _, _ = setup
-    rows = run_sweep(model, ["features.24"], [4], ["svd"], test_loader=None, train_loader=None,
-                     finetune_steps=0, example_input=X1, latency_batch=2, threads=1,
-                     out_dir=tmp_path, repeats=1, warmup=0, progress=False)
+    opts = SweepOptions(layers=["features.24"], ranks=[4], methods=["svd"], latency_batch=2,
+                        threads=1, out_dir=tmp_path, repeats=1, warmup=0, progress=False)
+    assert (opts.layers, opts.ranks, opts.methods) == (("features.24",), (4,), ("svd",))
+    rows = run_sweep(model, opts, example_inputs=X1)
     assert len(rows) == 1 and rows[0].acc_dense is None and rows[0].acc_finetuned is None
     line = (tmp_path / "sweep.csv").read_text().splitlines()[1]
     assert line.endswith(",,,")
@@ -139,15 +140,42 @@ def test_no_finetune_no_test_leaves_accuracy_empty(setup, tmp_path):
 def test_bad_arguments_are_clear_errors(setup, kwargs, msg):
     model, _, _ = setup
     args = dict(layers=["features.3"], ranks=[4], methods=["cp"], test_loader=None,
-                train_loader=None, finetune_steps=0, example_input=X1, latency_batch=2,
+                train_loader=None, finetune_steps=0, example_inputs=X1, latency_batch=2,
                 threads=1, out_dir=None, progress=False)
     args.update(kwargs)
     with pytest.raises(ValueError) as e:
-        run_sweep(model, args.pop("layers"), args.pop("ranks"), args.pop("methods"), **args)
+        run_sweep(model, **args)
     assert msg in str(e.value)
 
 
 def test_not_a_module_is_a_type_error():
     with pytest.raises(TypeError, match="run_sweep expects an nn.Module"):
-        run_sweep(nn.Linear(2, 2).weight, ["x"], [1], test_loader=None, train_loader=None,  # type: ignore[arg-type]
-                  finetune_steps=0, example_input=X1, latency_batch=1, threads=1, out_dir=None)
+        run_sweep(nn.Linear(2, 2).weight, layers=["x"], ranks=[1], example_inputs=X1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(layers=["features.3"], ranks=[4], example_inputs=X1, rank=[4]),
+     "run_sweep: unknown setting(s) 'rank' (did you mean 'ranks'?)"),
+    (dict(ranks=[4], example_inputs=X1), "run_sweep: missing required setting(s) 'layers'"),
+    (dict(layers=["features.3"], ranks=[4]), "run_sweep: example_inputs is required"),
+])
+def test_settings_errors_name_the_setting(setup, kwargs, msg):
+    model, _, _ = setup
+    with pytest.raises(TypeError) as e:
+        run_sweep(model, **kwargs)
+    assert msg in str(e.value)
+
+
+def test_options_check_their_numbers():
+    base = dict(layers=["a"], ranks=[1])
+    assert SweepOptions(**base) == SweepOptions(layers=("a",), ranks=(1,), methods=("cp", "tucker"),
+                                                finetune_steps=0, finetune_lr=0.01, latency_batch=64,
+                                                threads=None, repeats=20, warmup=3, out_dir=None)
+    for name, bad, msg in [("finetune_steps", -1, "finetune_steps must be an int >= 0, got -1"),
+                           ("latency_batch", 0, "latency_batch must be an int >= 1, got 0"),
+                           ("threads", 0, "threads must be an int >= 1 or None, got 0"),
+                           ("repeats", True, "repeats must be an int >= 1, got True"),
+                           ("finetune_lr", 0.0, "finetune_lr must be a number > 0, got 0.0")]:
+        with pytest.raises(ValueError) as e:
+            SweepOptions(**base, **{name: bad})
+        assert str(e.value) == msg

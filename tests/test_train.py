@@ -1,7 +1,6 @@
 """Training loop: learning on real data, determinism, distillation, errors, and 2-process DDP."""
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,7 +16,10 @@ import torch
 import tensorslim.models as models
 from tensorslim.data import FashionMNIST, TensorBatchLoader, make_loaders
 from tensorslim.data import fashion_mnist as fm
+from tensorslim.app.train_shipped import RegistryTrainConfig, train_registry_model
 from tensorslim.train import (
+    FINE_TUNE,
+    TrainOptions,
     _lr_factor,
     channels_last_unsafe,
     distillation_loss,
@@ -25,7 +27,6 @@ from tensorslim.train import (
     fine_tune,
     train,
 )
-from tensorslim.train_registry import train_registry_model
 
 needs_data = pytest.mark.skipif(
     not (fm.SYSTEM_DIR / "train-images-idx3-ubyte.gz").is_file(),
@@ -131,9 +132,9 @@ def test_learns_fashion_mnist_subset() -> None:
 
 @needs_data
 def test_train_registry_model_writes_checkpoint(tmp_path: Path) -> None:
-    meta = train_registry_model("resnet20", width=0.125, epochs=1, batch_size=32, lr=0.05,
+    meta = train_registry_model(model="resnet20", width=0.125, epochs=1, batch_size=32, lr=0.05,
                                 seed=0, out_dir=tmp_path, threads=1, subset=64, max_steps=2,
-                                log_every=0)
+                                log_every=0, progress=False)
     info = json.loads((tmp_path / "resnet20.json").read_text())
     assert info["arch"] == {"name": "resnet20",
                             "kwargs": {"width": 0.125, "in_channels": 1, "num_classes": 10}}
@@ -238,3 +239,61 @@ def test_fine_tune_steps_errors() -> None:
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="steps must be a positive int or None"):
             fine_tune(model, loader, steps=bad, progress=False)
+
+
+def test_options_object_mapping_and_keywords_train_the_same() -> None:
+    # one TrainOptions, a mapping of its fields, or the same fields as keywords: one run
+    opts = TrainOptions(epochs=2, lr=0.03, progress=False, log_every=0)
+    runs = []
+    for args, kwargs in [((opts,), {}), (({"epochs": 2, "lr": 0.03},), {"progress": False, "log_every": 0}),
+                         ((), {"epochs": 2, "lr": 0.03, "progress": False, "log_every": 0}),
+                         ((TrainOptions(epochs=2, lr=0.5, progress=False, log_every=0),), {"lr": 0.03})]:
+        model = _tiny()
+        hist = train(model, _toy_loader(), *args, seed=1, **kwargs)
+        runs.append((hist["loss"], hist["lr"], model.state_dict()))
+    for loss, lrs, sd in runs[1:]:
+        assert loss == runs[0][0] and lrs == runs[0][1]
+        assert all(torch.equal(sd[k], runs[0][2][k]) for k in sd)
+    assert runs[0][1][0] == pytest.approx(0.03 * _lr_factor(4, 8, 0, "cosine"))  # after epoch 1 of 2
+
+
+def test_unknown_setting_is_a_one_line_type_error() -> None:
+    model, loader = _tiny(), _toy_loader()
+    with pytest.raises(TypeError) as e:
+        train(model, loader, learning_rate=0.1)
+    assert str(e.value).startswith("train: unknown setting(s) 'learning_rate'; accepted: epochs, optimizer, lr,")
+    with pytest.raises(TypeError, match=r"fine_tune: unknown setting\(s\) 'stesp' \(did you mean 'steps'\?\)"):
+        fine_tune(model, loader, stesp=3)
+    with pytest.raises(TypeError, match="train: config must be a TrainOptions or a mapping of its fields, got int"):
+        train(model, loader, 3)
+
+
+def test_fine_tune_defaults_and_options() -> None:
+    assert dict(FINE_TUNE) == {"lr": 0.005} and TrainOptions().lr == 0.05
+    # fine_tune's lr default 0.005; a mapping keeps it, a TrainOptions is used as it is
+    for options, lr in [(None, 0.005), ({"optimizer": "sgd"}, 0.005), (TrainOptions(lr=0.02), 0.02)]:
+        hist = fine_tune(_tiny(), _toy_loader(), options, steps=2, schedule="constant",
+                         progress=False, log_every=0)
+        assert hist["steps"] == 2 and hist["lr"] == [lr]
+    hist = fine_tune(_tiny(), _toy_loader(), epochs=None, steps=2, progress=False, log_every=0)
+    assert hist["steps"] == 2  # epochs=None means the default, as before
+    with pytest.raises(ValueError, match="give epochs or steps, not both"):
+        fine_tune(_tiny(), _toy_loader(), {"epochs": 2}, steps=5)
+
+
+def test_registry_train_config_defaults_and_checks() -> None:
+    c = RegistryTrainConfig()
+    assert (c.model, c.width, c.epochs, c.batch_size, c.lr, c.threads, c.out_dir) == \
+        ("vgg16", 0.25, 30, 128, 0.05, 2, "runs/train")
+    assert c.checkpoint_every == 100  # resumable state every 100 steps and every epoch
+    for name, bad, msg in [("epochs", 0, "train: epochs must be an int >= 1, got 0"),
+                           ("width", -1.0, "train: width must be a number > 0, got -1.0"),
+                           ("subset", 0, "train: subset must be a positive int or None, got 0"),
+                           ("checkpoint_every", -1, "train: checkpoint_every must be an int >= 0, got -1"),
+                           ("weight_decay", -1e-4, "train: weight_decay must be a number >= 0, got -0.0001"),
+                           ("model", "", "train: model must be a registry model name, got ''")]:
+        with pytest.raises(ValueError) as e:
+            RegistryTrainConfig(**{name: bad})
+        assert str(e.value) == msg
+    with pytest.raises(TypeError, match=r"train_registry_model: unknown setting\(s\) 'name'; accepted: model, width,"):
+        train_registry_model(name="vgg16")

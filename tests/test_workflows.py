@@ -86,3 +86,30 @@ def test_rows_of_one_architecture_share_one_measurement(monkeypatch):
     med = [statistics.median(c[3] for c in calls[i::4]) for i in range(4)]
     assert len(calls) == 4 * LATENCY_ROUNDS and {c[1] for c in calls} == {(4, 1, 8, 8)}
     assert [out[0].latency_ms, out[1].latency_ms] == [min(med[0], med[2]), min(med[1], med[3])]
+
+
+def test_evaluate_reports_a_latency_plans_prediction_next_to_the_measured_time(tmp_path):
+    # a checkpoint whose plan carries a latency record (as make_plan(target_latency=...)
+    # writes it): evaluate times the fused model as the plan did and reports both
+    import dataclasses
+
+    import tensorslim as ts
+    from tensorslim.workflows import EvaluateConfig, Source, run_evaluate
+
+    model = ts.models.create("vgg16", width=0.125).eval()
+    x = torch.randn(1, 1, 28, 28)
+    plan = ts.make_plan(model, "tucker", x, target_macs=0.5)
+    record = {"batch": 3, "layout": "channels_last", "threads": 1, "dense_ms": 2.5, "predicted_ms": 1.25}
+    plan = dataclasses.replace(plan, goal={**plan.goal, "latency": record})
+    import copy
+
+    ts.save(ts.compress(copy.deepcopy(model), plan, progress=False), plan, tmp_path / "c")
+    res = run_evaluate(EvaluateConfig(Source(checkpoint=str(tmp_path / "c")), latency_batch=2,
+                                      threads=1, accuracy=False))
+    lat = res["plan_latency"]
+    assert {k: lat[k] for k in record} == record
+    assert math.isfinite(lat["measured_ms"]) and lat["measured_ms"] > 0
+    # a source without a latency plan has none
+    ts.save(model, ts.CompressionPlan(layers=(), method="keep"), tmp_path / "d")
+    assert run_evaluate(EvaluateConfig(Source(checkpoint=str(tmp_path / "d")), latency_batch=2,
+                                       threads=1, accuracy=False))["plan_latency"] is None

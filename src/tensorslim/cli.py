@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .app import argtypes as at
+from .configs import from_namespace
 from .plan import METHODS
 
 _EPILOG = ("A model is --model NAME (registry; the shipped weights unless --weights PATH is given) "
@@ -35,8 +36,7 @@ class _Parser(argparse.ArgumentParser):
 def _source(args: argparse.Namespace) -> Any:
     from .workflows import Source
 
-    return Source(model=args.model, weights=args.weights, checkpoint=args.checkpoint,
-                  width=args.width, pad_to_32=args.pad_to_32)
+    return from_namespace(Source, args)
 
 
 def _out(argument: str, check: Callable[[], Any]) -> None:
@@ -57,47 +57,39 @@ def _file_out(path: str, suffix: str) -> None:
     check_writable(p.parent, p)
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, check_demo_out, run_demo
+# Each handler checks its output argument before any work, then builds its config from the
+# parsed arguments with configs.from_namespace: every argument's dest is the field's name.
 
-    _out("--out", lambda: check_demo_out(Path(args.out)))
-    run_demo(DemoConfig(model=args.model, method=args.method, rank_rule=args.rank_rule,
-                        target_macs=args.target_macs,
-                        finetune_steps=args.finetune_steps, bn_steps=args.bn_steps,
-                        reconstruct_steps=args.reconstruct_steps, threads=args.threads,
-                        test_subset=args.test_subset, out_dir=args.out))
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import check_demo_out, run_demo
+
+    _out("--out", lambda: check_demo_out(Path(args.out_dir), overwrite=args.overwrite))
+    run_demo(_compress_config(args))
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .app.train_shipped import RegistryTrainConfig, train_registry_model
     from .models.checkpoint import check_checkpoint_target
-    from .train_registry import train_registry_model
 
-    _out("--out", lambda: check_checkpoint_target(args.out, args.model))
-    train_registry_model(args.model, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
-                         lr=args.lr, seed=args.seed, out_dir=args.out, threads=args.threads,
-                         pad_to_32=args.pad_to_32, val_size=args.val_size, subset=args.subset,
-                         max_steps=args.max_steps, progress=True)
+    _out("--out", lambda: check_checkpoint_target(args.out_dir, args.model))
+    train_registry_model(from_namespace(RegistryTrainConfig, args))
     return 0
 
 
 def _compress(args: argparse.Namespace) -> int:
     from .io import check_save_target
-    from .workflows import CompressConfig, run_compress
+    from .workflows import run_compress
 
-    _out("--out", lambda: check_save_target(args.out, overwrite=args.overwrite))
-    goal = {k: getattr(args, k) for k in ("ranks", "target_macs", "target_params", "energy",
-                                           "include", "exclude") if getattr(args, k) is not None}
-    goal.update(_rank_rule_goal(args))
-    run_compress(CompressConfig(source=_source(args), method=args.method, goal=goal, out_dir=args.out,
-                                finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
-                                bn_steps=args.bn_steps, reconstruct_steps=args.reconstruct_steps,
-                                batch_size=args.batch_size, latency_batch=args.latency_batch,
-                                threads=args.threads, test_subset=args.test_subset, seed=args.seed,
-                                val_subset=args.val_subset, multi_stage=args.multi_stage,
-                                stages=args.stages, state_dir=args.state_dir,
-                                overwrite=args.overwrite))
+    _out("--out", lambda: check_save_target(args.out_dir, overwrite=args.overwrite))
+    run_compress(_compress_config(args))
     return 0
+
+
+def _compress_config(args: argparse.Namespace) -> Any:
+    from .workflows import CompressConfig
+
+    return from_namespace(CompressConfig, args, source=_source(args), goal=_goal(args))
 
 
 BN_HELP = ("training batches to re-estimate BatchNorm statistics on after decomposing, before "
@@ -106,39 +98,41 @@ RECONSTRUCT_HELP = ("training batches on which every factorized layer's last fac
                     "squares so its outputs match the dense layer's (data-aware reconstruction, before "
                     "BN re-calibration; 0 = off)")
 _PER_LAYER_RULES = ("constant", "vbmf", "energy", "accuracy_drop")
-_GOAL_FLAGS = "--ranks --target-macs --target-params --energy"
+_TARGETS = ("ranks", "target_macs", "target_params", "target_latency", "energy")
+# make_plan's goal arguments, in the order they are reported (--max-drop is dest "drop")
+GOAL_ARGS = (*_TARGETS, "include", "exclude", "rank_rule", "rate", "vbmf_factor", "drop")
 
 
-def _rank_rule_goal(args: argparse.Namespace) -> dict[str, Any]:
-    """--rank-rule and its parameters as make_plan arguments (validated by make_plan)."""
-    has_goal = any(getattr(args, k) is not None for k in ("ranks", "target_macs", "target_params", "energy"))
-    if not has_goal and args.rank_rule not in _PER_LAYER_RULES:
-        raise ValueError(f"one of the arguments {_GOAL_FLAGS} is required (or --rank-rule "
-                         f"{'|'.join(_PER_LAYER_RULES)}, which choose ranks per layer)")
-    out = {"rank_rule": args.rank_rule, "rate": args.rate, "vbmf_factor": args.vbmf_factor,
-           "drop": args.max_drop}
-    return {k: v for k, v in out.items() if v is not None}
+def _goal(args: argparse.Namespace) -> dict[str, Any]:
+    """The make_plan goal of the parsed arguments (validated by make_plan): a target or a
+    per-layer --rank-rule is required."""
+    goal = {k: getattr(args, k) for k in GOAL_ARGS if getattr(args, k, None) is not None}
+    if "target_latency" in goal:  # timed at the batch the report's latency is measured at
+        goal.update(latency_batch=args.latency_batch, layout=getattr(args, "layout", None))
+    elif getattr(args, "layout", None) is not None:
+        raise ValueError("argument --layout: only takes effect with --target-latency")
+    if not set(_TARGETS) & set(goal) and goal.get("rank_rule") not in _PER_LAYER_RULES:
+        raise ValueError(f"one of the arguments {' '.join('--' + t.replace('_', '-') for t in _TARGETS)} "
+                         f"is required (or --rank-rule {'|'.join(_PER_LAYER_RULES)}, which choose "
+                         "ranks per layer)")
+    return goal
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import SweepOptions
     from .workflows import SweepConfig, check_sweep_out, run_sweep_config
 
-    _out("--out", lambda: check_sweep_out(args.out))
-    run_sweep_config(SweepConfig(source=_source(args), layers=args.layers, ranks=args.ranks,
-                                 methods=args.methods, finetune_steps=args.finetune_steps,
-                                 finetune_lr=args.finetune_lr, batch_size=args.batch_size,
-                                 test_subset=args.test_subset, latency_batch=args.latency_batch,
-                                 threads=args.threads, repeats=args.repeats, out_dir=args.out,
-                                 seed=args.seed))
+    _out("--out", lambda: check_sweep_out(args.out_dir))
+    run_sweep_config(from_namespace(SweepConfig, args, source=_source(args),
+                                    options=from_namespace(SweepOptions, args)))
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .report import ModelSummary, summary_table
-    from .workflows import run_evaluate
+    from .workflows import EvaluateConfig, run_evaluate
 
-    res = run_evaluate(_source(args), test_subset=args.test_subset, latency_batch=args.latency_batch,
-                       threads=args.threads, with_accuracy=not args.no_accuracy)
+    res = run_evaluate(from_namespace(EvaluateConfig, args, source=_source(args)))
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -146,16 +140,20 @@ def _evaluate(args: argparse.Namespace) -> int:
                                           res["latency_ms"])]))
         print(f"(test images: {res['test_images']}, input {res['input_size']}x{res['input_size']}, "
               f"MACs per image, latency at batch {res['latency_batch']} with {res['threads']} threads)")
+        if res["plan_latency"]:
+            p = res["plan_latency"]
+            print(f"latency plan (batch {p['batch']}, {p['layout']}, {p['threads']} threads, BatchNorms "
+                  f"folded): predicted {p['predicted_ms']:.3f} ms, measured now {p['measured_ms']:.3f} ms "
+                  f"(dense when planned {p['dense_ms']:.3f} ms)")
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .workflows import run_export
+    from .workflows import ExportConfig, run_export
 
     _out("--out", lambda: _file_out(args.out, ".onnx"))
-    res = run_export(_source(args), args.out, check=not args.no_check, opset=args.opset,
-                     dynamo=args.dynamo, latency_batch=args.latency_batch, threads=args.threads)
-    print(json.dumps(res.as_dict(), indent=2) if args.json else res.table())
+    res = run_export(from_namespace(ExportConfig, args, source=_source(args)))
+    print(json.dumps(res.to_dict(), indent=2) if args.json else res.table())
     if res.matches is False:
         print("tensorslim export: error: onnxruntime outputs differ from torch beyond the tolerance",
               file=sys.stderr)
@@ -185,25 +183,35 @@ def _add_run(p: argparse.ArgumentParser, *, finetune: int | None = None) -> None
         p.add_argument("--seed", type=at.count, default=0)
 
 
+def _preset(parser: argparse.ArgumentParser, cfg: Any) -> None:
+    """Make ``cfg`` (a CompressConfig) the parser's defaults: its fields, its source's and its
+    goal's, so the parsed arguments rebuild it exactly (also the fields without an argument)."""
+    from .configs import field_names
+
+    fields = {f: getattr(cfg, f) for f in field_names(type(cfg)) if f not in ("source", "goal")}
+    source = {f: getattr(cfg.source, f) for f in field_names(type(cfg.source))}
+    parser.set_defaults(**fields, **source, **cfg.goal)
+
+
 def _add_demo(sub: Any) -> None:
-    from .demo import DemoConfig
+    from .demo import DEMO
 
     d = sub.add_parser("demo", help="compress the shipped Fashion-MNIST model to a MAC target, fine-tune, report",
                        description="Load the shipped VGG-16, compress it whole-model (default Tucker-2 to 4x "
                                    "fewer MACs), fine-tune briefly with distillation, print a table and write a report.")
-    d.add_argument("--model", default="vgg16")
-    d.add_argument("--method", default=DemoConfig.method, choices=["tucker", "cp", "svd", "auto"],
-                   help=f"default {DemoConfig.method}")
-    d.add_argument("--rank-rule", default=DemoConfig.rank_rule, choices=["uniform", "min_error"],
-                   help=f"how the MAC budget is spread over the layers (default {DemoConfig.rank_rule})")
-    d.add_argument("--target-macs", type=at.fraction, default=0.25, help="fraction of MACs to keep (0.25 = 4x fewer)")
-    d.add_argument("--finetune-steps", type=at.count, default=400)
-    d.add_argument("--bn-steps", type=at.count, default=None, help=BN_HELP)
-    d.add_argument("--reconstruct-steps", type=at.count, default=DemoConfig.reconstruct_steps,
-                   help=RECONSTRUCT_HELP + f" (default {DemoConfig.reconstruct_steps})")
-    d.add_argument("--threads", type=at.pos_int, default=2)
-    d.add_argument("--test-subset", type=at.pos_int, default=None, help="evaluate on the first N test images only")
-    d.add_argument("--out", default="runs/demo", help="output folder (report.md, PNGs, checkpoint)")
+    _preset(d, DEMO)  # the defaults below are DEMO's
+    d.add_argument("--model")
+    d.add_argument("--method", choices=["tucker", "cp", "svd", "auto"], help=f"default {DEMO.method}")
+    d.add_argument("--rank-rule", choices=["uniform", "min_error"],
+                   help=f"how the MAC budget is spread over the layers (default {DEMO.goal['rank_rule']})")
+    d.add_argument("--target-macs", type=at.fraction, help="fraction of MACs to keep (0.25 = 4x fewer)")
+    d.add_argument("--finetune-steps", type=at.count)
+    d.add_argument("--bn-steps", type=at.count, help=BN_HELP)
+    d.add_argument("--reconstruct-steps", type=at.count,
+                   help=RECONSTRUCT_HELP + f" (default {DEMO.reconstruct_steps})")
+    d.add_argument("--threads", type=at.pos_int)
+    d.add_argument("--test-subset", type=at.pos_int, help="evaluate on the first N test images only")
+    d.add_argument("--out", dest="out_dir", metavar="OUT", help="output folder (report.md, PNGs, checkpoint)")
     d.set_defaults(func=_demo)
 
 
@@ -211,19 +219,23 @@ def _add_train(sub: Any) -> None:
     t = sub.add_parser("train", help="train a registry model on Fashion-MNIST",
                        description="Train a registry model on the seeded 55k Fashion-MNIST training split "
                                    "and write OUT/NAME.safetensors + OUT/NAME.json (use them with "
-                                   "--checkpoint OUT or --weights OUT/NAME.safetensors).")
+                                   "--checkpoint OUT or --weights OUT/NAME.safetensors). Resumable: "
+                                   "re-run the same command after an interruption.")
     t.add_argument("--model", default="vgg16")
     t.add_argument("--width", type=at.pos_float, default=0.25, help="channel width multiplier (default 0.25)")
     t.add_argument("--epochs", type=at.pos_int, default=30)
     t.add_argument("--lr", type=at.pos_float, default=0.05)
     t.add_argument("--batch-size", type=at.pos_int, default=128)
     t.add_argument("--seed", type=at.count, default=0)
-    t.add_argument("--out", default="runs/train", help="output folder")
+    t.add_argument("--out", dest="out_dir", metavar="OUT", default="runs/train", help="output folder")
     t.add_argument("--threads", type=at.pos_int, default=2)
     t.add_argument("--pad-to-32", action="store_true", help="train on 32x32 (padded) inputs")
     t.add_argument("--val-size", type=at.count, default=5000, help="training images held out for validation")
     t.add_argument("--subset", type=at.pos_int, help="train on the first N training images only")
     t.add_argument("--max-steps", type=at.pos_int, help="stop after N SGD steps")
+    t.add_argument("--checkpoint-every", type=at.count, metavar="N",
+                   help="also write the resumable training state every N steps (default 100; 0: at epoch "
+                        "ends only); re-run the same command after a kill to resume from OUT/.NAME.train_state.pt")
     t.set_defaults(func=_train)
 
 
@@ -238,7 +250,12 @@ def _add_compress(sub: Any) -> None:
     g.add_argument("--ranks", type=at.ranks, help="int, fraction in (0, 1], or JSON {layer: rank}")
     g.add_argument("--target-macs", type=at.fraction, help="keep this fraction of MACs (0.25 = 4x fewer)")
     g.add_argument("--target-params", type=at.fraction, help="keep this fraction of parameters")
+    g.add_argument("--target-latency", type=at.fraction,
+                   help="keep this fraction of the dense model's time MEASURED on this machine at "
+                        "--latency-batch (BatchNorms folded; a layer no rank makes faster stays dense)")
     g.add_argument("--energy", type=at.fraction, help="fraction of squared singular values kept per layer")
+    c.add_argument("--layout", choices=("channels_last", "nchw"),
+                   help="--target-latency: memory layout to time in (default channels_last)")
     c.add_argument("--include", action="append", help="glob of layer names to compress (repeatable)")
     c.add_argument("--exclude", action="append", help="glob of layer names to keep dense (repeatable)")
     r = c.add_argument_group("rank rule (how ranks are chosen; see tensorslim.make_plan)")
@@ -249,16 +266,16 @@ def _add_compress(sub: Any) -> None:
                         "the first --val-subset validation images)")
     r.add_argument("--rate", type=at.pos_float, help="constant: per-layer parameter reduction (default 4)")
     r.add_argument("--vbmf-factor", type=float,
-                   help="vbmf: 1 = pure EVBMF rank, 0 = no compression (MUSCO weakening, default 1)")
-    r.add_argument("--max-drop", type=float,
+                   help="vbmf: 1 = pure EVBMF rank, 0 = no compression (MUSCO weakening, default 0.8)")
+    r.add_argument("--max-drop", dest="drop", metavar="MAX_DROP", type=float,
                    help="accuracy_drop: per-layer validation accuracy drop bound (default 0.005)")
     r.add_argument("--val-subset", type=at.pos_int, default=1000,
                    help="accuracy_drop: validation images to measure the drop on (default 1000)")
     m = c.add_argument_group("multi-stage (MUSCO: compress, fine-tune, re-compress the factors, ...)")
     m.add_argument("--multi-stage", action="store_true",
                    help="compress in stages, each fine-tuned for --finetune-steps; the goal is "
-                        "--target-macs (met at the last stage), --rank-rule vbmf (--vbmf-factor "
-                        "default 0.8 here) or --ranks FRACTION (of each rank, per stage)")
+                        "--target-macs (met at the last stage), --rank-rule vbmf (--vbmf-factor) "
+                        "or --ranks FRACTION (of each rank, per stage)")
     m.add_argument("--stages", type=at.pos_int, default=3, help="most stages (default 3)")
     m.add_argument("--state-dir", help="save every stage here and resume from it when re-run")
     _add_run(c, finetune=0)
@@ -266,9 +283,9 @@ def _add_compress(sub: Any) -> None:
                    help=BN_HELP + " (every stage with --multi-stage)")
     c.add_argument("--reconstruct-steps", type=at.count, default=None,
                    help=RECONSTRUCT_HELP + " (every stage with --multi-stage; default 16 without "
-                        "fine-tuning, 0 with --finetune-steps or --multi-stage: on the shipped VGG-16 "
-                        "a refit start fine-tuned 0.6 points worse at 8x fewer MACs)")
-    c.add_argument("--out", default="runs/compress",
+                        "fine-tuning, 0 with --finetune-steps or --multi-stage; README, "
+                        "Recovery, says why)")
+    c.add_argument("--out", dest="out_dir", metavar="OUT", default="runs/compress",
                    help="output folder: new, empty, or (with --overwrite) an earlier checkpoint")
     c.add_argument("--overwrite", action="store_true",
                    help="replace the tensorslim checkpoint at --out (never a file or another folder)")
@@ -287,7 +304,7 @@ def _add_sweep(sub: Any) -> None:
     s.add_argument("--methods", type=at.names, default=("cp", "tucker"), help="cp,tucker (default), svd")
     s.add_argument("--repeats", type=at.pos_int, default=20, help="latency repeats (median)")
     _add_run(s, finetune=50)
-    s.add_argument("--out", default="runs/sweep", help="output folder")
+    s.add_argument("--out", dest="out_dir", metavar="OUT", default="runs/sweep", help="output folder")
     s.set_defaults(func=_sweep)
 
 
@@ -297,7 +314,7 @@ def _add_evaluate(sub: Any) -> None:
                                    "latency of a checkpoint or registry model.", epilog=_EPILOG)
     _add_source(e)
     _add_run(e)
-    e.add_argument("--no-accuracy", action="store_true", help="skip the test-set evaluation")
+    e.add_argument("--no-accuracy", dest="accuracy", action="store_false", help="skip the test-set evaluation")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=_evaluate)
 
@@ -311,7 +328,9 @@ def _add_export(sub: Any) -> None:
     x.add_argument("--out", required=True, help="path of the .onnx file to write")
     x.add_argument("--opset", type=at.pos_int, default=17)
     x.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter")
-    x.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    x.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime check")
+    x.add_argument("--fuse", action="store_true",
+                   help="fold every BatchNorm into the layer before it (tensorslim.fuse) before exporting")
     x.add_argument("--latency-batch", type=at.pos_int, default=64)
     x.add_argument("--threads", type=at.pos_int, default=2)
     x.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -1,7 +1,8 @@
 """ONNX export of a (compressed) model, with a numerical check against onnxruntime.
 
 The factorized layers export as chains of ordinary ``Conv`` / ``Gemm`` / ``MatMul`` nodes, so
-an exported compressed model runs (and is faster) in any ONNX runtime without tensorslim.
+an exported compressed model runs in any ONNX runtime without tensorslim, keeping the
+factorized layers' lower MAC count.
 """
 from __future__ import annotations
 
@@ -46,10 +47,13 @@ class ExportResult:
     torch_latency_ms: float | None = None
     ort_latency_ms: float | None = None
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-able values (``path`` as a string)."""
         d = asdict(self)
         d["path"] = str(self.path)
         return d
+
+    as_dict = to_dict  # the earlier name, kept for callers of as_dict()
 
     def table(self) -> str:
         lines = [f"onnx file        {self.path} ({self.size_bytes / 1e6:.2f} MB, {self.exporter} "
@@ -69,7 +73,7 @@ class ExportResult:
 
 def export_onnx(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_inputs: torch.Tensor,
     path: str | os.PathLike,
     *,
     check: bool = True,
@@ -85,17 +89,19 @@ def export_onnx(
 ) -> ExportResult:
     """Export ``model`` (run in eval mode) to ONNX at ``path`` (``*.onnx``), atomically.
 
-    ``example_input`` (B, ...) traces the graph; the batch axis is dynamic unless
-    ``dynamic_batch=False``. ``dynamo=False`` uses the TorchScript exporter (robust for these
-    models), ``True`` the ``torch.export``-based one (weights embedded in the one file).
-    With ``check``, onnxruntime runs the file on ``example_input`` (and on a batch of another
-    size when the batch is dynamic) and the outputs are compared with torch's; then both are
-    timed on ``latency_input`` (default ``example_input``) with ``threads`` threads.
+    ``example_inputs``: one batched tensor (B, ...), the graph's input, which traces the graph;
+    the batch axis is dynamic unless ``dynamic_batch=False``. ``dynamo=False`` uses the
+    TorchScript exporter (robust for these models), ``True`` the ``torch.export``-based one
+    (weights embedded in the one file). With ``check``, onnxruntime runs the file on
+    ``example_inputs`` (and on a batch of another size when the batch is dynamic) and the
+    outputs are compared with torch's; then both are timed on ``latency_input`` (default
+    ``example_inputs``) with ``threads`` threads.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1:
-        raise TypeError(f"example_input must be a batched torch.Tensor, got {type(example_input).__name__}")
+    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 1:
+        raise TypeError(f"export_onnx: example_inputs must be one batched torch.Tensor (B, ...), "
+                        f"got {type(example_inputs).__name__}")
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"the ONNX path must end in .onnx, got {str(path)!r}")
@@ -105,12 +111,12 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        atomic_write(path, lambda tmp: _export(model, example_input, tmp, opset, dynamic_batch, dynamo))
+        atomic_write(path, lambda tmp: _export(model, example_inputs, tmp, opset, dynamic_batch, dynamo))
         result = ExportResult(path, "dynamo" if dynamo else "torchscript", _file_opset(path, opset),
                               path.stat().st_size, dynamic_batch)
         if check:
-            result = _check(model, example_input, result, rtol, atol,
-                            latency_input if latency_input is not None else example_input,
+            result = _check(model, example_inputs, result, rtol, atol,
+                            latency_input if latency_input is not None else example_inputs,
                             threads, repeats, warmup)
     finally:
         model.train(was_training)
@@ -149,7 +155,10 @@ def _file_opset(path: Path, requested: int) -> int:
     return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), requested)
 
 
-def _session(path: Path, threads: int | None) -> Any:
+def ort_session(path: str | os.PathLike, threads: int | None = None) -> Any:
+    """An onnxruntime ``InferenceSession`` on the CPU for the ONNX file ``path``, with
+    ``threads`` intra-op threads (default: torch's current count) and one inter-op thread,
+    as :func:`export_onnx` checks and times it."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -168,7 +177,7 @@ def _check(model: nn.Module, x: torch.Tensor, result: ExportResult, rtol: float,
 
     from .cost import measure_latency
 
-    sess = _session(result.path, threads)
+    sess = ort_session(result.path, threads)
     inputs = [x]
     if result.dynamic_batch:
         gen = torch.Generator().manual_seed(0)

@@ -19,21 +19,28 @@ class ModelSummary:
     params: int
     macs: int
     latency_ms: float | None
+    latency1_ms: float | None = None  # at batch 1, when measured
 
-    def as_dict(self) -> dict:
+    def to_dict(self) -> dict:
+        """The fields as a JSON-able dict."""
         return asdict(self)
+
+    as_dict = to_dict  # the earlier name, kept for callers of as_dict()
 
 
 def summary_table(rows: Sequence[ModelSummary], *, markdown: bool = False) -> str:
     """A table of model variants with ratios against the first row."""
     base = rows[0]
     head = ["model", "test acc %", "params", "MACs", "MACs ratio", "latency ms", "speed-up"]
+    batch1 = any(r.latency1_ms is not None for r in rows)
+    if batch1:
+        head += ["batch-1 ms", "batch-1 speed-up"]
     lines = []
     for r in rows:
         acc = "-" if r.accuracy is None else f"{100 * r.accuracy:.2f}"
-        lat = "-" if r.latency_ms is None else f"{r.latency_ms:.2f}"
-        sp = "-" if r.latency_ms is None or base.latency_ms is None else f"{base.latency_ms / r.latency_ms:.2f}x"
-        lines.append([r.label, acc, f"{r.params:,d}", f"{r.macs:,d}", f"{base.macs / r.macs:.2f}x", lat, sp])
+        line = [r.label, acc, f"{r.params:,d}", f"{r.macs:,d}", f"{base.macs / r.macs:.2f}x",
+                *_latency_cells(r.latency_ms, base.latency_ms)]
+        lines.append(line + (_latency_cells(r.latency1_ms, base.latency1_ms) if batch1 else []))
     if markdown:
         out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         out += ["| " + " | ".join(l) + " |" for l in lines]
@@ -41,6 +48,13 @@ def summary_table(rows: Sequence[ModelSummary], *, markdown: bool = False) -> st
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
     return "\n".join([fmt(head)] + [fmt(l) for l in lines])
+
+
+def _latency_cells(ms: float | None, base: float | None) -> list[str]:
+    """``[ms, speed-up against base]`` as table cells ("-" where unmeasured)."""
+    if ms is None:
+        return ["-", "-"]
+    return [f"{ms:.2f}", "-" if base is None else f"{base / ms:.2f}x"]
 
 
 def plan_markdown(plan: CompressionPlan) -> str:

@@ -1,4 +1,7 @@
-"""Model surgery: the one place in tensorslim that replaces submodules of a model."""
+"""Model surgery: the one place in tensorslim that replaces submodules of a model.
+
+:func:`compress` / :func:`recompress` swap in factorized layers; :func:`set_submodule` is the
+primitive they share with other model transforms (e.g. ``methods.prune``)."""
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
@@ -13,7 +16,7 @@ from .plan import CompressionPlan, LayerSpec
 def build_layer(module: nn.Module, spec: LayerSpec, *, decompose: bool = True) -> nn.Module:
     """The factorized replacement of ``module`` described by ``spec`` (a new module).
 
-    ``decompose=True`` decomposes the trained weights (``from_conv`` / ``from_linear``);
+    ``decompose=True`` decomposes the trained weights (``from_dense``);
     ``decompose=False`` only builds the right shapes (``like``), for loading a checkpoint.
     Every ValueError / TypeError (a wrong layer type or shape, a bad rank, non-finite
     weights, ...) is raised again prefixed with ``layer <name> (<type>): ``.
@@ -39,9 +42,7 @@ def _build(module: nn.Module, spec: LayerSpec, decompose: bool) -> nn.Module:
     opts: dict[str, Any] = dict(spec.options)
     if not decompose:
         return cls.like(module, spec.rank, **opts)
-    if isinstance(module, nn.Linear):
-        return cls.from_linear(module, spec.rank, **opts)
-    return cls.from_conv(module, spec.rank, **opts)
+    return cls.from_dense(module, spec.rank, **opts)
 
 
 def weight_shape(module: nn.Module) -> tuple[int, ...]:
@@ -138,7 +139,7 @@ def compress(
         took = f"{spec.name} {perf_counter() - start:.1f}s"
         bar.set_postfix_str(took)
         done = f" (last: {took})"
-    _swap(model, {modules[n]: layer for n, layer in new.items()})
+    replace_modules(model, {modules[n]: layer for n, layer in new.items()})
     return model
 
 
@@ -186,22 +187,37 @@ def recompress(
             new[name] = layer.recompress(rank, **dict((options or {}).get(name, {})))
         except (ValueError, TypeError) as e:
             raise type(e)(f"layer {name}: {e}") from None
-    _swap(model, {modules[n]: layer for n, layer in new.items()})
+    replace_modules(model, {modules[n]: layer for n, layer in new.items()})
     return model
 
 
-def _swap(model: nn.Module, new: Mapping[nn.Module, nn.Module]) -> None:
+def replace_modules(model: nn.Module, new: Mapping[nn.Module, nn.Module]) -> None:
     """Put each new module in place of the old one, under every name the old one has (a
     module registered twice stays one shared module)."""
     for name, old in list(model.named_modules(remove_duplicate=False)):
         if name and old in new:
-            _set_submodule(model, name, new[old])
+            set_submodule(model, name, new[old])
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified ``name`` of ``model`` (in place), in the train / eval
+    mode of the module it replaces and on the device of that module's parameters.
+
+    ValueError when ``model`` has no submodule ``name`` (names as ``model.named_modules()``
+    gives them; ``""``, the model itself, cannot be replaced); TypeError when ``module`` is
+    not an ``nn.Module``.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"set_submodule: module must be an nn.Module, got {type(module).__name__}")
+    parent_name, _, child = name.rpartition(".") if isinstance(name, str) else ("", "", "")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        parent = None
+    old = getattr(parent, child, None) if parent is not None and child else None
+    if not isinstance(old, nn.Module):
+        raise ValueError(f"set_submodule: {type(model).__name__} has no submodule {name!r}; "
+                         f"accepted: a non-empty qualified name from model.named_modules()")
     module.train(old.training)
     p = next(old.parameters(), None)
     if p is not None:

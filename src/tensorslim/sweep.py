@@ -20,12 +20,13 @@ import os
 import re
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .configs import resolve
 from .cost import count, measure_latency
 from .files import atomic_write, write_text_atomic
 from .plan import CompressionPlan, LayerSpec
@@ -96,14 +97,53 @@ def _check_lists(layers: Sequence[str], ranks: Sequence[int], methods: Sequence[
             raise ValueError(f"{what} has duplicates: {list(seq)!r}")
 
 
+@dataclass(frozen=True)
+class SweepOptions:
+    """What :func:`run_sweep` sweeps and how it measures.
+
+    ``layers`` (qualified names) x ``methods`` x ``ranks``, one layer compressed at a time.
+    Latency: each layer alone on its traced input shape at batch ``latency_batch``, with
+    ``threads`` threads (None: torch's current setting), median of ``repeats`` calls after
+    ``warmup``. ``finetune_steps > 0``: that many SGD steps (lr ``finetune_lr``, distilled
+    from the dense model) after compressing. ``out_dir``: where the CSV and the per-layer
+    plots go (None: nowhere). Lists are kept as tuples."""
+
+    layers: tuple[str, ...]
+    ranks: tuple[int, ...]
+    methods: tuple[str, ...] = ("cp", "tucker")
+    finetune_steps: int = 0
+    finetune_lr: float = 0.01
+    latency_batch: int = 64
+    threads: int | None = None
+    repeats: int = 20
+    warmup: int = 3
+    out_dir: str | os.PathLike[str] | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_lists(self.layers, self.ranks, self.methods)
+        for name in ("layers", "ranks", "methods"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name, low in (("finetune_steps", 0), ("latency_batch", 1), ("repeats", 1),
+                          ("warmup", 0), ("threads", 1)):
+            v = getattr(self, name)
+            if (v is not None or name != "threads") and (
+                    isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise ValueError(f"{name} must be an int >= {low}{' or None' * (name == 'threads')}, "
+                                 f"got {v!r}")
+        if isinstance(self.finetune_lr, bool) or not isinstance(self.finetune_lr, (int, float)) \
+                or not self.finetune_lr > 0:
+            raise ValueError(f"finetune_lr must be a number > 0, got {self.finetune_lr!r}")
+
+
 def plan_points(model: nn.Module, layers: Sequence[str], ranks: Sequence[int],
-                methods: Sequence[str], example_input: Any) -> list[_Point]:
+                methods: Sequence[str], example_inputs: Any) -> list[_Point]:
     """Validate every (layer, method, rank) up front and build its one-layer plan, so a bad
     rank fails before hours of sweeping rather than in the middle."""
     from .layers import layer_for
 
     _check_lists(layers, ranks, methods)
-    report = count(model, example_input)
+    report = count(model, example_inputs)
     counted = {lc.name: lc for lc in report.layers}
     modules = dict(model.named_modules())
     points = []
@@ -137,50 +177,34 @@ def plan_points(model: nn.Module, layers: Sequence[str], ranks: Sequence[int],
     return points
 
 
-def run_sweep(
-    model: nn.Module,
-    layers: Sequence[str],
-    ranks: Sequence[int],
-    methods: Sequence[str] = ("cp", "tucker"),
-    *,
-    test_loader: Iterable | None,
-    train_loader: Iterable | None,
-    finetune_steps: int,
-    example_input: torch.Tensor,
-    latency_batch: int,
-    threads: int | None,
-    out_dir: str | os.PathLike | None,
-    finetune_lr: float = 0.01,
-    repeats: int = 20,
-    warmup: int = 3,
-    progress: bool = True,
-) -> list[SweepRow]:
-    """Sweep ``ranks`` x ``methods`` for each of ``layers`` (qualified names), one layer
-    compressed at a time; ``model`` (dense, trained) is left untouched.
+def run_sweep(model: nn.Module, options: SweepOptions | Mapping[str, Any] | None = None, *,
+              test_loader: Iterable | None = None, train_loader: Iterable | None = None,
+              example_inputs: torch.Tensor | None = None, **settings: Any) -> list[SweepRow]:
+    """Sweep ``ranks`` x ``methods`` for each of ``layers``, one layer compressed at a time;
+    ``model`` (dense, trained) is left untouched.
 
-    ``example_input`` (1, C, H, W) traces each layer's input shape; its latency is timed on
-    (``latency_batch``, C_l, H_l, W_l) with ``threads`` threads. Accuracies use
-    ``test_loader`` (skipped, None, when it is None); with ``finetune_steps > 0`` the
-    compressed model is fine-tuned that many SGD steps on ``train_loader`` (lr
-    ``finetune_lr``, distilled from the dense model). With ``out_dir`` the CSV and the
-    per-layer plots are written there. Returns one row per (layer, method, rank).
+    ``options`` (a :class:`SweepOptions`, a mapping of its fields, or None) and ``settings``
+    (its fields by keyword, overriding ``options``) say what to sweep:
+    ``run_sweep(model, layers=["features.3"], ranks=[4, 8], example_inputs=x)``.
+    ``example_inputs`` (1, C, H, W) traces each layer's input shape. Accuracies use
+    ``test_loader`` (skipped, None, when it is None); fine-tuning batches come from
+    ``train_loader``. Returns one row per (layer, method, rank).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"run_sweep expects an nn.Module, got {type(model).__name__}")
-    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
-        raise ValueError(f"finetune_steps must be a non-negative int, got {finetune_steps!r}")
-    if finetune_steps and train_loader is None:
+    opts = resolve(SweepOptions, options, settings, "run_sweep")
+    if example_inputs is None:
+        raise TypeError("run_sweep: example_inputs is required (a (1, C, H, W) input that "
+                        "traces each layer's input shape)")
+    if opts.finetune_steps and train_loader is None:
         raise ValueError("finetune_steps > 0 needs a train_loader")
-    if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
-        raise ValueError(f"latency_batch must be a positive int, got {latency_batch!r}")
-    points = plan_points(model, layers, ranks, methods, example_input)
-    out = Path(out_dir) if out_dir is not None else None
+    points = plan_points(model, opts.layers, opts.ranks, opts.methods, example_inputs)
+    out = Path(opts.out_dir) if opts.out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    ctx = _Context(model, test_loader, train_loader, finetune_steps, finetune_lr,
-                   latency_batch, threads, repeats, warmup)
+    ctx = _Context(model, test_loader, train_loader, opts)
     rows: list[SweepRow] = []
-    bar = tqdm(points, desc="sweep", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(points, desc="sweep", disable=not opts.progress, dynamic_ncols=True)
     for pt in bar:
         bar.set_postfix_str(f"{pt.layer} {pt.method} r={pt.rank}")
         rows.append(ctx.run_point(pt))
@@ -188,7 +212,7 @@ def run_sweep(
             write_csv(rows, out / CSV_NAME)
     bar.close()
     if out is not None:
-        plot_sweep(rows, out, finetune_steps=finetune_steps)
+        plot_sweep(rows, out, finetune_steps=opts.finetune_steps)
     return rows
 
 
@@ -196,22 +220,20 @@ class _Context:
     """What every sweep point shares: the dense model, its accuracy, loaders, timings."""
 
     def __init__(self, model: nn.Module, test: Iterable | None, train: Iterable | None,
-                 steps: int, lr: float, latency_batch: int, threads: int | None,
-                 repeats: int, warmup: int) -> None:
+                 opts: SweepOptions) -> None:
         from .train import evaluate
 
-        self.model, self.test, self.train, self.steps, self.lr = model, test, train, steps, lr
-        self.latency_batch, self.threads, self.repeats, self.warmup = latency_batch, threads, repeats, warmup
+        self.model, self.test, self.train, self.o = model, test, train, opts
         self.acc_dense = evaluate(model, test)["accuracy"] if test is not None else None
-        self.teacher = copy.deepcopy(model).eval() if steps else None
+        self.teacher = copy.deepcopy(model).eval() if opts.finetune_steps else None
         self._dense_ms: dict[str, float] = {}
 
     def _latency(self, module: nn.Module, spec: LayerSpec) -> float:
         dev = next(module.parameters()).device
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn((self.latency_batch, *spec.in_shape[1:]), generator=gen).to(dev)
-        return measure_latency(module, x, repeats=self.repeats, warmup=self.warmup,
-                               threads=self.threads).median_ms
+        x = torch.randn((self.o.latency_batch, *spec.in_shape[1:]), generator=gen).to(dev)
+        return measure_latency(module, x, repeats=self.o.repeats, warmup=self.o.warmup,
+                               threads=self.o.threads).median_ms
 
     def run_point(self, pt: _Point) -> SweepRow:
         from .train import evaluate, fine_tune
@@ -228,9 +250,9 @@ class _Context:
         acc_c = acc_f = None
         if self.test is not None:
             acc_c = evaluate(student, self.test)["accuracy"]
-        if self.steps:
+        if self.o.finetune_steps:
             dev = next(student.parameters()).device
-            fine_tune(student, self.train, steps=self.steps, lr=self.lr,
+            fine_tune(student, self.train, steps=self.o.finetune_steps, lr=self.o.finetune_lr,
                       teacher=self.teacher, progress=False, log_every=0, device=dev)
             if self.test is not None:
                 acc_f = evaluate(student, self.test)["accuracy"]

@@ -141,7 +141,7 @@ def test_vbmf_rule_finds_planted_ranks_then_stops_when_ranks_stabilise(tmp_path)
 def test_fraction_schedule_shrinks_each_rank_per_stage():
     net = _planted_net()
     x = torch.randn(1, 16, 8, 8)
-    res = musco(net, "tucker", x, stages=2, rank_rule=[0.5, 0.5], progress=False)
+    res = musco(net, "tucker", x, stages=2, stage_ranks=[0.5, 0.5], progress=False)
     assert res.history[0]["ranks"]["2"] == [16, 24]  # half of (32, 48)
     assert res.history[1]["ranks"]["2"] == [8, 12]
     assert res.plan["2"].rank == (8, 12) and res.model[2].rank == (8, 12)
@@ -187,7 +187,7 @@ def test_final_ranks_rule_ends_at_the_one_shot_plan_and_round_trips(tmp_path):
     net, x = _vgg(), X
     plan = ts.make_plan(net, "tucker", x, target_macs=0.3, rank_rule="uniform")
     final = {s.name: s.rank for s in plan.compressed}
-    res = musco(net, "tucker", x, stages=3, rank_rule=final, target_macs=plan.macs_ratio,
+    res = musco(net, "tucker", x, stages=3, stage_ranks=final, target_macs=plan.macs_ratio,
                 state_dir=tmp_path, progress=False)
     assert res.stages_done == 3 and res.stop_reason == "MAC target reached"
     assert {s.name: s.rank for s in res.plan.compressed} == final  # the very same final ranks
@@ -201,11 +201,11 @@ def test_final_ranks_rule_ends_at_the_one_shot_plan_and_round_trips(tmp_path):
             got = h["ranks"].get(n)
             assert got is None or all(a >= b for a, b in zip(seq(got), seq(r)))
     # the config (with the mapping) is saved as JSON and a re-run resumes as done
-    again = musco(net, "tucker", x, stages=3, rank_rule=final, target_macs=plan.macs_ratio,
+    again = musco(net, "tucker", x, stages=3, stage_ranks=final, target_macs=plan.macs_ratio,
                   state_dir=tmp_path, progress=False)
     assert again.plan == res.plan and again.stages_done == 3
     with pytest.raises(ValueError, match="final ranks must map layer names"):
-        musco(net, "tucker", x, rank_rule={"features.3": 0}, target_macs=0.5, progress=False)
+        musco(net, "tucker", x, stage_ranks={"features.3": 0}, target_macs=0.5, progress=False)
 
 
 def test_refit_every_stage_before_fine_tuning(train):

@@ -79,8 +79,9 @@ def load_source(src: Source) -> Loaded:
 def _from_registry(name: str) -> Loaded:
     from ..models import available_pretrained, list_models, load_pretrained, pretrained_info
 
-    if name not in list_models():
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    if name not in list_models() and name not in available_pretrained():
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}; shipped "
+                         f"weights: {', '.join(available_pretrained()) or 'none'}")
     if name not in available_pretrained():
         raise ValueError(f"no shipped weights for {name!r} (shipped: {available_pretrained() or 'none'}); "
                          f"pass --weights PATH, --checkpoint DIR, or train one with `tensorslim train`")

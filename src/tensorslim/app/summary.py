@@ -48,9 +48,9 @@ def recovered_rows(method: str, res: Any, x1: torch.Tensor, threads: int,
 
 
 LATENCY_ROUNDS = 5
-LATENCY_NOTE = (f"dense and compressed timed interleaved, median of {LATENCY_ROUNDS} rounds of 5 calls, "
-                "each in its faster memory layout (NCHW or channels_last); the compressed rows "
-                "share one architecture and one measurement")
+LATENCY_NOTE = (f"dense and compressed timed interleaved with BatchNorms folded (tensorslim.fuse), "
+                f"median of {LATENCY_ROUNDS} rounds of 5 calls, each in its faster memory layout "
+                "(NCHW or channels_last); the compressed rows share one architecture and one measurement")
 
 
 def latency_note() -> str:
@@ -80,18 +80,31 @@ def side_by_side_latency(models: Sequence[nn.Module], xb: torch.Tensor | Sequenc
 
 
 def with_side_by_side_latency(rows: Sequence[ModelSummary], dense: nn.Module, compressed: nn.Module,
-                              xb: torch.Tensor, threads: int) -> list[ModelSummary]:
+                              xb: torch.Tensor, threads: int,
+                              x1: torch.Tensor | None = None) -> list[ModelSummary]:
     """``rows`` (first the dense model, then variants of ONE compressed architecture: before and
     after BN re-calibration / fine-tuning) with latencies from one interleaved measurement of
-    ``dense`` and ``compressed`` (weights do not change latency; measuring each row separately
-    would show the machine's drift as differences). A 4-D input is timed in both memory
-    layouts (NCHW and channels_last, on copies of the models) and each model gets its faster
-    one, as a deployment would choose."""
-    models, inputs = [dense, compressed], [xb, xb]
-    if xb.dim() == 4:
+    ``dense`` and ``compressed`` at the batch ``xb`` (and at batch 1 on ``x1`` when given).
+    Weights do not change latency; measuring each row separately would show the machine's
+    drift as differences. Both models are timed as deployed: BatchNorms folded
+    (:func:`tensorslim.fuse`, on copies) and each in its faster memory layout (NCHW or
+    channels_last for a 4-D input)."""
+    from ..fusion import fuse
+
+    pair = [fuse(copy.deepcopy(m).eval(), inplace=True) for m in (dense, compressed)]
+    lat = _best_layout(pair, xb, threads)
+    lat1 = _best_layout(pair, x1, threads) if x1 is not None else (None, None)
+    return [dataclasses.replace(r, latency_ms=lat[min(i, 1)], latency1_ms=lat1[min(i, 1)])
+            for i, r in enumerate(rows)]
+
+
+def _best_layout(pair: Sequence[nn.Module], x: torch.Tensor, threads: int) -> tuple[float, float]:
+    """(dense ms, compressed ms) on ``x``, each the faster of NCHW and channels_last (4-D
+    inputs), all four timed interleaved."""
+    models, inputs = list(pair), [x, x]
+    if x.dim() == 4:
         cl = torch.channels_last
-        models += [copy.deepcopy(m).to(memory_format=cl) for m in (dense, compressed)]
-        inputs += [xb.contiguous(memory_format=cl)] * 2
+        models += [copy.deepcopy(m).to(memory_format=cl) for m in pair]
+        inputs += [x.contiguous(memory_format=cl)] * 2
     t = side_by_side_latency(models, inputs, threads)
-    d, c = min(t[0::2]), min(t[1::2])
-    return [dataclasses.replace(r, latency_ms=d if i == 0 else c) for i, r in enumerate(rows)]
+    return min(t[0::2]), min(t[1::2])

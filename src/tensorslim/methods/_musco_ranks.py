@@ -2,7 +2,7 @@
 
 Every compressible layer of the ORIGINAL dense model is a planning ``PlannedLayer`` (its dense module,
 traced shapes and MACs); its current state is its plan spec (``keep`` = still dense, else the
-method and rank it runs at now). A rule gives each layer a *guide* rank:
+method and rank it runs at now). The ``stage_ranks`` setting gives each layer a *guide* rank:
 
 * ``"vbmf"``: the EVBMF rank (``tensorslim.rank.vbmf``) of the dense weight, or of the current
   factorized weight (``vbmf_ranks_factorized``), softened by ``factor`` as in MUSCO
@@ -10,7 +10,6 @@ method and rank it runs at now). A rule gives each layer a *guide* rank:
   at the EVBMF ranks (EVBMF estimates matrix ranks, not CP ranks).
 * a fraction f (per stage): f times the current rank of every mode (a dense layer: the planning
   fraction rank).
-
 * a mapping {layer name: rank}: the ranks to end at (a one-shot plan's, say), so that
   multi-stage and one-shot compression can be compared at the very same final ranks.
 
@@ -68,18 +67,18 @@ def cp_equivalent(shape: Sequence[int], tucker_rank: tuple[int, int]) -> int:
     return max(1, round(params / (s + t + sum(k))))
 
 
-def guide_rank(layer: PlannedLayer, spec: LayerSpec, module: nn.Module, rule: Any, factor: float,
-               stage: int) -> tuple[Any, str]:
-    """(guide rank or None, why): None when the rule does not apply to this layer."""
-    if isinstance(rule, Mapping):  # final ranks given (e.g. a one-shot plan's): head for them
-        if layer.name not in rule:
+def guide_rank(layer: PlannedLayer, spec: LayerSpec, module: nn.Module, stage_ranks: Any,
+               factor: float, stage: int) -> tuple[Any, str]:
+    """(guide rank or None, why): None when ``stage_ranks`` does not apply to this layer."""
+    if isinstance(stage_ranks, Mapping):  # final ranks given (e.g. a one-shot plan's): head for them
+        if layer.name not in stage_ranks:
             return None, "not in the final ranks"
-        return valid(layer, rule[layer.name]), "final rank given"
-    if isinstance(rule, str):
+        return valid(layer, stage_ranks[layer.name]), "final rank given"
+    if isinstance(stage_ranks, str):
         if groups_of(layer) != 1:
             return None, f"EVBMF rule needs groups=1 (groups={groups_of(layer)})"
         return _vbmf(layer, spec, module, factor), f"EVBMF (factor {factor:g})"
-    frac = float(rule[min(stage, len(rule)) - 1])
+    frac = float(stage_ranks[min(stage, len(stage_ranks)) - 1])
     if not spec.compressed:
         return valid(layer, fraction_rank(layer, frac)), f"{frac:g} of the rank"
     cur = spec.rank
@@ -185,12 +184,6 @@ def stage_goal(current_ratio: float, target: float, stages_left: int) -> float:
     return current_ratio * (target / current_ratio) ** (1.0 / max(1, stages_left))
 
 
-def rule_to_json(rule: Any) -> Any:
-    if isinstance(rule, Mapping):
-        return {n: list(r) if isinstance(r, tuple) else r for n, r in rule.items()}
-    return rule if isinstance(rule, str) else [float(f) for f in rule]
-
-
 def _final_ranks(rule: Mapping[Any, Any]) -> dict[str, Any]:
     """{layer name: int or tuple of ints >= 1} from a mapping of final ranks."""
     out: dict[str, Any] = {}
@@ -206,15 +199,18 @@ def _final_ranks(rule: Mapping[Any, Any]) -> dict[str, Any]:
     return dict(sorted(out.items()))
 
 
-def check_rule(rule: Any) -> Any:
+def check_stage_ranks(rule: Any, name: str = "stage_ranks") -> Any:
     """'vbmf', a fraction in (0, 1), a sequence of them (one per stage, the last repeats), or a
-    mapping {layer name: final rank} (e.g. ``{s.name: s.rank for s in plan.compressed}``)."""
+    mapping {layer name: final rank} (e.g. ``{s.name: s.rank for s in plan.compressed}``),
+    normalised (a tuple of floats, a sorted dict); ``name`` is the argument named in errors."""
     if isinstance(rule, Mapping):
         return _final_ranks(rule)
+    accepted = ("'vbmf', a fraction in (0, 1), a non-empty list of fractions in (0, 1) (one per "
+                "stage) or a mapping {layer name: final rank}")
     if isinstance(rule, str):
         if rule != "vbmf":
-            raise ValueError(f"musco: rank_rule must be 'vbmf', a fraction in (0, 1) or a list of "
-                             f"fractions (one per stage), got {rule!r}")
+            raise ValueError(f"musco: {name} must be {accepted}, got {rule!r} (make_plan's rank "
+                             f"rule names do not apply to musco's stages)")
         return rule
     fracs = (rule,) if isinstance(rule, (int, float)) else rule
     try:
@@ -223,6 +219,5 @@ def check_rule(rule: Any) -> Any:
         fracs = None
     if not fracs or not all(isinstance(f, (int, float)) and not isinstance(f, bool)
                             and 0 < f < 1 and math.isfinite(f) for f in fracs):
-        raise ValueError(f"musco: rank_rule must be 'vbmf', a fraction in (0, 1) or a non-empty "
-                         f"list of fractions in (0, 1) (one per stage), got {rule!r}")
+        raise ValueError(f"musco: {name} must be {accepted}, got {rule!r}")
     return tuple(float(f) for f in fracs)

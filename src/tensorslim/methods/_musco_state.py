@@ -1,21 +1,27 @@
 """MUSCO's resumable state: every finished stage in ``state_dir/stage_{k}/`` (a tensorslim
 checkpoint) and ``state_dir/state.json`` (version, stage, config, dense-model fingerprint,
-history). A run resumes only with the same settings and the same dense weights."""
+history). A run resumes only with the same settings and the same dense weights, and each
+stage's recovery draws its batches and seed from the stage number alone, so a resumed run
+repeats the uninterrupted one."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..plan import CompressionPlan
 
+if TYPE_CHECKING:
+    from ..recover import RecoverConfig
+
 STATE = "state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # version 1 stored the ``stage_ranks`` setting as ``rank_rule``
 
 
 def _fingerprint(model: nn.Module) -> str:
@@ -52,13 +58,18 @@ class _Run:
         model = load(stage, copy.deepcopy(self.dense), progress=False).eval()
         if self.progress:
             print(f"musco: resuming after stage {k} from {stage}", flush=True)
-        return model, CompressionPlan.load(stage / "plan.json"), history, bool(state["done"]), state["reason"]
+        # the settings were checked equal: the goal written now names them as this version does
+        saved = dataclasses.replace(CompressionPlan.load(stage / "plan.json"), goal=plan.goal)
+        return model, saved, history, bool(state["done"]), state["reason"]
 
     def _check(self, state: dict, path: Path) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"{path}: unknown musco state version {state.get('version')!r}; "
-                             f"this tensorslim reads version {STATE_VERSION}")
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"{path}: unknown musco state version {version!r}; this tensorslim "
+                             f"reads versions 1 to {STATE_VERSION}")
         old, new = {"reconstruct_steps": 0, **state.get("config", {})}, self.cfg.to_dict()
+        if version == 1 and "rank_rule" in old:
+            old["stage_ranks"] = old.pop("rank_rule")
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             raise ValueError(f"{path}: the saved run used other settings ({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)}); "
@@ -85,3 +96,68 @@ class _Run:
         state = {"version": STATE_VERSION, "stage": k, "done": done, "reason": reason,
                  "config": self.cfg.to_dict(), "fingerprint": self.fingerprint, "history": history}
         write_text_atomic(self.dir / STATE, json.dumps(state, indent=2))
+
+
+class _StageLoader:
+    """A training loader whose epochs are offset per stage (new batch orders every stage,
+    deterministic from the stage); everything else is the wrapped loader's."""
+
+    def __init__(self, inner: Any, offset: int, start: int | None = None) -> None:
+        # ``start``: the epoch (within the stage) set when it is first iterated
+        self.inner, self.offset, self.start = inner, offset, start
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Any:
+        if self.start is not None:
+            self.set_epoch(self.start)
+            self.start = None
+        return iter(self.inner)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(self.offset + epoch)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("inner", "start"):
+            raise AttributeError(name)
+        if name == "shard" and hasattr(self.inner, "shard"):
+            return lambda *a, **kw: _StageLoader(self.inner.shard(*a, **kw), self.offset, self.start)
+        return getattr(self.inner, name)
+
+
+def _recover_config(opts: Any, k: int) -> "RecoverConfig":
+    """Stage ``k``'s recovery (``opts``: the run's ``MuscoOptions``): refit, BatchNorm
+    re-calibration, KD fine-tuning seeded by (seed, k)."""
+    from ..recover import RecoverConfig
+
+    return RecoverConfig(reconstruct_steps=opts.reconstruct_steps, bn_steps=opts.bn_steps,
+                         finetune_steps=opts.finetune_steps_per_stage, lr=opts.finetune_lr,
+                         distill=opts.distill, seed=opts.seed * 1_000_003 + k)
+
+
+def _stage_loaders(loader: Any, k: int) -> dict[str, Any]:
+    """Stage ``k``'s loader per recovery step: the refit and the BatchNorm re-calibration each
+    get a fixed batch order of their own (resumed runs see the same batches), fine-tuning
+    the stage's epochs."""
+    if loader is None:
+        return {}
+    return {"reconstruct": _StageLoader(loader, 10_000 * k, start=9_998),
+            "bn": _StageLoader(loader, 10_000 * k, start=9_999),
+            "finetune": _StageLoader(loader, 10_000 * k)}
+
+
+def recover_stage(model: nn.Module, dense: nn.Module, loader: Any, opts: Any, k: int,
+                  progress: bool) -> dict[str, Any]:
+    """Data-aware refit (``opts.reconstruct_steps`` batches), BatchNorm re-calibration
+    (``opts.bn_steps``) then ``opts.finetune_steps_per_stage`` SGD steps; the record of each."""
+    from ..recover import recover
+
+    rc = _recover_config(opts, k)
+    res = recover(model, dense, rc, loaders=_stage_loaders(loader, k), progress=progress)
+    out = {key: res.history[key] for key in ("reconstruct", "bn_batches") if key in res.history}
+    if "finetune" not in res.history:
+        return out
+    hist = res.history["finetune"]
+    return out | {"steps": hist["steps"], "loss": hist["loss"][-1], "acc": hist["acc"][-1], "seed": rc.seed}

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..cost import as_tuple, count
-from ..surgery import _set_submodule
+from ..surgery import set_submodule
 from ._prune_graph import Chain, eval_mode, find_chains, trace
 
 __all__ = ["PruneResult", "l1_prune"]
@@ -142,7 +142,7 @@ def _pruned(work: nn.Module, chains: list[Chain], keeps: dict[str, int]
             new[name] = _slice_conv(mod, out_idx.get(name), in_idx.get(name, (None,))[0])
     pruned = copy.deepcopy(work)
     for name, mod in new.items():
-        _set_submodule(pruned, name, mod)
+        set_submodule(pruned, name, mod)
     return pruned, {k: tuple(int(i) for i in v) for k, v in out_idx.items()}
 
 

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from tensorslim.models.checkpoint import (
     WEIGHTS_DIR,
-    atomic_write,
     available_pretrained,
     checkpoint_info,
     load_checkpoint,
     load_pretrained,
-    load_state_checked,
     pretrained_info,
     save_checkpoint,
 )
@@ -22,8 +20,8 @@ from tensorslim.models.resnet import BasicBlock, ResNet, resnet18, resnet20
 from tensorslim.models.vgg import VGG, VGG16_CFG, vgg16
 
 __all__ = [
-    "WEIGHTS_DIR", "atomic_write", "available_pretrained", "checkpoint_info", "load_checkpoint",
-    "load_pretrained", "load_state_checked", "pretrained_info", "save_checkpoint", "create", "list_models",
+    "WEIGHTS_DIR", "available_pretrained", "checkpoint_info", "load_checkpoint",
+    "load_pretrained", "pretrained_info", "save_checkpoint", "create", "list_models",
     "model_kwargs", "register", "BasicBlock", "ResNet", "resnet18", "resnet20", "VGG",
     "VGG16_CFG", "vgg16",
 ]

@@ -1,21 +1,34 @@
-"""Model checkpoints: ``{name}.safetensors`` (state dict) + ``{name}.json`` (arch record + metadata).
+"""Trained dense models: ``{name}.safetensors`` (state dict) + ``{name}.json`` (arch record +
+training record), several names side by side in one folder.
 
 The JSON's ``"arch"`` is the ``model.tensorslim_arch`` record set by
 :func:`tensorslim.models.create`, so :func:`load_checkpoint` can rebuild the model without
-pickles. Weights shipped with the package live in ``tensorslim/weights/``.
+pickles; its other keys are the training record (seed, epochs, test accuracy, ...) that
+:func:`pretrained_info` gives. Weights shipped with the package live in ``tensorslim/weights/``
+in this format.
+
+Why a second format next to :mod:`tensorslim.io`'s checkpoint folders: an ``io`` folder
+(``model.safetensors`` + ``plan.json`` + ``meta.json``) holds ONE *compressed* model and the
+plan that rebuilds its factorized layers, is replaced only as a whole folder, and may hold a
+model of any architecture (``load(path, model=...)``). The files here hold a *dense registry
+architecture* and how it was trained: no plan to replay, one flat pair of files per name so
+that a folder (the package's ``weights/``, a ``train`` run's output) lists many models, and a
+record that tools read without loading tensors. Both write through the same leaf helpers
+(:mod:`tensorslim.files`: atomic writes and the writability check; :mod:`tensorslim.statedict`:
+header shapes, key and shape checks) and share the architecture record (:func:`check_arch`,
+:func:`build_arch`, used by ``io`` too).
 """
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from tensorslim.files import atomic_write, check_writable
+from tensorslim.files import atomic_write, check_writable, write_text_atomic
 from tensorslim.statedict import check_shapes, load_state_checked, load_state_dict_file, safetensors_shapes
 from tensorslim.models.registry import create
 
@@ -41,7 +54,7 @@ def save_checkpoint(model: nn.Module, out_dir: PathLike, name: str,
     weights, info = out / f"{name}.safetensors", out / f"{name}.json"
     text = json.dumps({"arch": arch, **(meta or {})}, indent=2) + "\n"
     atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"arch": json.dumps(arch)}))
-    atomic_write(info, lambda tmp: Path(tmp).write_text(text))
+    write_text_atomic(info, text)
     return weights, info
 
 

@@ -194,6 +194,12 @@ def evbmf_rank(Y: torch.Tensor) -> int:
     return evbmf(Y).rank
 
 
+# MUSCO's weakening factor f of EVBMF ranks, R - f (R - R_vbmf): the default of the authors'
+# reference implementation (musco-pytorch, vbmf_wfs 0.8 per layer); f = 1 is the pure EVBMF rank,
+# which in one step leaves the shipped models near chance (README, "vbmf_factor").
+DEFAULT_FACTOR = 0.8
+
+
 def soften_rank(full: int, vbmf_rank: int, factor: float, *, min_rank: int = 1) -> int:
     """MUSCO weakened rank ``R - factor * (R - R_vbmf)``, floored, clipped to
     [min(min_rank, R), R].

@@ -12,9 +12,9 @@ CP_RANK_FACTOR = 10
 # Environment variable: intra-op threads for small decompositions (default 1; 0 = leave as is)
 SMALL_LINALG_THREADS_ENV = "TENSORSLIM_SMALL_LINALG_THREADS"
 # Largest-op size (multiply-adds) from which a decomposition keeps the caller's thread count.
-# Below it a single LAPACK call is well under a second single-threaded; on a shared machine
-# two threads lose far more waiting for a descheduled worker than they can gain when idle
-# (see benchmarks/bench_contention.py). Above it threads may pay off on an idle machine.
+# Below it a single LAPACK call is short single-threaded, and on a shared machine two threads
+# lose more waiting for a descheduled worker than they can gain when idle; above it threads
+# may pay off on an idle machine (benchmarks/bench_contention.py measures both).
 SMALL_LINALG_WORK = 2**30
 
 def check_tensor(t: object, name: str, *, min_dim: int = 0, floating: bool = True,
@@ -82,8 +82,8 @@ def small_linalg_threads(work: float, device: torch.device | str = "cpu") -> Ite
     """Run the block on few intra-op threads (``$TENSORSLIM_SMALL_LINALG_THREADS``, default 1)
     when it is CPU work whose largest single operation is below ``SMALL_LINALG_WORK``
     multiply-adds (``work``: the caller's estimate); restores the thread count afterwards, also
-    on an exception. A decomposition of a small tensor is hundreds of sub-millisecond LAPACK /
-    BLAS calls: threads do not speed them up, and when another process keeps a core busy every
+    on an exception. A decomposition of a small tensor is many short LAPACK / BLAS
+    calls: threads do not speed them up, and when another process keeps a core busy every
     parallel region waits for a descheduled worker. Nested uses are cheap (the inner one finds
     the count already low). The thread count is process-wide: threads of one Python process
     that decompose concurrently share it."""

@@ -30,8 +30,9 @@ from math import prod
 
 import torch
 
-from ._common import (check_choice, check_cp_rank, check_int, check_tensor, check_tol, fix_signs,
+from ._common import (check_choice, check_cp_rank, check_int, check_tensor, check_tol,
                       has_converged, make_generator, small_linalg_threads)
+from ._cp_core import exact_error, finalize, hadamard_all, solve_normal
 from .ops import khatri_rao, mode_dot, unfold
 from .results import CPTensor
 from .svd import leading_left_vectors
@@ -40,7 +41,6 @@ __all__ = ["cp_als"]
 
 _INITS = ("svd", "random")
 _CORE_SWEEPS = 10  # sweep budget on a compressed core, in units of n_iter
-_SINGULAR = 1e4 * torch.finfo(torch.float64).eps  # relative eigenvalue floor of the normal eqs
 
 
 def cp_als(
@@ -102,7 +102,7 @@ def _cp_als(t: torch.Tensor, rank: int, n_iter: int, tol: float, init: str,
         factors = [f if u is None else u @ f for f, u in zip(factors, bases)]
     weights, full_errors = _als_loop(t, factors, n_iter, tol, norm_sq,
                                      start_error=errors[-1] if errors else None)
-    return _finalize(weights, factors, tuple(errors + full_errors))
+    return finalize(weights, factors, tuple(errors + full_errors))
 
 
 def _compress(
@@ -190,21 +190,6 @@ def _half_mttkrp(
     return x.reshape(dims[j], rank)
 
 
-def _solve_normal(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``m @ inv(v)`` for the symmetric PSD (R, R) ``v`` (float64) by Cholesky; returns ``m``'s
-    dtype. When ``v`` is singular to working precision (a Cholesky pivot^2 below
-    ``_SINGULAR * max diag(v)``: e.g. rank > what the tensor supports, or a size-1 mode whose
-    (1, R) factor makes its Gram rank one), the minimum-norm solution ``m @ pinv(v)`` drops the
-    null directions instead: any tiny pivot or ridge would amplify rounding noise in ``m``
-    along them into huge, mutually cancelling columns."""
-    scale = float(v.diagonal().max())
-    if scale > 0.0:
-        chol, info = torch.linalg.cholesky_ex(v)
-        if int(info) == 0 and float(chol.diagonal().min()) ** 2 > _SINGULAR * scale:
-            return (m.to(v.dtype) @ torch.cholesky_inverse(chol)).to(m.dtype)
-    return (m.to(v.dtype) @ torch.linalg.pinv(v, rtol=_SINGULAR, hermitian=True)).to(m.dtype)
-
-
 class _ALS:
     """State of one ALS run: the tensor as ``x2`` (prod I_L, prod I_T), unit-column factors,
     their float64 Grams and the float64 weights (the scale of the last update)."""
@@ -232,8 +217,8 @@ class _ALS:
             dims = tuple(self.shape[m] for m in modes)
             for n in modes:
                 mttkrp = _half_mttkrp(p, dims, [None if m == n else self.factors[m] for m in modes])
-                v = _hadamard_all(self.grams, skip=n)
-                f = _solve_normal(mttkrp, v)
+                v = hadamard_all(self.grams, skip=n)
+                f = solve_normal(mttkrp, v)
                 norms = _safe_norms(f)
                 self.factors[n] = f / norms
                 self.grams[n] = _gram(self.factors[n])
@@ -246,12 +231,12 @@ class _ALS:
         current factors of every other mode); rebuilds X^ only near the rounding floor."""
         w = self.weights
         inner = float((mttkrp.to(torch.float64) * self.factors[n].to(torch.float64) * w).sum())
-        model_sq = float(w @ _hadamard_all(self.grams, skip=-1) @ w)
+        model_sq = float(w @ hadamard_all(self.grams, skip=-1) @ w)
         resid_sq = self.norm_sq - 2.0 * inner + model_sq
         # the terms carry rounding ~ eps (sum |w|)^2 (unit columns): large when components cancel
         if resid_sq > 1e4 * self.eps * max(self.norm_sq, float(w.abs().sum()) ** 2):
             return (resid_sq / self.norm_sq) ** 0.5
-        return _exact_error(self.t, w.to(self.t.dtype), self.factors, self.norm_sq)
+        return exact_error(self.t, w.to(self.t.dtype), self.factors, self.norm_sq)
 
     def snapshot(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         return list(self.factors), self.weights.clone()
@@ -319,38 +304,3 @@ def _als_loop(
             break
     factors[:] = als.factors
     return als.weights.to(t.dtype), errors
-
-
-def _hadamard_all(grams: list[torch.Tensor], skip: int) -> torch.Tensor:
-    """Hadamard product of all Grams except ``grams[skip]`` (skip=-1: of all of them)."""
-    out = None
-    for i, g in enumerate(grams):
-        if i != skip:
-            out = g.clone() if out is None else out * g
-    return out
-
-
-def _exact_error(
-    t: torch.Tensor, weights: torch.Tensor, factors: list[torch.Tensor], norm_sq: float
-) -> float:
-    """||X - X^|| / ||X|| by rebuilding X^ = (F_0 w) @ khatri_rao(F_1..).T."""
-    rebuilt = (factors[0] * weights) @ khatri_rao(factors[1:]).transpose(0, 1)
-    diff = t.reshape(t.shape[0], -1) - rebuilt
-    return float(torch.linalg.vector_norm(diff, dtype=torch.float64)) / norm_sq ** 0.5
-
-
-def _finalize(
-    weights: torch.Tensor, factors: list[torch.Tensor], errors: tuple[float, ...]
-) -> CPTensor:
-    """Sort components by weight (descending) and fix signs: the largest-|.| entry of every
-    column of factors 0..N-2 is positive, the sign going into the last factor."""
-    order = torch.argsort(weights, descending=True, stable=True)
-    weights = weights[order]
-    factors = [f[:, order] for f in factors]
-    total = torch.ones_like(weights)
-    for n in range(len(factors) - 1):
-        s = fix_signs(factors[n])
-        factors[n] = factors[n] * s
-        total = total * s
-    factors[-1] = factors[-1] * total
-    return CPTensor(weights=weights, factors=tuple(factors), errors=errors)

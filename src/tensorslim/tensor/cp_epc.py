@@ -38,8 +38,8 @@ norms (free: X is unchanged). Every update keeps ||T - X^|| <= delta once it hol
 increases ss.
 
 **Warm start (our addition).** Started from a degenerate ALS solution these updates stall: each
-factor is optimal given the others while far better points exist (random 8x7x6 tensor, rank 8:
-ss 4.5e5 -> 4.4e5 after 500 sweeps, though ss = 7e2 is reachable at the same error). So first a
+factor is optimal given the others while points of far lower ss exist at the same error (e.g.
+a random 8x7x6 tensor at rank 8, as in tests/tensor/test_cp_epc.py). So first a
 continuation path ``min ||T - X^||^2 + rho ss`` with decreasing rho (ridge-regularised ALS, each
 update ``A_n = M (V + rho diag(gamma))^-1``) leaves the degenerate basin; the constrained updates
 start from its first point within the bound, or from the start if the path finds none less
@@ -55,7 +55,8 @@ import torch
 
 from ._common import (check_cp_rank, check_finite, check_int, check_tensor, check_tol,
                       make_generator, small_linalg_threads)
-from .cp import _exact_error, _finalize, _hadamard_all, _solve_normal, cp_als
+from ._cp_core import exact_error, finalize, hadamard_all, solve_normal
+from .cp import cp_als
 from .results import CPTensor
 
 __all__ = ["component_intensities", "cp_epc", "sensitivity"]
@@ -162,7 +163,7 @@ def _cp_epc(t: torch.Tensor, rank: int, delta: float | None, init: CPTensor | No
     norms = torch.stack([torch.linalg.vector_norm(f, dim=0) for f in factors])
     weights = norms.prod(0)
     factors = [f / torch.where(n > 0, n, torch.ones_like(n)) for f, n in zip(factors, norms)]
-    return _finalize(weights, factors, tuple(errors))
+    return finalize(weights, factors, tuple(errors))
 
 
 class _EPC:
@@ -235,8 +236,8 @@ class _EPC:
             if rho is None:
                 self.factors[n] = self.update(n, m)
             else:
-                v = _hadamard_all(self.grams, skip=n)
-                self.factors[n] = _solve_normal(m, v + rho * torch.diag(self._gamma(n)))
+                v = hadamard_all(self.grams, skip=n)
+                self.factors[n] = solve_normal(m, v + rho * torch.diag(self._gamma(n)))
             self.grams[n] = self.factors[n].T @ self.factors[n]
         err = self.error(m, n_modes - 1)
         self.factors = _balance(self.factors)
@@ -245,7 +246,7 @@ class _EPC:
 
     def update(self, n: int, m: torch.Tensor) -> torch.Tensor:
         """The factor n of least sensitivity within the bound (see the module docstring)."""
-        v = _hadamard_all(self.grams, skip=n)
+        v = hadamard_all(self.grams, skip=n)
         gamma = self._gamma(n)
         d = gamma.clamp_min(float(gamma.max()) * 1e-30 + 1e-300).sqrt()
         s, u = torch.linalg.eigh(v / (d[:, None] * d[None, :]))
@@ -271,7 +272,7 @@ class _EPC:
         a = self.factors[n]
         if self.delta_sq > 1e4 * self.floor and self._resid_sq(m, v, a) <= self.delta_sq:
             return a
-        return _solve_normal(m, v)
+        return solve_normal(m, v)
 
     def _resid_sq(self, m: torch.Tensor, v: torch.Tensor, a: torch.Tensor) -> float:
         """||T - X^||^2 with factor n = ``a`` (``m``, ``v``: its MTTKRP and Gram Hadamard)."""
@@ -287,14 +288,14 @@ class _EPC:
         """Relative error from the MTTKRP ``m`` of mode ``n`` (other factors current); rebuilds
         the tensor only near the rounding floor."""
         inner = float((m * self.factors[n]).sum())
-        model_sq = float(_hadamard_all(self.grams, skip=-1).sum())
+        model_sq = float(hadamard_all(self.grams, skip=-1).sum())
         resid_sq = self.norm_sq - 2.0 * inner + model_sq
         # rounding ~ eps (sum_r ||term r||)^2: large when components cancel (as in cp.py)
         terms = float(torch.stack([g.diagonal() for g in self.grams]).prod(0).sqrt().sum())
         if resid_sq > 1e4 * _EPS64 * max(self.norm_sq, terms * terms):
             return (resid_sq / self.norm_sq) ** 0.5
         ones = torch.ones_like(self.factors[0][0])
-        return _exact_error(self.t, ones, self.factors, self.norm_sq)
+        return exact_error(self.t, ones, self.factors, self.norm_sq)
 
 
 def _converged(prev: tuple[float, float], cur: tuple[float, float], tol: float) -> bool:

@@ -96,9 +96,9 @@ def leading_left_vectors(mat: torch.Tensor, k: int) -> torch.Tensor:
     """Leading ``k`` left singular vectors (m, k) of ``mat`` (m, n), deterministic signs.
 
     For a wide or square matrix (n >= m) this uses the eigendecomposition of the Gram
-    ``mat @ mat.T`` (m, m): about 2x faster than an SVD when n ~ m and 15x when n ~ 9 m (a
-    conv-kernel unfolding), at the price of resolving singular values below ~sqrt(eps) * s_1
-    less accurately, which does not matter for a leading subspace. Tall matrices use a thin SVD.
+    ``mat @ mat.T`` (m, m) instead of an SVD of ``mat``: cheaper, the more so the wider the
+    matrix (a conv-kernel unfolding has n ~ 9 m), at the price of resolving singular values
+    below ~sqrt(eps) * s_1 less accurately, which does not matter for a leading subspace. Tall matrices use a thin SVD.
     ``k`` must be <= m; when ``mat`` has fewer than ``k`` columns the result is completed to
     ``k`` orthonormal columns (deterministically).
     """
