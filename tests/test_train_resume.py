@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _ports import free_port
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -325,12 +325,6 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_data
 @pytest.mark.slow
 def test_ddp_killed_run_resumes_bit_identical(tmp_path: Path) -> None:
@@ -340,7 +334,7 @@ def test_ddp_killed_run_resumes_bit_identical(tmp_path: Path) -> None:
 
     def launch(mode: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                str(script), str(tmp_path), mode]
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
