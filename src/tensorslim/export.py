@@ -168,6 +168,9 @@ def ort_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # no busy-waiting worker threads after a run: they would keep the cores busy and slow
+    # whatever runs next in this process (torch timed side by side with onnxruntime)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
