@@ -135,3 +135,21 @@ def test_every_argument_is_a_config_field(argv, configs, other):
     names = {f for c in configs for f in field_names(classes[c])}
     dests = set(vars(_parse(*argv))) - {"func", "command", "allocator"}
     assert dests - names == other
+
+
+def test_check_int_and_check_number_messages():
+    from tensorslim.configs import check_int, check_number
+
+    assert check_int("steps", 0) is None and check_int("steps", None, none_ok=True) is None
+    cases = [(lambda: check_int("steps", -1), "steps must be an int >= 0, got -1"),
+             (lambda: check_int("stages", True, 1, where="musco"), "musco: stages must be an int >= 1, got True"),
+             (lambda: check_int("threads", 0, 1, none_ok=True), "threads must be an int >= 1 or None, got 0"),
+             (lambda: check_int("every", 1.5, hint="(0: off)"), "every must be an int >= 0 (0: off), got 1.5"),
+             (lambda: check_number("lr", float("inf"), lambda v: v > 0, "a number > 0", where="musco"),
+              "musco: lr must be a number > 0, got inf"),
+             (lambda: check_number("rate", "4", lambda v: v > 1, "a number > 1"), "rate must be a number > 1, got '4'")]
+    for call, msg in cases:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == msg
+    check_number("rate", 4, lambda v: v > 1, "a number > 1")

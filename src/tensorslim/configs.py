@@ -15,7 +15,8 @@ import argparse
 import dataclasses
 import difflib
 import json
-from typing import Any, Mapping, TypeVar
+import math
+from typing import Any, Callable, Mapping, TypeVar
 
 T = TypeVar("T")
 
@@ -67,3 +68,24 @@ def from_namespace(cls: type[T], args: argparse.Namespace, **extra: Any) -> T:
 def to_dict(config: Any) -> dict[str, Any]:
     """A config as plain JSON types (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def check_int(name: str, value: Any, low: int = 0, *, where: str = "", none_ok: bool = False,
+              hint: str = "") -> None:
+    """ValueError ``"[where: ]{name} must be an int >= {low}[ or None][ hint], got {value!r}"``
+    unless ``value`` is an int (not a bool) >= ``low`` (or None with ``none_ok``): the one
+    check of every config's count fields."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        prefix, alt, note = f"{where}: " if where else "", " or None" if none_ok else "", f" {hint}" if hint else ""
+        raise ValueError(f"{prefix}{name} must be an int >= {low}{alt}{note}, got {value!r}")
+
+
+def check_number(name: str, value: Any, ok: Callable[[float], bool], accepted: str, *,
+                 where: str = "") -> None:
+    """ValueError ``"[where: ]{name} must be {accepted}, got {value!r}"`` unless ``value`` is a
+    finite real number (not a bool) with ``ok(value)``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not ok(value):
+        raise ValueError(f"{f'{where}: ' if where else ''}{name} must be {accepted}, got {value!r}")

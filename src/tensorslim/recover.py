@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from .configs import check_int
 from .reconstruct import DEFAULT_STEPS as DEFAULT_RECONSTRUCT_STEPS
 
 STEPS = ("reconstruct", "bn", "finetune")
@@ -52,10 +53,7 @@ def resolve_reconstruct_steps(reconstruct_steps: int | None, finetune_steps: int
 
 
 def _check_count(name: str, value: Any, *, none_ok: bool = False) -> None:
-    if value is None and none_ok:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0{' or None' if none_ok else ''}, got {value!r}")
+    check_int(name, value, 0, none_ok=none_ok)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .configs import resolve
+from .configs import check_int, resolve
 from .cost import count, measure_latency
 from .files import atomic_write, write_text_atomic
 from .plan import CompressionPlan, LayerSpec
@@ -126,11 +126,7 @@ class SweepOptions:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name, low in (("finetune_steps", 0), ("latency_batch", 1), ("repeats", 1),
                           ("warmup", 0), ("threads", 1)):
-            v = getattr(self, name)
-            if (v is not None or name != "threads") and (
-                    isinstance(v, bool) or not isinstance(v, int) or v < low):
-                raise ValueError(f"{name} must be an int >= {low}{' or None' * (name == 'threads')}, "
-                                 f"got {v!r}")
+            check_int(name, getattr(self, name), low, none_ok=name == "threads")
         if isinstance(self.finetune_lr, bool) or not isinstance(self.finetune_lr, (int, float)) \
                 or not self.finetune_lr > 0:
             raise ValueError(f"finetune_lr must be a number > 0, got {self.finetune_lr!r}")

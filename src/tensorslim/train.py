@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .configs import resolve
+from .configs import check_int, resolve
 from .ddp import (Batches, DistEnv, all_reduce, resolve_device, setup_distributed, shard,
                   sync_buffers, teardown)
 from .train_state import Checkpointer, Position, capture_rng, fingerprint, restore_rng, say_resumed
@@ -83,9 +83,7 @@ class TrainOptions:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.state_path is not None and not isinstance(self.state_path, (str, os.PathLike)):
             raise TypeError(f"state_path must be a path or None, got {self.state_path!r}")
-        ce = self.checkpoint_every
-        if isinstance(ce, bool) or not isinstance(ce, int) or ce < 0:
-            raise ValueError(f"checkpoint_every must be an int >= 0 (0: epoch ends only), got {ce!r}")
+        check_int("checkpoint_every", self.checkpoint_every, 0, hint="(0: epoch ends only)")
         if not isinstance(self.keep_state, bool):
             raise ValueError(f"keep_state must be True or False, got {self.keep_state!r}")
 

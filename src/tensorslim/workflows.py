@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .configs import check_int
 from .app.sources import (Loaded, Source, load_source, test_loader, train_loader,  # noqa: F401
                           validation_evaluator)
 from .app.summary import (LATENCY_NOTE, LATENCY_ROUNDS, latency_note, recovered_rows,  # noqa: F401
@@ -69,9 +70,8 @@ def check_counts(where: str, *, obj: Any, positive: Sequence[str] = (),
     """Each named int field of ``obj`` (None skipped) is a positive / non-negative int."""
     for names, low in ((positive, 1), (non_negative, 0)):
         for name in names:
-            v = getattr(obj, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-                raise ValueError(f"{where}: {name} must be an int >= {low}, got {v!r}")
+            if getattr(obj, name) is not None:
+                check_int(name, getattr(obj, name), low, where=where)
 
 
 def run_compress(cfg: CompressConfig) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..configs import resolve, to_dict
+from ..configs import check_int, check_number, resolve, to_dict
 from ..cost import count
 from ..planning import build_spec, collect_layers
 from ..plan import KEEP, CompressionPlan, LayerSpec
@@ -43,13 +43,11 @@ VBMF_FACTOR = DEFAULT_FACTOR  # MUSCO's weakening of EVBMF ranks (tensorslim.ran
 
 
 def _check_count(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"musco: {name} must be an int >= {low}, got {value!r}")
+    check_int(name, value, low, where="musco")
 
 
 def _check_number(name: str, value: Any, ok: Any, accepted: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-        raise ValueError(f"musco: {name} must be {accepted}, got {value!r}")
+    check_number(name, value, ok, accepted, where="musco")
 
 
 def _patterns(name: str, value: Any) -> tuple[str, ...] | None:

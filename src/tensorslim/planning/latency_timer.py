@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..configs import check_int
+
 DENSE = "dense"  # job.method of a dense layer or of the whole dense model
 CLOCKS = ("auto", "cpu", "wall")
 
@@ -63,8 +65,7 @@ class InterleavedTimer:
                  budget_s: float = 2.0, max_reps: int = 200, clock: str = "auto") -> None:
         for what, v, low in (("rounds", rounds, 1), ("warmup", warmup, 0), ("min_rounds", min_rounds, 1),
                              ("max_reps", max_reps, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"InterleavedTimer: {what} must be an int >= {low}, got {v!r}")
+            check_int(what, v, low, where="InterleavedTimer")
         self.rounds, self.warmup, self.sample_ms = rounds, warmup, float(sample_ms)
         self.min_rounds, self.budget_s, self.max_reps = min(min_rounds, rounds), float(budget_s), max_reps
         if clock not in CLOCKS:

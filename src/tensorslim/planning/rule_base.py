@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 from torch import nn
 
@@ -142,10 +142,3 @@ def jsonable(v: Any) -> Any:
     return v
 
 
-def check_number(name: str, v: Any, ok: Callable[[float], bool], accepted: str) -> None:
-    """ValueError ``"{name} must be {accepted}, got {v!r}"`` unless ``v`` is a finite real
-    number with ``ok(v)``."""
-    import math
-
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-        raise ValueError(f"{name} must be {accepted}, got {v!r}")

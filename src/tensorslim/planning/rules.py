@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from .candidates import PlannedLayer, rank_candidates
-from .rule_base import RULES, Choice, PlanContext, RankRule, check_number, jsonable, register, rule_class
+from ..configs import check_number
+from .rule_base import RULES, Choice, PlanContext, RankRule, jsonable, register, rule_class
 from .ranks import energy_rank, manual_rank
 from .vbmf import layer_vbmf_rank
 from ..rank.vbmf import DEFAULT_FACTOR
