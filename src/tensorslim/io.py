@@ -273,7 +273,7 @@ def _build(meta: dict[str, Any], model: nn.Module | None, plan: CompressionPlan 
             planned = {s.name: s.layer_type for s in plan.compressed} if plan is not None else {}
             first = [f for f in fused if planned.get(f.into) == f.into_type]
             apply_folds(built, first)
-            if plan is not None and plan.layers:
+            if plan is not None and (plan.layers or plan.edits):
                 compress(built, plan, decompose=False, progress=progress and real)
             apply_folds(built, [f for f in fused if f not in first])
         except (ValueError, TypeError, KeyError) as e:

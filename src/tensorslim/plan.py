@@ -94,12 +94,38 @@ class FusedBN:
 
 
 @dataclass(frozen=True)
+class Edit:
+    """One structural change a method made to the model before its layers were factorized
+    (e.g. filters pruned, a block replaced), replayed by :func:`tensorslim.compress` and
+    :func:`tensorslim.load` through the op registered with
+    :func:`tensorslim.surgery.register_edit`.
+
+    ``op``: the registered op's name; ``target``: the qualified name of the module it changes;
+    ``args``: JSON data the op needs (e.g. the kept filter indices).
+    """
+
+    op: str
+    target: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, v: Any) -> "Edit":
+        if not (isinstance(v, Mapping) and isinstance(v.get("op"), str) and v["op"]
+                and isinstance(v.get("target"), str) and isinstance(v.get("args", {}), Mapping)
+                and set(v) <= {"op", "target", "args"}):
+            raise ValueError(f"a plan's 'edits' entry must be an object {{op, target, args}} (op a "
+                             f"non-empty string, target a string, args an object), got {v!r:.80}")
+        return cls(v["op"], v["target"], freeze(dict(v.get("args", {}))))
+
+
+@dataclass(frozen=True)
 class CompressionPlan:
     """A per-layer compression plan plus the goal that produced it and model totals.
 
     ``fused``: the BatchNorms :func:`tensorslim.fuse` folded into the model (empty for
     an unfused model, and in plans written before fusion existed); :func:`tensorslim.load`
-    replays them after the layers.
+    replays them after the layers. ``edits``: structural changes (pruned filters, replaced
+    blocks) made before the layers were factorized; replayed first, in order.
     """
 
     layers: tuple[LayerSpec, ...]
@@ -111,6 +137,7 @@ class CompressionPlan:
     macs_after: int = 0
     version: int = PLAN_VERSION
     fused: tuple[FusedBN, ...] = ()
+    edits: tuple[Edit, ...] = ()
 
     def __getitem__(self, name: str) -> LayerSpec:
         for spec in self.layers:
@@ -177,12 +204,15 @@ class CompressionPlan:
         fused = d.pop("fused", [])
         if not isinstance(fused, (list, tuple)):
             raise ValueError(f"a plan's 'fused' must be a JSON list, got {type(fused).__name__}")
+        edits = d.pop("edits", [])
+        if not isinstance(edits, (list, tuple)):
+            raise ValueError(f"a plan's 'edits' must be a JSON list, got {type(edits).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown plan fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(layers=layers, fused=tuple(FusedBN.from_json(f) for f in fused),
-                   **{k: freeze(v) for k, v in d.items()})
+                   edits=tuple(Edit.from_json(e) for e in edits), **{k: freeze(v) for k, v in d.items()})
 
     @classmethod
     def from_json(cls, text: str) -> "CompressionPlan":
@@ -224,6 +254,8 @@ class CompressionPlan:
             )
         if any(s.error is not None for s in self.layers):
             rows.append("error: relative weight approximation error ||W - W^|| / ||W|| at decomposition")
+        for e in self.edits:
+            rows.append(f"edit: {e.op} {e.target}")
         if self.fused:
             rows.append(f"fused: {len(self.fused)} BatchNorm(s) folded into the layer before them")
         rows.append(

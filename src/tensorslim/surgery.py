@@ -4,13 +4,46 @@
 primitive they share with other model transforms (e.g. ``methods.prune``)."""
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import importlib
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .plan import CompressionPlan, LayerSpec
+from .plan import CompressionPlan, Edit, LayerSpec
+
+# op name -> fn(model, edit, weights): replays one structural edit in place. weights=True
+# carries the trained tensors over (a method making its model, or compress() replaying a
+# plan on the dense model); weights=False only builds the right shapes (load, meta device).
+EDIT_OPS: dict[str, Callable[[nn.Module, Edit, bool], None]] = {}
+
+
+def register_edit(op: str, fn: Callable[[nn.Module, Edit, bool], None]) -> None:
+    """Register the function that replays edits named ``op`` (see :class:`~tensorslim.plan.Edit`);
+    a method registers its ops when its module is imported. The function must validate its
+    edit before it changes anything and raise ValueError naming the edit's target otherwise."""
+    if not isinstance(op, str) or not op or not callable(fn):
+        raise TypeError(f"register_edit: expects a non-empty op name and a function, got {op!r}, {fn!r}")
+    if EDIT_OPS.get(op, fn) is not fn:
+        raise ValueError(f"register_edit: op {op!r} is already registered to {EDIT_OPS[op]!r}")
+    EDIT_OPS[op] = fn
+
+
+def apply_edits(model: nn.Module, edits: Iterable[Edit], *, weights: bool = True) -> nn.Module:
+    """Replay ``edits`` on ``model`` in place, in order; returns ``model``."""
+    edits = tuple(edits)
+    if edits and any(e.op not in EDIT_OPS for e in edits):
+        # plugin discovery: the methods register their ops when imported (a runtime lookup,
+        # not a dependency of surgery on the pipelines)
+        importlib.import_module("tensorslim.methods")
+    for e in edits:
+        fn = EDIT_OPS.get(e.op)
+        if fn is None:
+            raise ValueError(f"the plan has an edit {e.op!r} (on {e.target!r}) that no method "
+                             f"registers; known: {', '.join(sorted(EDIT_OPS)) or 'none'}")
+        fn(model, e, weights)
+    return model
 
 
 def build_layer(module: nn.Module, spec: LayerSpec, *, decompose: bool = True) -> nn.Module:
@@ -118,11 +151,13 @@ def compress(
     model (a layer missing, of another type or weight shape) or one that would compress a
     layer with a tied weight is refused with a ValueError before anything changes. A module
     registered under several names is replaced under all of them by one new module.
+    The plan's structural ``edits`` (pruned filters, replaced blocks) are replayed first.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
     if not isinstance(plan, CompressionPlan):
         raise TypeError(f"compress expects a CompressionPlan, got {type(plan).__name__}")
+    apply_edits(model, plan.edits, weights=decompose)
     modules = dict(model.named_modules())
     _check_fits(model, plan, modules)
     specs = plan.compressed

@@ -1,5 +1,11 @@
-"""Compression pipelines, each one file with one entry function."""
+"""Compression pipelines, each one file with one entry function.
+
+The pipelines registered in ``registry.PIPELINES`` (importing this package imports them all)
+are reachable as ``tensorslim compress --method NAME`` and covered by the generic tests.
+"""
 from .oneshot import OneShotResult, oneshot
 from .musco import MuscoOptions, MuscoResult, musco
+from .registry import PIPELINES, Pipeline, pipeline, register_pipeline
 
-__all__ = ["OneShotResult", "oneshot", "MuscoOptions", "MuscoResult", "musco"]
+__all__ = ["OneShotResult", "oneshot", "MuscoOptions", "MuscoResult", "musco",
+           "PIPELINES", "Pipeline", "pipeline", "register_pipeline"]

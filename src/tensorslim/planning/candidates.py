@@ -235,8 +235,12 @@ def rank_candidates(layer: PlannedLayer, objective: str | int = "macs") -> list[
 def rank_space(layer: PlannedLayer) -> list[Any]:
     """The ranks worth pricing for ``layer``, smallest first (some may be invalid for a
     grouped conv: :func:`layer_cost` rejects those). The last is the full rank (CP: the
-    rank with about the dense layer's parameters)."""
+    rank with about the dense layer's parameters). A layer class with a classmethod
+    ``rank_space(module, **options)`` gives its own list."""
     mod, m = layer.module, layer.method
+    own = getattr(layer.cls, "rank_space", None)
+    if callable(own):  # a layer class may define its own candidate ranks (smallest first)
+        return list(own(mod, **layer.options))
     if isinstance(mod, nn.Linear):
         out_f, in_f = mod.out_features, mod.in_features
     else:
