@@ -215,10 +215,10 @@ def test_sweep_command(trained, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["compress", "--model", "vgg16", "--method", "foo", "--ranks", "4"], "invalid choice: 'foo'"),
+    (["compress", "--model", "vgg16", "--method", "foo", "--ranks", "4"], "argument --method: expected one of cp, tucker, svd, tt, auto or a pipeline"),
     (["compress", "--model", "vgg16", "--ranks", "4", "--target-macs", "0.5"],
      "argument --target-macs: not allowed with argument --ranks"),
-    (["compress", "--model", "vgg16"], "one of the arguments --ranks --target-macs --target-params --target-latency --energy is required"),
+    (["compress", "--model", "vgg16"], "one of the arguments --ranks --target-macs --target-params --target-latency --energy --lam is required"),
     (["compress", "--model", "vgg16", "--ranks", "lots"], "expected an int (8), a fraction in (0, 1]"),
     (["compress", "--checkpoint", "/nonexistent/ckpt", "--ranks", "4"], "checkpoint folder /nonexistent/ckpt does not exist"),
     (["evaluate", "--checkpoint", "/nonexistent/ckpt"], "checkpoint folder /nonexistent/ckpt does not exist"),

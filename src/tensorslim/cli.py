@@ -98,7 +98,10 @@ RECONSTRUCT_HELP = ("training batches on which every factorized layer's last fac
                     "squares so its outputs match the dense layer's (data-aware reconstruction, before "
                     "BN re-calibration; 0 = off)")
 _PER_LAYER_RULES = ("constant", "vbmf", "energy", "accuracy_drop")
-_TARGETS = ("ranks", "target_macs", "target_params", "target_latency", "energy")
+_TARGETS = ("ranks", "target_macs", "target_params", "target_latency", "energy", "lam")
+# the registered pipelines (tensorslim.methods.registry; a test checks this list against it,
+# so --help stays cheap: no torch import to build the parser)
+PIPELINE_NAMES = ("ltc", "norton", "ccpd", "ron", "asnet")
 # make_plan's goal arguments, in the order they are reported (--max-drop is dest "drop")
 GOAL_ARGS = (*_TARGETS, "include", "exclude", "rank_rule", "rate", "vbmf_factor", "drop")
 
@@ -245,7 +248,9 @@ def _add_compress(sub: Any) -> None:
                                    "the plan and a before/after table, and write OUT/ (model.safetensors, "
                                    "plan.json, meta.json, report.md, summary.png, layers.png).", epilog=_EPILOG)
     _add_source(c)
-    c.add_argument("--method", default="tucker", choices=METHODS, help="default tucker")
+    c.add_argument("--method", default="tucker", type=at.method_name,
+                   help=f"a factorization ({', '.join(METHODS)}; default tucker) or a pipeline "
+                        f"({', '.join(PIPELINE_NAMES)}; each takes the goals its README section names)")
     g = c.add_mutually_exclusive_group(required=False)  # required unless a per-layer --rank-rule
     g.add_argument("--ranks", type=at.ranks, help="int, fraction in (0, 1], or JSON {layer: rank}")
     g.add_argument("--target-macs", type=at.fraction, help="keep this fraction of MACs (0.25 = 4x fewer)")
@@ -254,6 +259,8 @@ def _add_compress(sub: Any) -> None:
                    help="keep this fraction of the dense model's time MEASURED on this machine at "
                         "--latency-batch (BatchNorms folded; a layer no rank makes faster stays dense)")
     g.add_argument("--energy", type=at.fraction, help="fraction of squared singular values kept per layer")
+    g.add_argument("--lam", type=at.pos_float,
+                   help="--method ltc: the weight of the cost term (larger = smaller model)")
     c.add_argument("--layout", choices=("channels_last", "nchw"),
                    help="--target-latency: memory layout to time in (default channels_last)")
     c.add_argument("--include", action="append", help="glob of layer names to compress (repeatable)")

@@ -22,6 +22,7 @@ from .app.summary import (LATENCY_NOTE, LATENCY_ROUNDS, latency_note, recovered_
                           side_by_side_latency, summarize, test_accuracy, with_side_by_side_latency)
 from .recover import DEFAULT_RECONSTRUCT_STEPS as RECONSTRUCT_STEPS  # noqa: F401
 from .recover import RecoverConfig, resolve_bn_steps, resolve_reconstruct_steps  # noqa: F401
+from .app.pipelines import is_pipeline, pipeline_arguments, pipeline_recovered
 from .report import ModelSummary
 from .sweep import SweepOptions
 
@@ -90,7 +91,9 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
 
 def begin(cfg: CompressConfig) -> None:
     """Before any work: refuse a goal MUSCO does not take; seed; set the threads."""
-    if cfg.multi_stage:
+    if is_pipeline(cfg.method):
+        pipeline_arguments(cfg)
+    elif cfg.multi_stage:
         musco_arguments(cfg.goal)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -110,7 +113,10 @@ def compress_loaded(cfg: CompressConfig, src: Loaded, checkpoint_dir: Path, titl
     goal = dict(cfg.goal)
     if goal.get("rank_rule") == "accuracy_drop" and goal.get("evaluate") is None:
         goal["evaluate"] = validation_evaluator(src.pad_to_32, cfg.val_subset, cfg.seed)
-    if cfg.multi_stage:
+    if is_pipeline(cfg.method):
+        res, compressed = pipeline_recovered(cfg, src, x1, test)
+        rows += compressed
+    elif cfg.multi_stage:
         res = run_multi_stage(cfg, src, x1, goal)
         label = f"{cfg.method} MUSCO {res.stages_done} stages" + (
             f" x {cfg.finetune_steps} steps KD" if cfg.finetune_steps else " (no fine-tune)")
@@ -152,6 +158,14 @@ def _oneshot_recovered(cfg: CompressConfig, src: Loaded, x1: torch.Tensor,
 
 
 def _compress_notes(cfg: CompressConfig, src: Loaded, res: Any, t0: float) -> list[str]:
+    if is_pipeline(cfg.method):
+        p, _ = pipeline_arguments(cfg)
+        return [f"base model: {src.description}", f"goal: {cfg.method}, {dict(cfg.goal)}",
+                f"pipeline {cfg.method}: {p.summary}",
+                f"fine-tune inside the pipeline: {cfg.finetune_steps} SGD steps (batch {cfg.batch_size})",
+                f"test set: official Fashion-MNIST test, {cfg.test_subset or 10000} images; latency: batch "
+                f"{cfg.latency_batch} (and 1), {cfg.threads} threads; {latency_note()}",
+                f"wall time: {time.perf_counter() - t0:.0f} s"]
     rc = cfg.recover_config()
     notes = [f"base model: {src.description}",
              f"goal: {cfg.method}, {dict(cfg.goal)}",

@@ -10,7 +10,6 @@ outputs; and refuse a goal it does not accept with a message naming the accepted
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -93,3 +92,17 @@ def test_pipeline_refuses_goals_it_does_not_take(name):
         return
     with pytest.raises(ValueError, match=f"--method {name} takes"):
         p.goal_kwargs({other[0]: 0.5})
+
+
+def test_cli_names_every_registered_pipeline():
+    from tensorslim.cli import PIPELINE_NAMES
+
+    assert set(NAMES) <= set(PIPELINE_NAMES)
+
+
+def test_cli_refuses_an_unknown_method_with_the_known_ones(capsys):
+    from tensorslim.cli import main
+
+    assert main(["compress", "--model", "vgg16", "--method", "nope", "--target-macs", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --method: expected one of cp, tucker, svd, tt, auto or a pipeline" in err

@@ -57,3 +57,21 @@ def ints(text: str) -> tuple[int, ...]:
         return tuple(int(s) for s in names(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints like 4,8,16, got {text!r}") from None
+
+
+def method_name(text: str) -> str:
+    """--method: a factorization of tensorslim.plan.METHODS or a registered pipeline (the
+    pipelines are imported only for a name that is not a factorization)."""
+    from ..plan import METHODS
+
+    if text in METHODS:
+        return text
+    from ..methods.registry import PIPELINES, pipeline
+
+    try:
+        pipeline(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(METHODS)} or a pipeline ({', '.join(sorted(PIPELINES))}), "
+            f"got {text!r}") from None
+    return text
