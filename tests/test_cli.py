@@ -32,7 +32,8 @@ def test_every_command_has_help(capsys):
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_tiny_settings(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--finetune-steps", "10", "--test-subset", "500", "--out", str(out)]) == 0
+    assert main(["demo", "--finetune-steps", "10", "--reconstruct-steps", "2", "--test-subset", "500",
+                 "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "tucker + 10 steps KD" in text and "MACs ratio" in text
     for name in ["report.md", "summary.png", "layers.png", "checkpoint/plan.json", "checkpoint/model.safetensors"]:
@@ -52,12 +53,12 @@ def test_demo_is_a_preset_of_compress():
 
     cfg = demo_config()
     assert cfg is DEMO and isinstance(cfg, CompressConfig)
-    assert (cfg.source, cfg.method, dict(cfg.goal)) == (Source(model="vgg16"), "tucker",
+    assert (cfg.source, cfg.method, dict(cfg.goal)) == (Source(model="vgg16_w050"), "tucker",
                                                          {"target_macs": 0.25, "rank_rule": "min_error"})
-    assert (cfg.finetune_steps, cfg.reconstruct_steps, cfg.bn_steps, cfg.out_dir) == (400, 16, None, "runs/demo")
-    # the recovery it runs: 16 refit batches, so no BN re-calibration, then 400 KD steps
+    assert (cfg.finetune_steps, cfg.reconstruct_steps, cfg.bn_steps, cfg.out_dir) == (300, 16, None, "runs/demo")
+    # the recovery it runs: 16 refit batches, so no BN re-calibration, then 300 KD steps
     rc = cfg.recover_config()
-    assert (rc.reconstruct_steps, rc.bn_batches, rc.finetune_steps, rc.lr) == (16, 0, 400, 0.01)
+    assert (rc.reconstruct_steps, rc.bn_batches, rc.finetune_steps, rc.lr) == (16, 0, 300, 0.01)
     assert rc.steps() == ("reconstruct", "finetune")
     # settings override the preset; the rest stays the demo's
     small = demo_config(finetune_steps=10, test_subset=500)
@@ -215,7 +216,7 @@ def test_sweep_command(trained, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["compress", "--model", "vgg16", "--method", "foo", "--ranks", "4"], "argument --method: expected one of cp, tucker, svd, tt, auto or a pipeline"),
+    (["compress", "--model", "vgg16", "--method", "foo", "--ranks", "4"], "argument --method: expected one of cp, tucker, svd, tt, auto"),
     (["compress", "--model", "vgg16", "--ranks", "4", "--target-macs", "0.5"],
      "argument --target-macs: not allowed with argument --ranks"),
     (["compress", "--model", "vgg16"], "one of the arguments --ranks --target-macs --target-params --target-latency --energy --lam is required"),

@@ -158,5 +158,5 @@ def test_pipeline_configs_map_to_the_recovery_with_the_project_defaults():
     assert compress(multi_stage=True).steps() == ("bn",)
     assert compress(reconstruct_steps=2, bn_steps=5).steps() == ("reconstruct", "bn")
     demo = demo_config().recover_config()
-    assert demo == RecoverConfig(reconstruct_steps=16, bn_steps=0, finetune_steps=400, lr=0.01, seed=0)
+    assert demo == RecoverConfig(reconstruct_steps=16, bn_steps=0, finetune_steps=300, lr=0.01, seed=0)
     assert demo.steps() == ("reconstruct", "finetune")

@@ -200,10 +200,11 @@ def _add_demo(sub: Any) -> None:
     from .demo import DEMO
 
     d = sub.add_parser("demo", help="compress the shipped Fashion-MNIST model to a MAC target, fine-tune, report",
-                       description="Load the shipped VGG-16, compress it whole-model (default Tucker-2 to 4x "
+                       description="Load the shipped VGG-16 (width 0.5), compress it whole-model (default Tucker-2 to 4x "
                                    "fewer MACs), fine-tune briefly with distillation, print a table and write a report.")
     _preset(d, DEMO)  # the defaults below are DEMO's
-    d.add_argument("--model")
+    d.add_argument("--model", help=f"a registry model or shipped weights name (default {DEMO.source.model}; "
+                                   f"vgg16 is the faster, width-0.25 one)")
     d.add_argument("--method", choices=["tucker", "cp", "svd", "auto"], help=f"default {DEMO.method}")
     d.add_argument("--rank-rule", choices=["uniform", "min_error"],
                    help=f"how the MAC budget is spread over the layers (default {DEMO.goal['rank_rule']})")
