@@ -5,7 +5,9 @@ are reachable as ``tensorslim compress --method NAME`` and covered by the generi
 """
 from .oneshot import OneShotResult, oneshot
 from .musco import MuscoOptions, MuscoResult, musco
+from .ltc import LTCOptions, LTCResult, ltc
 from .registry import PIPELINES, Pipeline, pipeline, register_pipeline
 
 __all__ = ["OneShotResult", "oneshot", "MuscoOptions", "MuscoResult", "musco",
+           "LTCOptions", "LTCResult", "ltc",
            "PIPELINES", "Pipeline", "pipeline", "register_pipeline"]
