@@ -7,6 +7,8 @@ from .oneshot import OneShotResult, oneshot
 from .musco import MuscoOptions, MuscoResult, musco
 from .ltc import LTCOptions, LTCResult, ltc
 from .registry import PIPELINES, Pipeline, pipeline, register_pipeline
+from . import ron  # noqa: F401 - registers the "ron" pipeline
+from . import asnet  # noqa: F401 - registers the "asnet" pipeline
 
 __all__ = ["OneShotResult", "oneshot", "MuscoOptions", "MuscoResult", "musco",
            "LTCOptions", "LTCResult", "ltc",

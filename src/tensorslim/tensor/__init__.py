@@ -10,6 +10,7 @@ Decompositions (pure functions returning the small frozen result types):
 """
 from .cp import cp_als
 from .cp_epc import component_intensities, cp_epc, sensitivity
+from .maxvol import maxvol, rect_maxvol
 from .ops import fold, hadamard, khatri_rao, kron, mode_dot, multi_mode_dot, rel_error, unfold
 from .results import CPTensor, SVDResult, TTMatrix, TTTensor, TuckerTensor
 from .svd import svd
@@ -29,6 +30,8 @@ __all__ = [
     "hadamard",
     "khatri_rao",
     "kron",
+    "maxvol",
+    "rect_maxvol",
     "mode_dot",
     "multi_mode_dot",
     "rel_error",

@@ -1,0 +1,185 @@
+"""Cutting a registry VGG / ResNet at a layer and replacing everything after the cut.
+
+Shared by RON (:mod:`.ron`) and ASNet (:mod:`.asnet`). A *start* is the name of the first
+module replaced: ``features.<i>`` (a Conv2d, or a factorized conv, of a VGG's features), ``layers.<s>.<b>`` (a ResNet
+block) or ``pool`` (the global pooling before the classifier). The models' own ``forward`` is
+kept: every module from the start on becomes ``nn.Identity`` and the classifier (``classifier``
+/ ``fc``) becomes the new tail, which therefore receives ``flatten(z)`` of the cut activation
+``z`` (B, C, H, W). The tails are small dense modules (``nn.Linear``, ``nn.ReLU``, a row
+:class:`Gather` and a :class:`GroupMax`), so :func:`tensorslim.count` counts them exactly.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..layers.base import FactorizedLayer
+from ..models.resnet import ResNet
+from ..models.vgg import VGG
+from ..surgery import set_submodule
+
+__all__ = ["Gather", "GroupMax", "starts", "tail_units", "cut_input", "install_cut",
+           "linear_steps", "pool_windows"]
+
+
+class Gather(nn.Module):
+    """``x (B, D) -> x[:, index] (B, P)``: RON's row sampling S_0 of the cut activation."""
+
+    def __init__(self, index: Sequence[int]) -> None:
+        super().__init__()
+        self.register_buffer("index", torch.as_tensor(list(index), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).index_select(1, self.index)
+
+
+class GroupMax(nn.Module):
+    """``x (B, P * g) -> max over consecutive groups of g (B, P)``: a max-pool after sampling
+    the g window members of every sampled pooled position (not counted as MACs, like pooling)."""
+
+    def __init__(self, group: int) -> None:
+        super().__init__()
+        self.group = int(group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, self.group).amax(-1)
+
+    def extra_repr(self) -> str:
+        return f"group={self.group}"
+
+
+def _arch(model: nn.Module, who: str) -> str:
+    if isinstance(model, VGG):
+        return "vgg"
+    if isinstance(model, ResNet):
+        return "resnet"
+    raise TypeError(f"{who}: model must be a tensorslim registry VGG or ResNet "
+                    f"(ts.models.create / load_pretrained), got {type(model).__name__}")
+
+
+def starts(model: nn.Module, who: str, *, blocks: bool) -> list[str]:
+    """The accepted start names in forward order (ResNet blocks only with ``blocks``)."""
+    if _arch(model, who) == "vgg":
+        names = [f"features.{i}" for i, m in enumerate(model.features)
+                 if isinstance(m, (nn.Conv2d, FactorizedLayer))]
+    else:
+        names = [f"layers.{s}.{b}" for s, st in enumerate(model.layers) for b in range(len(st))]
+        names = names[1:] if blocks else []
+    return names + ["pool"]
+
+
+def check_start(model: nn.Module, start: Any, who: str, *, blocks: bool) -> str:
+    ok = starts(model, who, blocks=blocks)
+    if start not in ok:
+        raise ValueError(f"{who}: start_layer/cut {start!r} is not accepted for this "
+                         f"{type(model).__name__}; accepted: {', '.join(ok)}")
+    return start
+
+
+def tail_units(model: nn.Module, start: str) -> list[tuple[str, nn.Module]]:
+    """(name, module) of everything the forward runs from ``start`` on, in order, with the
+    model's flatten as ``("flatten", nn.Flatten())``."""
+    if isinstance(model, VGG):
+        feats = [(f"features.{i}", m) for i, m in enumerate(model.features)]
+        body = feats[[n for n, _ in feats].index(start):] if start != "pool" else []
+        head = [(f"classifier.{i}", m) for i, m in enumerate(model.classifier)]
+    else:
+        blocks = [(f"layers.{s}.{b}", m) for s, st in enumerate(model.layers) for b, m in enumerate(st)]
+        body = blocks[[n for n, _ in blocks].index(start):] if start != "pool" else []
+        head = [("fc", model.fc)]
+    return body + [("pool", model.pool), ("flatten", nn.Flatten())] + head
+
+
+def head_name(model: nn.Module) -> str:
+    return "classifier" if isinstance(model, VGG) else "fc"
+
+
+def cut_input(model: nn.Module, start: str, batches: Any, limit: int | None = None,
+              progress_bar: Callable | None = None) -> torch.Tensor:
+    """The activation entering ``start`` (N, C, H, W) for the inputs in ``batches`` (at most
+    ``limit`` samples), computed by the model in eval mode with no gradients."""
+    unit = dict(model.named_modules())[start]
+    got: list[torch.Tensor] = []
+
+    def hook(_m, args):
+        got.append(args[0].detach())
+        raise _Stop
+
+    handle = unit.register_forward_pre_hook(hook)
+    n = 0
+    try:
+        with torch.no_grad():
+            for x in (progress_bar(batches) if progress_bar else batches):
+                try:
+                    model(x)
+                except _Stop:
+                    pass
+                n += got[-1].shape[0]
+                if limit is not None and n >= limit:
+                    break
+    finally:
+        handle.remove()
+    if not got:
+        raise ValueError("the calibration data yielded no batches")
+    z = torch.cat(got)
+    return z[:limit] if limit is not None else z
+
+
+class _Stop(Exception):
+    """Raised by the hook to skip the rest of the forward once the cut input is known."""
+
+
+def install_cut(model: nn.Module, start: str, tail: nn.Module) -> None:
+    """Put ``nn.Identity`` at every module from ``start`` on and ``tail`` at the classifier."""
+    for name, _ in tail_units(model, start):
+        if name not in ("flatten", head_name(model)) and not name.startswith("classifier."):
+            set_submodule(model, name, nn.Identity())
+    old = next(model.get_submodule(head_name(model)).parameters(), None)
+    set_submodule(model, head_name(model), tail if old is None else tail.to(dtype=old.dtype))
+
+
+def linear_steps(units: list[tuple[str, nn.Module]], who: str) -> list[dict[str, Any]]:
+    """Group the tail's modules into RON steps ``z_k = pool(act(f_k(z_{k-1})))``: ``f_k`` the
+    affine modules (conv, BatchNorm, Linear, average pooling, flatten, dropout), ``act`` a
+    ReLU, ``pool`` a MaxPool2d. Returns dicts {names, modules, act, pool}."""
+    affine = (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d,
+              nn.Flatten, nn.Dropout, nn.Identity, FactorizedLayer)  # factorized: linear too
+    steps: list[dict[str, Any]] = []
+    for name, m in units:
+        cur = steps[-1] if steps else None
+        if isinstance(m, affine):
+            if cur is None or cur["act"] or cur["pool"] is not None:
+                cur = {"names": [], "modules": [], "act": False, "pool": None}
+                steps.append(cur)
+            cur["names"].append(name)
+            cur["modules"].append(m)
+        elif isinstance(m, nn.ReLU) and cur is not None and not cur["act"] and cur["pool"] is None:
+            cur["act"] = True
+        elif isinstance(m, nn.MaxPool2d) and cur is not None and cur["pool"] is None:
+            cur["pool"] = m
+        else:
+            raise ValueError(f"{who}: cannot reduce module {name} ({type(m).__name__}) after the "
+                             f"start; supported: Conv2d, BatchNorm2d, Linear, pooling, ReLU, MaxPool2d")
+    return steps
+
+
+def pool_windows(pool: nn.MaxPool2d, shape: Sequence[int], who: str) -> torch.Tensor:
+    """Flat pre-pool indices (C*Ho*Wo, k*k) of each pooled output's window over an input of
+    ``shape`` (C, H, W); a ceil-mode window cut by the border repeats its first member."""
+    k = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size,) * 2
+    s = pool.stride if isinstance(pool.stride, tuple) else (pool.stride,) * 2
+    pad = pool.padding if isinstance(pool.padding, tuple) else (pool.padding,) * 2
+    dil = pool.dilation if isinstance(pool.dilation, tuple) else (pool.dilation,) * 2
+    if any(pad) or any(d != 1 for d in dil):
+        raise ValueError(f"{who}: MaxPool2d with padding or dilation is not supported, got {pool}")
+    C, H, W = shape
+    Ho, Wo = pool(torch.zeros(1, C, H, W)).shape[-2:]
+    c, i, j, a, b = torch.meshgrid(torch.arange(C), torch.arange(Ho), torch.arange(Wo),
+                                   torch.arange(k[0]), torch.arange(k[1]), indexing="ij")
+    rows, cols = i * s[0] + a, j * s[1] + b
+    inside = (rows < H) & (cols < W)
+    first = (c * H + i * s[0]) * W + j * s[1]
+    flat = torch.where(inside, (c * H + rows) * W + cols, first)
+    return flat.reshape(C * Ho * Wo, k[0] * k[1])

@@ -1,0 +1,359 @@
+"""RON: reduced-order modelling of a network's activations with maximum-volume sampling
+(Gusak et al. 2021, "Reduced-Order Modeling of Deep Neural Networks"; seed talk 003).
+
+For the layers after a cut, ``z_k = pool_k(psi_k(A_k z_{k-1} + b_k))`` (``A_k`` a conv or
+Linear with its BatchNorm, computed through the modules themselves, never as a matrix), each
+activation is assumed to lie near a low-dimensional space, ``z_k ~= V_k c_k`` with ``V_k``
+(D_k, r_k) the leading left singular vectors of its values on calibration inputs. Rows
+``S_k`` (P_k >= r_k of them) are picked by rectangular maxvol on ``V_k``, so
+``c_k ~= (S_k V_k)^+ S_k z_k`` and the network runs on the P_k sampled values only:
+
+    s_0 = S_0 z_0,   s_k = pool_g(psi_k(S^g_k A_k U_{k-1} s_{k-1} + S^g_k b_k)),
+    U_k = V_k (S_k V_k)^+,   logits = A_K U_{K-1} s_{K-1} + b_K,
+
+where ``S^g_k`` samples, for every kept pooled position, the g members of its max-pool
+window (ReLU commutes with sampling; the max is taken after sampling, :class:`GroupMax`).
+The network output (logits, D_K = classes) is kept whole (V_K = I, S_K = all rows), so the
+final projection ``V_K (S_K V_K)^+`` is the identity. Each reduced step is one
+``nn.Linear(P_{k-1} -> g P_k)``, so the result is counted exactly by :func:`tensorslim.count`.
+
+Scope: the layers before ``start_layer`` stay as they are (the talk applies RON where the
+activations are small: the later blocks and the head). On a ResNet, RON starts after the
+residual blocks (``start_layer="pool"``: the global pooling and the classifier); residual
+branches are not approximated jointly. The plan records everything as one ``Edit``
+(``ron_tail``: per reduced layer the kept dimension, rows, sampled positions and MACs), which
+:func:`tensorslim.load` replays to the right shapes; the reduced weights depend on the
+calibration data, so replaying the plan on a dense model with weights is refused.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..cost import as_tuple, count
+from ..plan import CompressionPlan, Edit
+from ..surgery import register_edit
+from ..tensor.maxvol import rect_maxvol
+from . import _ron_tail as tail_lib
+from .registry import Pipeline, register_pipeline
+
+__all__ = ["RONResult", "ron"]
+
+OP = "ron_tail"
+START_SHARE = 0.5  # default start: the latest cut whose dense prefix costs <= this share of the budget
+
+
+@dataclass(frozen=True)
+class RONResult:
+    """The reduced model, its plan (one ``ron_tail`` edit) and ``history``: ``start``,
+    ``energy`` (kept share of every activation's squared singular values, when chosen from
+    ``target_macs``), ``ranks``/``rows`` per reduced layer, ``calib_samples`` and
+    ``calib_rel_error`` (||logits - dense logits|| / ||dense logits|| on the calibration
+    inputs), plus the fine-tuning record when ``finetune_steps > 0``."""
+
+    model: nn.Module
+    plan: CompressionPlan
+    history: dict[str, Any] = field(default_factory=dict)
+
+
+def _build_tail(args: Mapping[str, Any]) -> nn.Sequential:
+    """The reduced modules an edit's args describe (weights uninitialised)."""
+    mods: list[nn.Module] = [tail_lib.Gather(args["sampled"])]
+    for layer in args["layers"]:
+        mods.append(nn.Linear(int(layer["in_features"]), int(layer["out_features"])))
+        if layer["act"]:
+            mods.append(nn.ReLU())
+        if int(layer["group"]) > 1:
+            mods.append(tail_lib.GroupMax(int(layer["group"])))
+    return nn.Sequential(*mods)
+
+
+def _replay(model: nn.Module, edit: Edit, weights: bool) -> None:
+    if weights:
+        raise ValueError(f"edit {OP} on {edit.target!r}: RON's reduced weights come from "
+                         f"calibration data and cannot be rebuilt from the dense model; load the "
+                         f"checkpoint with tensorslim.load, or run methods.ron.ron again")
+    start = edit.args.get("start")
+    tail_lib.check_start(model, start, f"edit {OP}", blocks=False)
+    if edit.target != tail_lib.head_name(model) or not edit.args.get("layers"):
+        raise ValueError(f"edit {OP}: target {edit.target!r} / args do not fit this "
+                         f"{type(model).__name__} (expected target {tail_lib.head_name(model)!r})")
+    tail_lib.install_cut(model, start, _build_tail(edit.args))
+
+
+register_edit(OP, _replay)
+
+
+def _check(target_macs: Any, ranks: Any, oversample: Any, max_samples: Any) -> None:
+    if (target_macs is None) == (ranks is None):
+        raise ValueError(f"ron: give exactly one of target_macs or ranks, got "
+                         f"target_macs={target_macs!r}, ranks={ranks!r}")
+    if target_macs is not None and (isinstance(target_macs, bool) or not isinstance(
+            target_macs, (int, float)) or not 0 < target_macs <= 1):
+        raise ValueError(f"ron: target_macs must be a fraction of the dense MACs in (0, 1], "
+                         f"got {target_macs!r}")
+    if isinstance(oversample, bool) or not isinstance(oversample, (int, float)) or oversample < 1:
+        raise ValueError(f"ron: oversample must be a number >= 1 (rows P_k = ceil(oversample * "
+                         f"r_k)), got {oversample!r}")
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
+        raise ValueError(f"ron: max_samples must be a positive int, got {max_samples!r}")
+
+
+def _inputs(calibration: Any):
+    """Model inputs from ``calibration`` (tensors, or (x, y) batches: x is used)."""
+    if isinstance(calibration, torch.Tensor):
+        raise TypeError("ron: calibration must be an iterable of input batches (B, ...), "
+                        "not one tensor; wrap it in a list")
+    for b in calibration:
+        yield b[0] if isinstance(b, (tuple, list)) else b
+
+
+def _activations(steps: list[dict], z0: torch.Tensor) -> tuple[list[torch.Tensor], list]:
+    """Flattened activations z_0..z_K (N, D_k) and each step's pre-pool shape."""
+    zs, pre_shapes, z = [z0.flatten(1)], [], z0
+    with torch.no_grad():
+        for st in steps:
+            for m in st["modules"]:
+                z = m(z)
+            pre_shapes.append(tuple(z.shape[1:]))
+            z = torch.relu(z) if st["act"] else z
+            z = st["pool"](z) if st["pool"] is not None else z
+            zs.append(z.flatten(1))
+    return zs, pre_shapes
+
+
+def _rank_for(sv: torch.Tensor, t: float) -> int:
+    energy = torch.cumsum(sv.double() ** 2, 0)
+    energy = energy / energy[-1].clamp_min(1e-300)
+    return min(int(torch.searchsorted(energy, torch.tensor([t], dtype=energy.dtype))[0]) + 1,
+               len(sv))
+
+
+def _given_ranks(ranks: Any, names: list[str], caps: list[int]) -> list[int]:
+    """Per reduced activation rank from ``ranks`` (int, fraction in (0, 1], sequence or
+    mapping name -> int; ``"full"`` is handled by the caller), clipped to what exists."""
+    if isinstance(ranks, Mapping):
+        unknown = sorted(set(ranks) - set(names))
+        if unknown:
+            raise ValueError(f"ron: ranks names {unknown} are not reduced activations; known: {names}")
+        vals = [ranks.get(n, cap) for n, cap in zip(names, caps)]
+    elif isinstance(ranks, Sequence) and not isinstance(ranks, str):
+        if len(ranks) != len(names):
+            raise ValueError(f"ron: ranks must give {len(names)} values ({names}), got {len(ranks)}")
+        vals = list(ranks)
+    else:
+        vals = [ranks] * len(names)
+    out = []
+    for v, cap in zip(vals, caps):
+        if isinstance(v, float) and 0 < v <= 1:
+            v = max(1, round(v * cap))
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"ron: ranks must be 'full', a positive int, a fraction in (0, 1], a "
+                             f"list or a mapping of those; got {v!r}")
+        out.append(min(v, cap))
+    return out
+
+
+def _rows(r: int, dim: int, oversample: float) -> int:
+    return min(dim, max(r, math.ceil(oversample * r)))
+
+
+def _tail_macs(rows: list[int], groups: list[int], out_dim: int) -> int:
+    outs = [g * p for g, p in zip(groups[1:], rows[1:])] + [out_dim]
+    return sum(o * p for o, p in zip(outs, rows))
+
+
+def _energy_for_budget(svs, dims, groups, out_dim, oversample, budget) -> tuple[float, list[int]]:
+    """The largest kept-energy share t whose ranks fit ``budget`` MACs (bisection)."""
+    def macs(t):
+        rs = [_rank_for(sv, t) for sv in svs]
+        return _tail_macs([_rows(r, d, oversample) for r, d in zip(rs, dims)], groups, out_dim), rs
+
+    low, ranks = macs(0.0)
+    if low > budget:
+        return -1.0, ranks
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs(mid)[0] <= budget else (lo, mid)
+    return lo, macs(lo)[1]
+
+
+def _default_start(model: nn.Module, dense_macs: Mapping[str, int], budget: float) -> str:
+    names = tail_lib.starts(model, "ron", blocks=False)
+    total = sum(dense_macs.values())
+    best = names[0]
+    for name in names:
+        tail = {n for n, _ in tail_lib.tail_units(model, name)}
+        prefix = total - sum(m for n, m in dense_macs.items() if n in tail)
+        if prefix <= START_SHARE * budget:
+            best = name
+    return best
+
+
+def _reduced_weights(steps, in_shapes, U_prev, sel, windows):
+    """(weight, bias) of every reduced Linear: rows of A_k U_{k-1} and b_k, computed by
+    running the step's modules on U_{k-1}'s columns (and on zero for the bias)."""
+    out = []
+    with torch.no_grad():
+        for k, st in enumerate(steps):
+            U = U_prev[k]
+            x = torch.cat([U.T, torch.zeros(1, U.shape[0], dtype=U.dtype)]).reshape(-1, *in_shapes[k])
+            for m in st["modules"]:
+                x = m(x)
+            x = x.flatten(1)
+            bias, cols = x[-1], x[:-1] - x[-1]
+            rows = windows[k][sel[k]].flatten() if windows[k] is not None else sel[k]
+            out.append((cols[:, rows].T.contiguous(), bias[rows].clone()))
+    return out
+
+
+def ron(model: nn.Module, example_inputs: Any, *, calibration: Any,
+        ranks: Any = None, target_macs: float | None = None, start_layer: str | None = None,
+        oversample: float = 2.0, max_samples: int = 1024, train_loader: Any = None,
+        finetune_steps: int = 0, finetune_lr: float = 0.005, progress: bool = True,
+        seed: int = 0) -> RONResult:
+    """Reduce the layers of a copy of ``model`` (a registry VGG or ResNet, left untouched)
+    from ``start_layer`` on to RON form; returns :class:`RONResult`.
+
+    ``example_inputs``: a tensor (B, C, H, W) (its first sample prices the plan, per sample).
+    ``calibration``: an iterable of input batches (B, C, H, W) (or (x, y) batches), of which
+    the first ``max_samples`` samples give the activation bases. Goal, exactly one of:
+    ``target_macs`` (a fraction of the dense MACs: one kept-energy share of the activations'
+    squared singular values for all layers, the largest that fits) or ``ranks`` (``"full"``:
+    V_k = I and every row, the exact network; an int, a fraction in (0, 1] of each activation's
+    available rank, a list with one value per reduced activation or a mapping name -> value).
+    ``oversample``: rows P_k = ceil(oversample * r_k). ``start_layer``: the first replaced
+    module (see :func:`tensorslim.methods._ron_tail.starts`; default: the latest whose dense
+    prefix costs at most half the MAC budget). ``finetune_steps > 0`` fine-tunes the result on
+    ``train_loader`` (distilling from the dense model) with ``finetune_lr`` and ``seed`` (the
+    reduction itself makes no random choices).
+    """
+    _check(target_macs, ranks, oversample, max_samples)
+    dense = copy.deepcopy(model).eval()
+    x1 = as_tuple(example_inputs)[0][:1]
+    before = count(dense, x1)
+    dense_macs = {l.name: l.macs for l in before.layers}
+    budget = (target_macs or 1.0) * before.total_macs
+    start = tail_lib.check_start(dense, start_layer, "ron", blocks=False) if start_layer is not None \
+        else _default_start(dense, dense_macs, budget)
+    steps = tail_lib.linear_steps(tail_lib.tail_units(dense, start), "ron")
+    bar = (lambda it: tqdm(it, desc="ron calibration", leave=False)) if progress else None
+    z0 = tail_lib.cut_input(dense, start, _inputs(calibration), max_samples, bar)
+    zs, pre_shapes = _activations(steps, z0)
+    in_shapes = [tuple(z0.shape[1:])] + [_unflat_shape(st, pre) for st, pre in zip(steps, pre_shapes)]
+    dims = [z.shape[1] for z in zs[:-1]]
+    groups = [1] + [_group(st) for st in steps[:-1]]
+    names = ["input"] + [st["names"][0] for st in steps[:-1]]
+    tail_dense = sum(dense_macs.get(n, 0) for st in steps for n in st["names"])
+    energy, bases, rank_list = _bases(zs[:-1], dims, groups, zs[-1].shape[1], ranks, names, oversample,
+                                      budget - (before.total_macs - tail_dense), progress)
+    rows_n = [_rows(r, d, oversample) for r, d in zip(rank_list, dims)]
+    sel = [torch.arange(d) if ranks == "full" else rect_maxvol(V, p) for V, p, d in zip(bases, rows_n, dims)]
+    U = [V @ torch.linalg.pinv(V[s]) for V, s in zip(bases, sel)]
+    windows = [tail_lib.pool_windows(st["pool"], pre, "ron") if st["pool"] is not None else None
+               for st, pre in zip(steps, pre_shapes)]
+    sel_out = sel[1:] + [torch.arange(zs[-1].shape[1])]
+    weights = _reduced_weights(steps, in_shapes, U, sel_out, windows)
+    args = _edit_args(start, steps, z0, sel, rank_list, dims, groups, weights, dense_macs)
+    tail = _build_tail(args).to(zs[0].dtype)
+    linears = [m for m in tail if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for lin, (w, b) in zip(linears, weights):
+            lin.weight.copy_(w)
+            lin.bias.copy_(b)
+    student = copy.deepcopy(model)
+    tail_lib.install_cut(student, start, tail)
+    student.eval()
+    return _finish(model, student, x1, before, args, start, energy, rank_list, rows_n, zs, tail,
+                   dict(target_macs=target_macs, ranks=ranks), train_loader, finetune_steps,
+                   finetune_lr, progress, seed)
+
+
+def _group(step: dict) -> int:
+    """Members per max-pool window (1 without a pool)."""
+    if step["pool"] is None:
+        return 1
+    k = step["pool"].kernel_size
+    return math.prod(k) if isinstance(k, tuple) else k * k
+
+
+def _unflat_shape(step: dict, pre: tuple) -> tuple:
+    """The shape of a step's output (after its pool), i.e. the next step's input shape."""
+    if step["pool"] is None:
+        return pre
+    return tuple(step["pool"](torch.zeros(1, *pre)).shape[1:])
+
+
+def _bases(zs, dims, groups, out_dim, ranks, names, oversample, budget, progress):
+    """Energy share, bases V_k (D_k, r_k) and ranks for every reduced activation."""
+    if ranks == "full":
+        return 1.0, [torch.eye(d, dtype=z.dtype) for z, d in zip(zs, dims)], list(dims)
+    svd = [torch.linalg.svd(z, full_matrices=False) for z in tqdm(zs, desc="ron bases", disable=not progress, leave=False)]
+    svs = [s for _, s, _ in svd]
+    if ranks is None:
+        energy, rank_list = _energy_for_budget(svs, dims, groups, out_dim, oversample, budget)
+        if energy < 0:
+            low = _tail_macs([_rows(1, d, oversample) for d in dims], groups, out_dim)
+            raise ValueError(f"ron: the MAC target is not reachable from this start_layer: rank 1 "
+                             f"everywhere already costs {low} MACs in the reduced part, over the "
+                             f"{budget:.0f} left after the dense layers before the cut; choose an "
+                             f"earlier start_layer or a larger target_macs")
+    else:
+        energy = None
+        rank_list = _given_ranks(ranks, names, [len(s) for s in svs])
+    return energy, [vh[:r].T.contiguous() for (_, _, vh), r in zip(svd, rank_list)], rank_list
+
+
+def _edit_args(start, steps, z0, sel, rank_list, dims, groups, weights, dense_macs) -> dict:
+    layers = []
+    for k, st in enumerate(steps):
+        w, _ = weights[k]
+        last = k == len(steps) - 1
+        layers.append({"names": list(st["names"]), "act": bool(st["act"]),
+                       "group": 1 if last else groups[k + 1],
+                       "dim": None if last else dims[k + 1], "rank": None if last else rank_list[k + 1],
+                       "rows": int(w.shape[0]) // (1 if last else groups[k + 1]),
+                       "sampled": None if last else sel[k + 1].tolist(),
+                       "in_features": int(w.shape[1]), "out_features": int(w.shape[0]),
+                       "macs_before": int(sum(dense_macs.get(n, 0) for n in st["names"])),
+                       "macs_after": int(w.numel())})
+    return {"start": start, "input_shape": list(z0.shape[1:]), "dim": dims[0], "rank": rank_list[0],
+            "sampled": sel[0].tolist(), "layers": layers}
+
+
+def _finish(model, student, x1, before, args, start, energy, rank_list, rows_n, zs, tail, goal,
+            train_loader, finetune_steps, finetune_lr, progress, seed) -> RONResult:
+    with torch.no_grad():
+        approx = tail(zs[0].to(next(tail.parameters()).dtype))
+    err = float(torch.linalg.norm(approx - zs[-1]) / torch.linalg.norm(zs[-1]).clamp_min(1e-30))
+    history: dict[str, Any] = {"start": start, "energy": energy, "ranks": rank_list, "rows": rows_n,
+                               "calib_samples": int(zs[0].shape[0]), "calib_rel_error": err}
+    if finetune_steps:
+        if train_loader is None:
+            raise ValueError("ron: finetune_steps > 0 needs a train_loader (labelled batches)")
+        from ..train import fine_tune
+
+        history["finetune"] = fine_tune(student, train_loader, steps=finetune_steps, lr=finetune_lr,
+                                        teacher=copy.deepcopy(model).eval(), progress=progress, seed=seed)
+        student.eval()
+    after = count(student, x1)
+    goal = {k: v for k, v in goal.items() if v is not None}
+    plan = CompressionPlan(layers=(), method="ron", goal=goal, params_before=before.total_params,
+                           params_after=after.total_params, macs_before=before.total_macs,
+                           macs_after=after.total_macs,
+                           edits=(Edit(OP, tail_lib.head_name(student), args),))
+    plan = CompressionPlan.from_json(plan.to_json())  # JSON-normal form (tuples), as saved
+    return RONResult(student, plan, history)
+
+
+register_pipeline(Pipeline(
+    name="ron", run=ron, summary="RON: activations reduced by SVD bases + maxvol row sampling",
+    goals=("target_macs", "ranks"), data="calibration",
+    smoke={"ranks": 4, "progress": False, "max_samples": 32}))
