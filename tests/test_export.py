@@ -173,3 +173,73 @@ def test_bad_arguments(tmp_path, args, exc, msg):
     model, x, name = args
     with pytest.raises(exc, match=msg):
         export_onnx(model, x, tmp_path / name)
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 5), torch.nn.Linear(3, 5)
+
+    def forward(self, x, y):
+        return {"out": self.a(x) * self.b(y), "aux": x.sum(1)}  # first tensor exported
+
+
+def test_tuple_inputs_with_names(tmp_path):
+    torch.manual_seed(0)
+    model, xs = _TwoInputs().eval(), (torch.randn(3, 6), torch.randn(3, 3))
+    res = export_onnx(model, xs, tmp_path / "two.onnx", input_names=["x", "y"], threads=1, repeats=2,
+                      warmup=1, atol=1e-5)
+    assert res.exporter == "torchscript" and res.matches is True and res.checked_batches == (3, 5)
+    sess = ort.InferenceSession(str(tmp_path / "two.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["x", "y"]
+    got = sess.run(None, {"x": xs[0].numpy(), "y": xs[1].numpy()})[0]
+    np.testing.assert_allclose(got, model(*xs)["out"].detach().numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="input_names must be 2 distinct names"):
+        export_onnx(model, xs, tmp_path / "bad.onnx", input_names=["x"])
+
+
+def test_hf_encoder_dict_inputs_choose_the_dynamo_exporter(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=32)
+    torch.manual_seed(0)
+    bert = transformers.BertModel(cfg).eval()
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, 6:] = 0  # padding: what TorchScript tracing gets wrong in transformers' mask code
+    batch = {"input_ids": torch.randint(0, 80, (3, 10)), "attention_mask": mask}
+    res = export_onnx(bert, batch, tmp_path / "bert.onnx", threads=1, repeats=1, warmup=0, atol=1e-4)
+    assert res.exporter == "dynamo (auto: a transformers model)"
+    assert res.matches is True and res.max_abs_diff < 1e-4 and res.checked_batches == (3, 5)
+    sess = ort.InferenceSession(str(tmp_path / "bert.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    got = sess.run(None, {k: v.numpy() for k, v in batch.items()})[0]
+    with torch.no_grad():
+        want = bert(**batch).last_hidden_state.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_exporter_falls_back_to_dynamo_when_torchscript_mismatches(tmp_path, monkeypatch):
+    """A TorchScript file that disagrees with torch (simulated: its exporter is fed a model with
+    a shifted bias) is replaced by a torch.export one, and the result says why."""
+    import copy
+
+    import tensorslim.export as ex
+
+    real = ex._export
+
+    def mistraced(graph, xs, names, dest, opset, dynamic, dynamo):
+        if not dynamo:
+            graph = copy.deepcopy(graph)
+            with torch.no_grad():
+                graph.model.bias.add_(0.5)
+        return real(graph, xs, names, dest, opset, dynamic, dynamo)
+
+    monkeypatch.setattr(ex, "_export", mistraced)
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(4, 3).eval(), torch.randn(3, 4)
+    kw = dict(threads=1, repeats=1, warmup=0, atol=1e-5)
+    ts_only = export_onnx(model, x, tmp_path / "ts.onnx", dynamo=False, **kw)
+    assert ts_only.matches is False and abs(ts_only.max_abs_diff - 0.5) < 1e-5
+    res = export_onnx(model, x, tmp_path / "auto.onnx", **kw)
+    assert res.exporter == "dynamo (auto: the torchscript file mismatched by 0.5)"
+    assert res.matches is True and res.checked_batches == (3, 5) and res.max_abs_diff < 1e-5

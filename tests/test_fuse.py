@@ -59,7 +59,7 @@ def _dense_cases():
 
 
 def _factorized_cases():
-    ranks = {"cp": 8, "tucker": (4, 6), "svd": 4, "tt": 3}
+    ranks = {"cp": 8, "tucker": (4, 6), "svd": 4, "tt": 3, "filtercp": 2}
     for (method, dense), cls in LAYERS.items():
         if dense is nn.Linear:
             yield cls.__name__, cls.like(nn.Linear(24, 20), ranks[method]), nn.BatchNorm1d, (5, 24)

@@ -208,8 +208,9 @@ def test_build_layer_prefixes_every_error_with_the_layer():
         build_layer(conv, spec)
     with pytest.raises(ValueError, match=r"^layer blocks\.3 \(Conv2d\): .*divisible by groups=2"):
         build_layer(conv, spec, decompose=False)
-    with pytest.raises(ValueError, match=r"^layer blocks\.3 \(Conv2d\): .*'tt'"):
-        build_layer(conv, LayerSpec(**{**spec.__dict__, "method": "tt"}))
+    conv1d = nn.Conv1d(6, 6, 3, groups=2)  # no TT layer for Conv1d (TTConv2d covers Conv2d)
+    with pytest.raises(ValueError, match=r"^layer blocks\.3 \(Conv1d\): .*method='tt'"):
+        build_layer(conv1d, LayerSpec(**{**spec.__dict__, "method": "tt", "layer_type": "Conv1d"}))
     lin = nn.Linear(8, 8)
     with torch.no_grad():
         lin.weight[0, 0] = float("nan")

@@ -132,4 +132,4 @@ def test_reasons_fit_one_line(small_cnn, image):
     for method in ("tucker", "cp", "svd", "tt"):
         plan = ts.make_plan(small_cnn, method, image, rank_rule="constant")
         assert all(len(s.reason) <= 110 and "\n" not in s.reason for s in plan.layers), method
-    assert plan["features.9"].reason == "kept dense: no tt layer for Conv2d (its methods: cp, svd, tucker)"
+    assert plan["features.9"].reason == "TTConv2d: cannot factorize a depthwise conv (in_channels == groups == 64)"

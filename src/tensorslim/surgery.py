@@ -46,16 +46,19 @@ def apply_edits(model: nn.Module, edits: Iterable[Edit], *, weights: bool = True
     return model
 
 
-def build_layer(module: nn.Module, spec: LayerSpec, *, decompose: bool = True) -> nn.Module:
+def build_layer(module: nn.Module, spec: LayerSpec, *, decompose: bool = True,
+                data: Mapping[str, Any] | None = None) -> nn.Module:
     """The factorized replacement of ``module`` described by ``spec`` (a new module).
 
     ``decompose=True`` decomposes the trained weights (``from_dense``);
     ``decompose=False`` only builds the right shapes (``like``), for loading a checkpoint.
+    ``data``: extra ``from_dense`` keywords from calibration data (e.g. ``gram`` for a
+    data-aware SVD; see :meth:`tensorslim.calibration.Calibration.layer_options`).
     Every ValueError / TypeError (a wrong layer type or shape, a bad rank, non-finite
     weights, ...) is raised again prefixed with ``layer <name> (<type>): ``.
     """
     try:
-        return _build(module, spec, decompose)
+        return _build(module, spec, decompose, data or {})
     except (ValueError, TypeError) as e:
         msg = f"layer {spec.name} ({type(module).__name__}): {e}"
         try:  # keep the error's own class (e.g. LayerTypeError) when it takes a message
@@ -65,7 +68,7 @@ def build_layer(module: nn.Module, spec: LayerSpec, *, decompose: bool = True) -
         raise err from e
 
 
-def _build(module: nn.Module, spec: LayerSpec, decompose: bool) -> nn.Module:
+def _build(module: nn.Module, spec: LayerSpec, decompose: bool, data: Mapping[str, Any]) -> nn.Module:
     from .layers import layer_for
 
     problem = _mismatch(module, spec)
@@ -75,7 +78,7 @@ def _build(module: nn.Module, spec: LayerSpec, decompose: bool) -> nn.Module:
     opts: dict[str, Any] = dict(spec.options)
     if not decompose:
         return cls.like(module, spec.rank, **opts)
-    return cls.from_dense(module, spec.rank, **opts)
+    return cls.from_dense(module, spec.rank, **opts, **data)
 
 
 def weight_shape(module: nn.Module) -> tuple[int, ...]:
@@ -142,7 +145,8 @@ def _check_fits(model: nn.Module, plan: CompressionPlan, modules: Mapping[str, n
 
 
 def compress(
-    model: nn.Module, plan: CompressionPlan, *, decompose: bool = True, progress: bool = True
+    model: nn.Module, plan: CompressionPlan, *, decompose: bool = True, progress: bool = True,
+    calibration: Any = None,
 ) -> nn.Module:
     """Replace every layer the plan compresses with its factorized form; returns ``model``.
 
@@ -152,6 +156,10 @@ def compress(
     layer with a tied weight is refused with a ValueError before anything changes. A module
     registered under several names is replaced under all of them by one new module.
     The plan's structural ``edits`` (pruned filters, replaced blocks) are replayed first.
+    ``calibration``: model inputs (an iterable of batches: tensors, tuples of positional
+    tensors or dicts of keyword tensors) or a ready :class:`tensorslim.calibration.Calibration`;
+    the SVD Linear layers are then decomposed data-aware (least error of their outputs on the
+    inputs the dense model feeds them: SVD-LLM whitening, or ASVD as the Calibration says).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
@@ -161,6 +169,7 @@ def compress(
     modules = dict(model.named_modules())
     _check_fits(model, plan, modules)
     specs = plan.compressed
+    data = _calibration_options(model, specs, modules, calibration, progress) if decompose else {}
     new = {}
     from time import perf_counter
 
@@ -170,12 +179,28 @@ def compress(
     for spec in bar:
         bar.set_postfix_str(f"{spec.name}{done}")
         start = perf_counter()
-        new[spec.name] = build_layer(modules[spec.name], spec, decompose=decompose)
+        new[spec.name] = build_layer(modules[spec.name], spec, decompose=decompose,
+                                     data=data.get(spec.name))
         took = f"{spec.name} {perf_counter() - start:.1f}s"
         bar.set_postfix_str(took)
         done = f" (last: {took})"
     replace_modules(model, {modules[n]: layer for n, layer in new.items()})
     return model
+
+
+def _calibration_options(model: nn.Module, specs: Iterable[LayerSpec], modules: Mapping[str, nn.Module],
+                         calibration: Any, progress: bool) -> dict[str, dict[str, Any]]:
+    """Per SVD Linear of the plan: the data-aware ``from_dense`` keywords (collected on the
+    still-dense ``model``); {} without calibration."""
+    if calibration is None:
+        return {}
+    from .calibration import as_calibration
+
+    names = [s.name for s in specs if s.method == "svd" and isinstance(modules[s.name], nn.Linear)]
+    if not names:
+        return {}
+    cal = as_calibration(model, calibration, layers=names, progress=progress)
+    return {n: cal.layer_options(n) for n in names}
 
 
 def layer_errors(model: nn.Module, plan: CompressionPlan) -> dict[str, float]:

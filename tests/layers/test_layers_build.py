@@ -11,8 +11,8 @@ from _layer_helpers import known_tt
 # the decompositions the layers below are built on: a rename fails here, never a silent skip
 from tensorslim.tensor import cp_als, svd, tt_matrix, tucker  # noqa: F401
 from tensorslim.layers import (
-    CPConv1d, CPConv2d, LayerTypeError, LowRankConv1d, LowRankConv2d, LowRankLinear, TTLinear,
-    TuckerConv1d, TuckerConv2d, factorize,
+    CPConv1d, CPConv2d, FilterCPConv2d, LayerTypeError, LowRankConv1d, LowRankConv2d,
+    LowRankLinear, TTLinear, TuckerConv1d, TuckerConv2d, factorize,
 )
 
 
@@ -145,7 +145,7 @@ def test_tt_int_rank_is_clipped_per_bond():
 CONV_LAYERS = [CPConv2d, TuckerConv2d, LowRankConv2d]
 
 
-@pytest.mark.parametrize("cls", CONV_LAYERS + [CPConv1d, TuckerConv1d, LowRankConv1d])
+@pytest.mark.parametrize("cls", CONV_LAYERS + [CPConv1d, TuckerConv1d, LowRankConv1d, FilterCPConv2d])
 def test_depthwise_conv_is_rejected_everywhere(cls):
     dense = nn.Conv2d if cls.dims == 2 else nn.Conv1d
     dw = dense(16, 32, 3, groups=16)
@@ -164,6 +164,7 @@ def test_depthwise_conv_is_rejected_everywhere(cls):
     (CPConv2d, 0), (CPConv2d, 10_000), (CPConv2d, 3),  # 3: not divisible by groups=2
     (TuckerConv2d, (0, 4)), (TuckerConv2d, (4, 13)), (TuckerConv2d, (4, 4, 4)),
     (LowRankConv2d, -1), (LowRankConv2d, 14),
+    (FilterCPConv2d, 0), (FilterCPConv2d, 10),  # 10 > a 4x3x3 filter's generic rank 9
 ])
 def test_bad_conv_rank_raises(cls, bad):
     conv = nn.Conv2d(8, 12, 3, groups=2)

@@ -21,7 +21,7 @@ _EXPORT_CFG = {
     1: [dict(kernel_size=3, padding=1),
         dict(kernel_size=4, padding="same", padding_mode="circular", groups=2)],
 }
-_RANK = {"cp": 8, "tucker": (4, 6), "svd": 4, "tt": 3}
+_RANK = {"cp": 8, "tucker": (4, 6), "svd": 4, "tt": 3, "filtercp": 2}
 
 
 def _cases():

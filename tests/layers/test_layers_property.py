@@ -1,18 +1,24 @@
 """Property test over random conv geometries (a seeded loop): for every registered conv layer
-class, a dense Conv1d/Conv2d is either refused with a ValueError that gives a reason, or its
-factorized layer at FULL rank (exact: Tucker-2 (S, T), SVD min(T/g, S/g*prod(k)) per group,
-CP the generic maximum rank per group) computes the dense output (float64). At a random lower
-rank the layer computes exactly the conv of the kernel it represents and reports an error
-between the Eckart-Young floor of that rank and 1 (the zero kernel's). Never silently wrong."""
+class (one test case per class and draw), a dense Conv1d/Conv2d is either refused with a
+ValueError that gives a reason, or its factorized layer at FULL rank (exact: Tucker-2 (S, T),
+SVD min(T/g, S/g*prod(k)) per group, CP the generic maximum rank per group, TT every bond at
+its exact rank) computes the dense output (float64). At a random lower rank the layer computes
+exactly the conv of the kernel it represents and reports that kernel's error, which lies
+between a lower bound no kernel of that rank beats and an upper one: Eckart-Young of the
+output unfolding and 1 (the zero kernel's) for CP / Tucker-2 / SVD; for TT the largest
+per-bond Eckart-Young tail and TT-SVD's quasi-optimality bound; for filter-wise CP the per-filter
+unfolding tails (:func:`filter_cp_lower`) and 1. Never silently wrong."""
 import random
 from math import prod
 
 import pytest
 import torch
 from _bounds import eckart_young, unfold_rank
+from _layer_helpers import filter_cp_lower
 from torch import nn
 
 from tensorslim.layers import LAYERS, layer_for
+from tensorslim.layers.ttconv import TTConv2d, tt_conv_kernel
 from tensorslim.tensor import rel_error
 
 N_CASES = 120
@@ -47,84 +53,156 @@ def _dense(cfg: dict) -> nn.Module:
     return cls(**cfg, dtype=torch.float64)
 
 
-def _kernel(layer: nn.Module) -> torch.Tensor:
-    """The kernel (T, S/g, *k) the layer represents, rebuilt from its factors."""
-    parts = getattr(layer, "to_tucker", None) or getattr(layer, "to_cp", None)
-    if parts is not None:
-        return torch.cat([p.to_tensor() for p in parts()])
-    shape = (layer.geometry.out_channels, layer.geometry.in_group, *layer.geometry.kernel)
-    return torch.cat([s.to_tensor() for s in layer.to_svd()]).reshape(shape)
+# the kernel (T, S/g, *k) a layer of each method represents, rebuilt from its factors
+KERNELS = {
+    "tucker": lambda layer: torch.cat([p.to_tensor() for p in layer.to_tucker()]),
+    "cp": lambda layer: torch.cat([p.to_tensor() for p in layer.to_cp()]),
+    "svd": lambda layer: torch.cat([s.to_tensor() for s in layer.to_svd()]).reshape(
+        layer.geometry.out_channels, layer.geometry.in_group, *layer.geometry.kernel),
+    "tt": tt_conv_kernel,
+    # the library's reconstruction; test_filtercp.py checks kernel() against an einsum of factors
+    "filtercp": lambda layer: layer.kernel(),
+}
+
+
+def _kernel(method: str, layer: nn.Module) -> torch.Tensor:
+    if method not in KERNELS:
+        raise KeyError(f"no reference kernel for method {method!r} ({type(layer).__name__}): add "
+                       f"one to KERNELS in tests/layers/test_layers_property.py (known: {sorted(KERNELS)})")
+    return KERNELS[method](layer)
+
+
+def tt_bounds(w: torch.Tensor, groups: int, in_modes: tuple[int, ...], out_modes: tuple[int, ...],
+              ranks: tuple[int, ...]) -> tuple[float, float]:
+    """(lower, upper) bounds on the relative error of TTConv2d's TT-SVD at ``ranks``.
+
+    Bond j (0-based) of the chain (spatial, channel mode d, ..., 1) separates the spatial mode
+    and channel modes d-j+1..d (1-based) from the rest, so any TT with these ranks has that
+    unfolding of rank <= r_j (per group): its error is at least the largest Eckart-Young tail
+    over bonds; TT-SVD's is at most the root of the sum of the tails (Oseledets 2011, Thm 2.2)."""
+    w = w.detach().double()
+    d = len(in_modes)
+    tails = [0.0] * d
+    for wg in w.chunk(groups):
+        t = wg.reshape(*out_modes, *in_modes, -1)  # (m_1..m_d, n_1..n_d, kh kw)
+        for j in range(d):
+            left = [2 * d] + [a for k in range(d - j, d) for a in (k, d + k)]
+            right = [a for k in range(d - j) for a in (k, d + k)]
+            u = t.permute(left + right).reshape(prod(t.shape[a] for a in left), -1)
+            tails[j] += float((torch.linalg.svdvals(u)[ranks[j]:] ** 2).sum())
+    total = float((w ** 2).sum())
+    return (max(tails) / total) ** 0.5, (sum(tails) / total) ** 0.5
+
+
+def _bounds(method: str, conv: nn.Module, layer: nn.Module) -> tuple[float, float]:
+    """(lower, upper) bounds on ``layer.approx_error`` (see the module doc). Filter-wise CP:
+    :func:`filter_cp_lower` and 1 (every ALS step is a least-squares fit, never worse than
+    the zero factor it could pick)."""
+    if method == "filtercp":
+        return filter_cp_lower(conv.weight, layer.rank), 1.0
+    if method == "tt":
+        return tt_bounds(conv.weight, conv.groups, layer.in_modes, layer.out_modes, layer.rank)
+    return eckart_young(conv.weight, conv.groups, unfold_rank(layer.rank)), 1.0
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
-@pytest.mark.parametrize("seed", range(N_CASES))
-def test_full_rank_layer_equals_dense_or_is_refused(seed):
+def _cases(seeds: range) -> list:
+    """(method, layer class, seed) for every registered conv class whose dense type is the draw's."""
+    out = []
+    for seed in seeds:
+        dense = nn.Conv2d if len(draw(seed)[0]["kernel_size"]) == 2 else nn.Conv1d
+        out += [pytest.param(m, cls, seed, id=f"{m}-{seed}") for (m, d), cls in LAYERS.items() if d is dense]
+    return out
+
+
+@pytest.mark.parametrize("method,cls,seed", _cases(range(N_CASES)))
+def test_full_rank_layer_equals_dense_or_is_refused(method, cls, seed):
     cfg, in_shape = draw(seed)
     torch.manual_seed(seed)
     conv = _dense(cfg)
     x = torch.randn(2, *in_shape, dtype=torch.float64)
     with torch.no_grad():
         ref = conv(x)
-    for (method, dense), cls in LAYERS.items():
-        if type(conv) is not dense:
-            continue
-        try:
-            assert layer_for(method, conv) is cls
-        except ValueError as e:  # refused: the reason is in the message
-            assert str(e).startswith(f"{cls.__name__}: ") and len(str(e)) > 40, str(e)
-            continue
-        full = cls.valid_rank(conv, 10**9)  # the largest valid rank: exact
-        layer = cls.from_conv(conv, full)
-        # CP-ALS solves normal equations: on an ill-conditioned full-rank problem its floor is
-        # ~sqrt(eps) (a few 1e-8), which it reports; the others are exact to rounding.
-        tol = 1e-7 if method == "cp" else 1e-10
-        assert layer.approx_error < tol, (method, cfg, full)
-        with torch.no_grad():
-            out = layer(x)
-            assert out.shape == ref.shape
-            assert _rel(out, ref) < 1e-9 + 10 * layer.approx_error, (method, cfg, full)
-            if len(in_shape) == 3:  # channels-last input, same numbers
-                out_cl = layer(x.contiguous(memory_format=torch.channels_last))
-                assert _rel(out_cl, ref) < 1e-9 + 10 * layer.approx_error, (method, cfg)
+    try:
+        assert layer_for(method, conv) is cls
+    except ValueError as e:  # refused: the reason is in the message
+        assert str(e).startswith(f"{cls.__name__}: ") and len(str(e)) > 40, str(e)
+        return
+    full = cls.valid_rank(conv, 10**9)  # the largest valid rank: exact
+    layer = cls.from_conv(conv, full)
+    # CP-ALS solves normal equations: on an ill-conditioned full-rank problem its floor is
+    # ~sqrt(eps) (a few 1e-8), which it reports; the others are exact to rounding.
+    tol = 1e-7 if method == "cp" else 1e-10
+    assert layer.approx_error < tol, (method, cfg, full)
+    with torch.no_grad():
+        out = layer(x)
+        assert out.shape == ref.shape
+        assert _rel(out, ref) < 1e-9 + 10 * layer.approx_error, (method, cfg, full)
+        if len(in_shape) == 3:  # channels-last input, same numbers
+            out_cl = layer(x.contiguous(memory_format=torch.channels_last))
+            assert _rel(out_cl, ref) < 1e-9 + 10 * layer.approx_error, (method, cfg)
 
 
-@pytest.mark.parametrize("seed", range(0, N_CASES, 3))
-def test_low_rank_layer_is_the_conv_of_its_kernel(seed):
+@pytest.mark.parametrize("method,cls,seed", _cases(range(0, N_CASES, 3)))
+def test_low_rank_layer_is_the_conv_of_its_kernel(method, cls, seed):
     """At a random lower rank: output == dense conv with the layer's own kernel, and the
-    reported approx_error is that kernel's error (<= 1: ALS/HOOI/SVD never end worse than 0)."""
+    reported approx_error is that kernel's error, within the bounds of the module doc."""
     cfg, in_shape = draw(seed)
     torch.manual_seed(seed)
     conv = _dense(cfg)
     x = torch.randn(2, *in_shape, dtype=torch.float64)
     rng = random.Random(seed)
-    for (method, dense), cls in LAYERS.items():
-        if type(conv) is not dense:
-            continue
-        try:
-            cls.check(conv)
-        except ValueError:
-            continue
-        full = cls.valid_rank(conv, 10**9)
-        top = max(full) if isinstance(full, tuple) else full
-        rank = cls.valid_rank(conv, rng.uniform(0.5, top))
-        layer = cls.from_conv(conv, rank, **({"n_iter": 30} if method == "cp" else {}))
-        twin = _dense(cfg)
-        with torch.no_grad():
-            twin.weight.copy_(_kernel(layer))
-            if conv.bias is not None:
-                twin.bias.copy_(conv.bias)
-            assert _rel(layer(x), twin(x)) < 1e-9, (method, cfg, rank)
-        # no kernel of that rank is closer to W than the Eckart-Young floor of its per-group
-        # output unfolding (equal to it for SVD); ALS / HOOI never end worse than zero
-        floor = eckart_young(conv.weight, conv.groups, unfold_rank(rank))
-        assert floor * (1 - 1e-6) <= layer.approx_error <= 1 + 1e-9, (method, cfg, rank, floor)
-        if method == "svd":
-            assert layer.approx_error == pytest.approx(floor, rel=1e-6, abs=1e-9), (cfg, rank)
-        assert layer.approx_error == pytest.approx(rel_error(conv.weight.detach(), _kernel(layer)),
-                                                   rel=1e-6, abs=1e-9)
+    try:
+        cls.check(conv)
+    except ValueError:  # refusals: test_full_rank_layer_equals_dense_or_is_refused
+        return
+    full = cls.valid_rank(conv, 10**9)
+    top = max(full) if isinstance(full, tuple) else full
+    rank = cls.valid_rank(conv, rng.uniform(0.5, top))
+    layer = cls.from_conv(conv, rank, **({"n_iter": 30} if method == "cp" else {}))
+    kernel = _kernel(method, layer)
+    twin = _dense(cfg)
+    with torch.no_grad():
+        twin.weight.copy_(kernel)
+        if conv.bias is not None:
+            twin.bias.copy_(conv.bias)
+        assert _rel(layer(x), twin(x)) < 1e-9, (method, cfg, rank)
+    lower, upper = _bounds(method, conv, layer)
+    assert lower * (1 - 1e-6) <= layer.approx_error <= min(upper, 1) * (1 + 1e-6) + 1e-9, \
+        (method, cfg, rank, lower, upper)
+    if method == "svd":  # SVD attains Eckart-Young
+        assert layer.approx_error == pytest.approx(lower, rel=1e-6, abs=1e-9), (cfg, rank)
+    assert layer.approx_error == pytest.approx(rel_error(conv.weight.detach(), kernel),
+                                               rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_tt_error_is_within_its_bounds_when_several_bonds_are_cut(groups):
+    """The draws above have few channels (mostly one non-trivial bond). On 8 -> 12 channels:
+    cutting ONE bond, TT-SVD's error is exactly that bond's Eckart-Young tail (both bounds
+    coincide), which pins the unfoldings of tt_bounds to the layer's chain; cutting several,
+    it lies between the bounds and grows as the ranks shrink."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, groups=groups, dtype=torch.float64)
+    caps = TTConv2d.like(conv, 10**9).rank
+    for j in range(len(caps)):
+        if caps[j] > 1:
+            cut = tuple(max(1, c // 2) if i == j else c for i, c in enumerate(caps))
+            layer = TTConv2d.from_conv(conv, cut)
+            lower, upper = tt_bounds(conv.weight, groups, layer.in_modes, layer.out_modes, layer.rank)
+            assert 0 < lower == pytest.approx(upper, rel=1e-9)
+            assert layer.approx_error == pytest.approx(lower, rel=1e-6), (j, layer.rank)
+    errors = []
+    for r in (3, 2, 1):
+        layer = TTConv2d.from_conv(conv, r)
+        assert sum(c > r for c in caps) >= 2, (caps, r)  # several bonds cut
+        lower, upper = tt_bounds(conv.weight, groups, layer.in_modes, layer.out_modes, layer.rank)
+        assert lower < layer.approx_error < min(upper, 1), (r, lower, layer.approx_error, upper)
+        errors.append(layer.approx_error)
+    assert errors == sorted(errors) and errors[0] > 0
 
 
 def test_draws_cover_the_geometries():

@@ -10,8 +10,8 @@ from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
 from _layer_helpers import (
-    CONV1D_CONFIGS, CONV2D_CONFIGS, RANKS, config_id, conv_input, dense_conv, hook_macs,
-    known_factors, known_tt, n_params,
+    CONV1D_CONFIGS, CONV2D_CONFIGS, config_id, conv_input, dense_conv, hook_macs, known_factors,
+    known_tt, n_params, rank_of,
 )
 from tensorslim.layers import LAYERS, TTLinear, layer_for
 from tensorslim.layers.tt import tt_weight
@@ -35,7 +35,9 @@ def _flops(module: nn.Module, x: torch.Tensor) -> int:
 def test_conv_layer_equals_dense_on_known_rank_kernel(method, dims, cfg):
     conv = dense_conv(dims, cfg)
     cls = layer_for(method, conv)
-    rank = RANKS[method]
+    rank = rank_of(method)
+    if method == "filtercp":  # a filter's CP rank is at most min(kh*kw, S/g*kw, S/g*kh): 1 for 1x1
+        rank = min(rank, cls.valid_rank(conv, rank))
     parts, kernel = known_factors(method, conv, rank)
     with torch.no_grad():
         conv.weight.copy_(kernel)
@@ -140,7 +142,7 @@ def test_tt_picks_cheaper_order():
 def test_registry_covers_the_brief():
     expected = {("cp", nn.Conv2d), ("cp", nn.Conv1d), ("tucker", nn.Conv2d),
                 ("tucker", nn.Conv1d), ("svd", nn.Linear), ("svd", nn.Conv2d),
-                ("svd", nn.Conv1d), ("tt", nn.Linear)}
+                ("svd", nn.Conv1d), ("tt", nn.Linear), ("tt", nn.Conv2d), ("filtercp", nn.Conv2d)}
     assert set(LAYERS) == expected
     for (method, dense), cls in LAYERS.items():
         assert cls.method == method and dense in cls.dense_types
@@ -148,7 +150,7 @@ def test_registry_covers_the_brief():
 
 def test_layer_for_unknown_combination_lists_known():
     with pytest.raises(ValueError, match=r"known combinations: .*'tucker', Conv2d"):
-        layer_for("tt", nn.Conv2d(4, 4, 3))
+        layer_for("tt", nn.Conv1d(4, 4, 3))
     with pytest.raises(ValueError, match="method='nope'"):
         layer_for("nope", nn.Linear(3, 3))
     # subclasses of the dense types are found

@@ -24,18 +24,31 @@ MODELS = {
                                                            groups=2)),
                 lambda: torch.randn(2, 8, 10, 9)),
 }
+# (method, dense type) -> its own tiny model where the shared one cannot exercise it: filter-wise
+# CP costs R*T*(S/g + kh + kw) params and R*T*(S/g + kh*kw) MACs per pixel (fused 3x3) against
+# T*S/g*kh*kw, so the (1, 3) grouped conv (S/g = 8) never gains; 3x3 convs with S/g = 16 at
+# rank 4 save both (unstrided: the 1x1 stage runs at the input resolution)
+METHOD_MODELS = {
+    ("filtercp", nn.Conv2d): (lambda: nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(),
+                                                    nn.Conv2d(24, 20, 3, groups=2, padding=1,
+                                                              padding_mode="reflect")),
+                              lambda: torch.randn(2, 16, 10, 9)),
+}
 RANKS = 4  # even (the grouped convs), below every layer's dense cost
+# the cost the plan must reduce, where MACs do not fall for both layers: TT of the grouped
+# (1, 3) conv (16 -> 12) saves parameters but costs more MACs, so macs rightly keeps it dense
+OBJECTIVE = {("tt", nn.Conv2d): "params"}
 
 
 @pytest.mark.parametrize("method,dense", [pytest.param(m, d, id=f"{m}-{d.__name__}")
                                           for m, d in LAYERS])
 def test_plan_compress_count_save_load_roundtrip(method, dense, tmp_path):
     assert dense in MODELS, f"register a tiny model for {dense.__name__} in MODELS"
-    make_model, make_input = MODELS[dense]
+    make_model, make_input = METHOD_MODELS.get((method, dense), MODELS[dense])
     torch.manual_seed(0)
     model, x = make_model(), make_input()
     fresh = copy.deepcopy(model)
-    plan = ts.make_plan(model, method, x, ranks=RANKS)
+    plan = ts.make_plan(model, method, x, ranks=RANKS, objective=OBJECTIVE.get((method, dense), "macs"))
     assert [s.name for s in plan.compressed] == ["0", "2"], plan.layers
     ts.compress(model, plan, progress=False)
     for spec in plan.compressed:

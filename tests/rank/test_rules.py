@@ -272,7 +272,7 @@ def test_cli_compress_with_rank_rule_vbmf(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,msg", [
     (["--rank-rule", "constant", "--rate", "0.5"], "rate must be a number >= 1"),
-    (["--rank-rule", "min_error"], "one of the arguments --ranks --target-macs --target-params --target-latency --energy is required"),
+    (["--rank-rule", "min_error"], "one of the arguments --ranks --target-macs --target-params --target-latency --energy --lam is required"),
     (["--target-macs", "0.5", "--vbmf-factor", "0.5"], "vbmf_factor= is a parameter of rank_rule='vbmf'"),
     (["--rank-rule", "bogus"], "invalid choice: 'bogus'"),
 ])

@@ -35,12 +35,11 @@ def pipeline_recovered(cfg: Any, src: Loaded, x1: torch.Tensor, test: Any) -> tu
     (or, for a pipeline that takes ``calibration``, their inputs); its own fine-tuning runs
     ``cfg.finetune_steps`` steps. The result and its summary row."""
     p, kwargs = pipeline_arguments(cfg)
-    if p.data != "none":
-        train = train_loader(src.pad_to_32, cfg.batch_size, cfg.seed)
-        if p.data == "train_loader":
-            kwargs["train_loader"] = train
-        else:  # model inputs only
-            kwargs["calibration"] = [x for x, _ in _first(train, max(1, cfg.reconstruct_steps or 16))]
+    train = train_loader(src.pad_to_32, cfg.batch_size, cfg.seed) if p.data != "none" or cfg.finetune_steps else None
+    if p.data == "calibration":  # model inputs only
+        kwargs["calibration"] = [x for x, _ in _first(train, max(1, cfg.reconstruct_steps or 16))]
+    if p.data == "train_loader" or cfg.finetune_steps:  # a calibration pipeline fine-tunes on it too
+        kwargs["train_loader"] = train
     if cfg.finetune_steps:
         kwargs["finetune_steps"] = cfg.finetune_steps
     res = p.run(src.model, x1, progress=True, seed=cfg.seed, **kwargs)

@@ -183,8 +183,50 @@ class LowRankLinear(FactorizedLayer):
         return layer
 
     @classmethod
-    def from_dense(cls, module: nn.Module, rank: Rank, **opts: Any) -> "LowRankLinear":
-        return cls.from_linear(module, rank, **opts)  # type: ignore[arg-type]
+    def from_dense(cls, module: nn.Module, rank: Rank, *, gram: Optional[Tensor] = None,
+                   input_mean: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                   alpha: float = 0.5, **opts: Any) -> "LowRankLinear":
+        """Truncated SVD of the weight, or with ``gram`` (N, N), the mean input second moment
+        E[x x^T] the layer sees, the data-aware factorisation (:meth:`from_linear_data`)."""
+        if gram is None:
+            if input_mean is not None or scale is not None:
+                raise TypeError(f"{cls.__name__}.from_dense: input_mean / scale need gram= (E[x x^T])")
+            return cls.from_linear(module, rank, **opts)  # type: ignore[arg-type]
+        if opts:
+            raise TypeError(f"{cls.__name__}.from_dense: unexpected options {sorted(opts)} with gram=")
+        return cls.from_linear_data(module, rank, gram, input_mean=input_mean, scale=scale, alpha=alpha)
+
+    @classmethod
+    def from_linear_data(cls, linear: nn.Module, rank: int, gram: Tensor, *,
+                         input_mean: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                         alpha: float = 0.5) -> "LowRankLinear":
+        """The rank-``rank`` layer with the least output error on inputs of second moment
+        ``gram`` = E[x x^T] (N, N): SVD-LLM's whitened SVD (``tensorslim.tensor.whitened_svd``),
+        or with ``scale`` (N,) = E|x| ASVD's activation-scaled SVD. With ``input_mean`` (N,) =
+        E[x] and a bias, the error is measured centred and its mean (W - W^) E[x] moves into the
+        bias (the exact optimum with a free bias). Sets ``approx_error`` (weight, as
+        :meth:`from_linear`) and ``output_error`` (relative output error on those inputs)."""
+        from ..tensor import asvd, whitened_svd
+
+        lin = cls._linear(linear)
+        r = cls._check_rank(lin.in_features, lin.out_features, rank)
+        check_module_finite(cls.__name__, lin)
+        w = lin.weight.detach().to(torch.float64)
+        g = gram.detach().to(device=w.device, dtype=torch.float64)
+        mu = None if input_mean is None or lin.bias is None else input_mean.detach().to(w)
+        metric = g - torch.outer(mu, mu) if mu is not None else g
+        if scale is None:
+            res = whitened_svd(w, metric, r)
+        else:
+            res = asvd(w, scale.detach().to(w), r, alpha=alpha, gram=metric)
+        approx = res.to_tensor()
+        bias = lin.bias
+        if mu is not None:
+            bias = lin.bias.detach().double() + (w - approx) @ mu
+        layer = cls._assemble(lin.in_features, lin.out_features, res, bias, lin.weight)
+        layer.approx_error = rel_error(w, approx)
+        layer.output_error = float(res.curve[r]) ** 0.5
+        return layer
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, rank={self.rank}"

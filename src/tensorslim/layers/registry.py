@@ -3,8 +3,10 @@ from torch import nn
 
 from .base import FactorizedLayer, register_safe
 from .cp import CPConv1d, CPConv2d
+from .filtercp import FilterCPConv2d
 from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
 from .tt import TTLinear
+from .ttconv import TTConv2d
 from .tucker import TuckerConv1d, TuckerConv2d
 
 __all__ = ["LAYERS", "layer_for", "register_safe"]
@@ -18,6 +20,8 @@ LAYERS: dict[tuple[str, type], type[FactorizedLayer]] = {
     ("svd", nn.Conv2d): LowRankConv2d,
     ("svd", nn.Conv1d): LowRankConv1d,
     ("tt", nn.Linear): TTLinear,
+    ("filtercp", nn.Conv2d): FilterCPConv2d,
+    ("tt", nn.Conv2d): TTConv2d,
 }
 
 

@@ -23,58 +23,11 @@ from torch import Tensor, nn
 
 from ._conv import assign_
 from ..tensor import rel_error
+from ._tt_common import check_modes as _modes, factorize, init_variance, max_tt_ranks, tt_init_
 from .base import FactorizedLayer, Rank, check_module_finite, dense_bias_, nearest_rank
 
 
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32 per intermediate: stays in L2 on common CPUs
-
-
-def factorize(n: int, d: int) -> tuple[int, ...]:
-    """Balanced factorisation of ``n`` into ``d`` non-decreasing integers (product exactly n).
-
-    Minimises the largest factor, then the sum. Examples: factorize(4096, 3) == (16, 16, 16),
-    factorize(768, 3) == (8, 8, 12), factorize(10, 3) == (1, 2, 5).
-    """
-    if n < 1 or d < 1:
-        raise ValueError(f"factorize: n={n} and d={d} must be >= 1")
-    best: Optional[tuple[int, ...]] = None
-
-    def key(t: tuple[int, ...]) -> tuple[int, int]:
-        return (max(t), sum(t))
-
-    def rec(rest: int, k: int, lo: int, acc: tuple[int, ...]) -> None:
-        nonlocal best
-        if k == 1:
-            if rest >= lo:
-                cand = acc + (rest,)
-                if best is None or key(cand) < key(best):
-                    best = cand
-            return
-        f = lo
-        while f ** k <= rest:
-            if rest % f == 0:
-                rec(rest // f, k - 1, f, acc + (f,))
-            f += 1
-
-    rec(n, d, 1, ())
-    assert best is not None  # n itself with leading ones always qualifies
-    return best
-
-
-def _modes(layer: str, features: int, modes: Optional[Sequence[int]], d: int, name: str) -> tuple[int, ...]:
-    if modes is None:
-        return factorize(features, d)
-    out = tuple(int(m) for m in modes)
-    if not out or min(out) < 1 or prod(out) != features:
-        raise ValueError(f"{layer}: {name}={tuple(modes)} must be positive ints whose product is "
-                         f"{features}")
-    return out
-
-
-def max_tt_ranks(in_modes: Sequence[int], out_modes: Sequence[int]) -> list[int]:
-    """Largest useful internal TT-ranks r_1..r_{d-1} (those of an exact TT of any matrix)."""
-    sizes = [m * n for m, n in zip(out_modes, in_modes)]
-    return [min(prod(sizes[:k]), prod(sizes[k:])) for k in range(1, len(sizes))]
 
 
 def _ranks(layer: str, rank: Any, in_modes: Sequence[int], out_modes: Sequence[int]) -> tuple[int, ...]:
@@ -132,8 +85,9 @@ class TTLinear(FactorizedLayer):
     """TT-matrix replacement of ``nn.Linear``.
 
     ``TTLinear(in_features, out_features, in_modes=None, out_modes=None, ranks=8, bias=True,
-    *, d=3)``: modes default to ``factorize(features, d)``; ``ranks`` is an int (clipped per
-    bond to the useful maximum) or the d-1 internal TT-ranks. Parameters: ``cores[k]``
+    *, d=3, init="dense")``: modes default to ``factorize(features, d)``; ``ranks`` is an int
+    (clipped per bond to the useful maximum) or the d-1 internal TT-ranks; ``init`` "dense"
+    (``nn.Linear``'s weight variance) or "glorot" (t3f). Parameters: ``cores[k]``
     (r_{k-1}, m_k, n_k, r_k), ``bias`` (M,) and, once a BatchNorm was folded into the layer,
     ``out_scale`` (M,) (see ``fold_output_affine``). Shapes: (*, N) -> (*, M).
     """
@@ -151,9 +105,12 @@ class TTLinear(FactorizedLayer):
         bias: bool = True,
         *,
         d: int = 3,
+        init: str = "dense",
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        init_variance(name, init, in_features, out_features)  # validates init
+        self.init = init
         if in_modes is not None:
             d = len(in_modes)
         elif out_modes is not None:
@@ -198,14 +155,10 @@ class TTLinear(FactorizedLayer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Gaussian cores with Var(W_ij) = 1/(3N), the variance of ``nn.Linear``'s default
-        (Kaiming-uniform) weights, so the output variance matches a dense layer's at init."""
-        d = len(self.cores)
-        target = 1.0 / (3.0 * self.in_features)
-        std = (target / prod(self.rank)) ** (0.5 / d)
-        with torch.no_grad():
-            for core in self.cores:
-                core.normal_(0.0, std)
+        """Gaussian cores with Var(W_ij) = 1/(3N) (``init="dense"``: ``nn.Linear``'s default)
+        or 2/(N+M) (``init="glorot"``, t3f), so the output variance matches that dense init."""
+        var = init_variance(type(self).__name__, self.init, self.in_features, self.out_features)
+        tt_init_(list(self.cores), self.rank, var)
         dense_bias_(self.bias, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:

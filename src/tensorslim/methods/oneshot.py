@@ -38,6 +38,7 @@ def oneshot(
     reconstruct_steps: int = 0,
     progress: bool = True,
     plan: CompressionPlan | None = None,
+    calibration: Any = None,
     **goal: Any,
 ) -> OneShotResult:
     """Compress a copy of ``model`` (the input is left untouched) and fine-tune it.
@@ -51,6 +52,9 @@ def oneshot(
     ``train_loader``, the BatchNorm statistics are then re-estimated on ``bn_steps`` of its
     batches (0 skips it; None: 50 without a refit, 0 after one, see
     :func:`tensorslim.recover.resolve_bn_steps`); then ``finetune_steps`` steps of fine-tuning.
+    ``calibration``: model inputs (an iterable of tensors, tuples or tokenizer dicts) or a
+    :class:`tensorslim.calibration.Calibration`, collected once on the dense model: the plan
+    prices SVD Linear ranks by their output error and they are decomposed data-aware.
     """
     try:
         config = RecoverConfig(reconstruct_steps=reconstruct_steps, bn_steps=bn_steps,
@@ -62,9 +66,13 @@ def oneshot(
         if config.steps():  # fail before the decomposition
             name = {"reconstruct": "reconstruct_steps", "finetune": "finetune_steps"}[config.steps()[0]]
             raise ValueError(f"oneshot: {name} > 0 needs a train_loader (training images)")
+    if calibration is not None:
+        from ..calibration import as_calibration
+
+        calibration = as_calibration(model, calibration, progress=progress)
     if plan is None:
-        plan = make_plan(model, method, example_inputs, **goal)
-    student = compress(copy.deepcopy(model), plan, progress=progress)
+        plan = make_plan(model, method, example_inputs, calibration=calibration, **goal)
+    student = compress(copy.deepcopy(model), plan, progress=progress, calibration=calibration)
     plan = plan.with_errors(layer_errors(student, plan))  # as measured while decomposing
     res = recover(student, model, config, train_loader=train_loader, progress=progress)
     history = {k: res.history[k] for k in ("reconstruct", "bn_batches") if k in res.history}

@@ -93,7 +93,7 @@ def _keep_reason(name: str, mod: nn.Module, macs: int, out_shape: tuple, sel: tu
         from ..surgery import tie_reason
 
         return tie_reason(ties[name])
-    if macs == 0 or not out_shape:
+    if not out_shape or macs == 0 and not isinstance(mod, nn.Embedding):  # a lookup has no MACs
         return "not called by the example inputs"
     return ""
 
@@ -157,14 +157,56 @@ def collect_layers(model: nn.Module, method: str, report: CostReport, goal: Mapp
         layer = PlannedLayer(lc.name, mod, m, lc.in_shape, lc.out_shape, lc.params, lc.macs, {}, cls,
                              note=MATRIX_NOTE.get(method, "") if m != method else "")
         if m == "tt":
-            d = int(goal.get("tt_order", 3))
-            layer.options = {"in_modes": factorize(mod.in_features, d), "out_modes": factorize(mod.out_features, d)}
+            options = tt_options(mod, int(goal.get("tt_order", 3)))
+            if isinstance(options, str):
+                kept.append(LayerSpec(**keep, reason=options))
+                continue
+            layer.options = options
         if m == "cp" and goal.get("cp_epc"):
             layer.options = {"epc": True}  # CPD-EPC in from_conv (see layers/cp.py)
         dense_macs = _dense_call_macs(mod, lc.out_shape)
         layer.calls = max(1, round(lc.macs / dense_macs)) if dense_macs else 1
         todo.append(layer)
     return todo, kept
+
+
+def tt_options(module: nn.Module, d: int) -> dict | str:
+    """The TT modes of ``module``: each dimension (Linear: in / out features; conv: in / out
+    channels per group) split into ``d`` balanced factors (``factorize``). A reason to keep
+    the layer dense when a dimension is 1 or prime (fewer than 2 factors > 1: the TT has a
+    single real core, nothing to tensorize). Dimensions are never padded: a padded layer would
+    take a different input, so it would not be exact."""
+    if isinstance(module, nn.Linear):
+        dims = {"in_features": module.in_features, "out_features": module.out_features}
+    else:
+        g = module.groups
+        dims = {"in_channels/groups" if g > 1 else "in_channels": module.in_channels // g,
+                "out_channels/groups" if g > 1 else "out_channels": module.out_channels // g}
+    modes = {k: factorize(n, d) for k, n in dims.items()}
+    for k, n in dims.items():
+        if sum(f > 1 for f in modes[k]) < 2:
+            why = "prime" if n > 1 else "a single one"
+            return f"kept dense: {k}={n} has no TT factorisation ({why}; padding would change the layer)"
+    ins, outs = modes.values()
+    if isinstance(module, nn.Linear):  # TTLinear picks its cheaper contraction direction itself
+        return {"in_modes": ins, "out_modes": outs}
+    return _cheapest_order(module, ins, outs)
+
+
+def _cheapest_order(conv: nn.Module, ins: tuple[int, ...], outs: tuple[int, ...]) -> dict:
+    """TTConv2d contracts its channel modes last to first, so their order sets its MACs
+    (not its params): of the in / out modes each ascending or descending, the order with the
+    fewest MACs at TT-rank 8 (per output pixel)."""
+    from ..layers.ttconv import TTConv2d
+
+    best = None
+    for a in (ins, ins[::-1]):
+        for b in (outs, outs[::-1]):
+            extent = tuple(d * (k - 1) + 1 for d, k in zip(conv.dilation, conv.kernel_size))
+            macs = TTConv2d.cost(conv, 8, (conv.in_channels, *extent), (), in_modes=a, out_modes=b)[1]
+            if best is None or macs < best[0]:
+                best = (macs, a, b)
+    return {"in_modes": best[1], "out_modes": best[2]}
 
 
 def is_matrix_layer(module: nn.Module) -> bool:
@@ -275,14 +317,39 @@ def build_spec(layer: PlannedLayer, rank: Any, objective: str = "macs", reason: 
                 macs_before=layer.macs, in_shape=layer.in_shape, out_shape=layer.out_shape,
                 weight_shape=weight_shape(layer.module))
     if isinstance(rank, str):  # a reason to keep the layer dense
-        return LayerSpec(**base, method=KEEP, rank=None, params_after=layer.params, macs_after=layer.macs, reason=rank)
+        return LayerSpec(**base, method=KEEP, rank=None, params_after=layer.params, macs_after=layer.macs,
+                         reason=_no_rank_reason(layer, rank))
     try:
         p, m = layer_cost(layer, rank)
     except ValueError as e:
         raise ValueError(f"layer {layer.name} ({type(layer.module).__name__}): {e}") from None
     if (p, m)[obj] >= (layer.params, layer.macs)[obj]:
         return LayerSpec(**base, method=KEEP, rank=None, params_after=layer.params, macs_after=layer.macs,
-                         reason=f"kept dense: {layer.method} at rank {rank} would not reduce {objective} "
-                                f"({(p, m)[obj]:,d} >= {(layer.params, layer.macs)[obj]:,d})")
+                         reason=_tt_reason(layer, rank, (p, m)) or
+                         f"kept dense: {layer.method} at rank {rank} would not reduce {objective} "
+                         f"({(p, m)[obj]:,d} >= {(layer.params, layer.macs)[obj]:,d})")
+    if m > layer.macs:  # chosen knowingly (objective params): the plan says so
+        warn = f"{layer.method} costs more MACs than dense ({m:,d} > {layer.macs:,d})"
+        if warn not in layer.note:  # make_plan appends the layer's note to the rule's
+            layer.note = "; ".join(n for n in (layer.note, warn) if n)
+        reason = "; ".join(n for n in (reason, warn) if n)
     return LayerSpec(**base, method=layer.method, rank=rank, params_after=p, macs_after=m,
                      options=dict(layer.options), reason=reason)
+
+
+def _tt_reason(layer: PlannedLayer, rank: Any, cost: tuple[int, int]) -> str:
+    """Why a TT layer that saves params at ``rank`` is kept under objective ``macs`` ("" when
+    it does not save params)."""
+    p, m = cost
+    if layer.method != "tt" or p >= layer.params or m < layer.macs:
+        return ""
+    return (f"kept dense: TT at rank {rank} saves params but costs more MACs ({m:,d} >= {layer.macs:,d}): "
+            f"use objective='params'")
+
+
+def _no_rank_reason(layer: PlannedLayer, reason: str) -> str:
+    """``reason``, or for a TT layer whose smallest rank saves params but not MACs, that."""
+    if layer.method != "tt" or not reason.startswith("kept dense: no rank"):
+        return reason
+    space = rank_space(layer)
+    return _tt_reason(layer, space[0], layer_cost(layer, space[0])) or reason if space else reason

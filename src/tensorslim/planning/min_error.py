@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass, field, fields as dc_fields
 from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
@@ -12,12 +13,51 @@ from .candidates import PlannedLayer, build_spec, rank_candidates
 from .rule_base import Choice, PlanContext
 
 
+@dataclass(frozen=True)
+class DataPlanContext(PlanContext):
+    """A :class:`PlanContext` with calibration data: ``output_errors`` maps a layer name to its
+    relative squared OUTPUT error at every rank 0..full (data-aware SVD of a Linear), which
+    ``min_error`` uses instead of the weight-error proxy."""
+
+    output_errors: Mapping[str, Any] = field(default_factory=dict)
+
+
+def data_context(ctx: PlanContext, layers: Sequence[PlannedLayer], calibration: Any) -> tuple[PlanContext, dict]:
+    """``ctx`` with the output-error curves of the SVD Linear layers among ``layers`` from
+    ``calibration`` (batches of model inputs or a ready ``Calibration``), and the plan's record
+    of it (``{"variant", "batches", "layers"}``)."""
+    from ..calibration import as_calibration
+
+    names = [l.name for l in layers if l.method == "svd" and isinstance(l.module, nn.Linear)]
+    if not names:
+        return ctx, {"layers": 0}
+    cal = as_calibration(ctx.model, calibration, layers=names)
+    curves = {}
+    for l in layers:
+        if l.name in names and (c := cal.error_curve(l.name, l.module.weight)) is not None:
+            curves[l.name] = c
+    fields_ = {f.name: getattr(ctx, f.name) for f in dc_fields(PlanContext)}
+    record = {"variant": cal.variant, "batches": cal.batches, "layers": len(curves)}
+    return DataPlanContext(**fields_, output_errors=curves), record
+
+
+def _proxies(l: PlannedLayer, ranks: list, ctx: PlanContext) -> list[float]:
+    """Per rank: the layer's output-error curve when the context has one, else the weight
+    approximation-error proxy."""
+    from ..rank.rules import error_proxies
+
+    curve = getattr(ctx, "output_errors", {}).get(l.name)
+    if curve is not None:
+        return [float(curve[min(int(r), curve.numel() - 1)]) for r in ranks]
+    return error_proxies(l.module.weight, l.method, ranks, getattr(l.module, "groups", 1), **l.options)
+
+
 def min_error_ranks(layers: Sequence[PlannedLayer], weights: Any, ctx: PlanContext, kind: str,
                     target: float) -> Choice:
     """Ranks meeting ``target`` of the ``ctx.total`` cost (params, MACs or measured ms: see
     :meth:`PlanContext.candidates`) with the least sum of weighted per-layer error proxies
     (see ``rank.rules.min_error_allocation``)."""
-    from ..rank.rules import error_proxies, min_error_allocation
+    from ..rank.rules import min_error_allocation
 
     weights = _layer_weights(weights, layers)
     target = ctx.feasible(target)
@@ -26,8 +66,7 @@ def min_error_ranks(layers: Sequence[PlannedLayer], weights: Any, ctx: PlanConte
     costs, errors = [], []
     for l in layers:
         c = cands[l.name]
-        errs = error_proxies(l.module.weight, l.method, [r for r, _ in c],
-                             getattr(l.module, "groups", 1), **l.options) if c else []
+        errs = _proxies(l, [r for r, _ in c], ctx) if c else []
         costs.append([x for _, x in c] + [dense[l.name]])
         errors.append(errs + [0.0])
     total = ctx.total
@@ -45,7 +84,8 @@ def min_error_ranks(layers: Sequence[PlannedLayer], weights: Any, ctx: PlanConte
                               else ctx.dense_reason(l))
             continue
         chosen[l.name] = cands[l.name][i][0]
-        notes[l.name] = f"min_error: error proxy {errs[i]:.4g} (weight {weights[l.name]:g})"
+        kind_err = "output error" if l.name in getattr(ctx, "output_errors", {}) else "error proxy"
+        notes[l.name] = f"min_error: {kind_err} {errs[i]:.4g} (weight {weights[l.name]:g})"
     return chosen, notes
 
 

@@ -13,11 +13,12 @@ from ..plan import METHODS, CompressionPlan, LayerSpec, unknown_names_error
 from .candidates import PlannedLayer, build_spec, collect_layers, rank_candidates
 from .latency import LATENCY_OPTIONS, LatencySettings, latency_record, latency_settings, verified_choice
 from .latency_measure import measure_table
+from .min_error import data_context
 from .rule_base import PlanContext, RankRule
 from .rules import RULE_OPTIONS, goal_record, rule_from_goal
 
 GOALS = ("ranks", "target_macs", "target_params", "target_latency", "energy")
-OPTIONS = ("include", "exclude", "objective", "measure_error", "tt_order", "cp_epc") + LATENCY_OPTIONS
+OPTIONS = ("include", "exclude", "objective", "measure_error", "tt_order", "cp_epc", "calibration") + LATENCY_OPTIONS
 
 
 def make_plan(model: nn.Module, method: str = "tucker", example_inputs: Any = None, **goal: Any) -> CompressionPlan:
@@ -27,7 +28,8 @@ def make_plan(model: nn.Module, method: str = "tucker", example_inputs: Any = No
         model: the dense ``nn.Module``.
         method: ``cp`` | ``tucker`` | ``svd`` | ``tt`` | ``auto`` (tucker for k>1 convs, svd for
             Linear and 1x1 convs).
-        example_inputs: a tensor or tuple of inputs used to trace shapes (MACs depend on them).
+        example_inputs: a tensor or tuple of inputs used to trace shapes (MACs depend on them);
+            for a Hugging Face encoder e.g. ``(input_ids, attention_mask)``.
         ranks: an int for every layer, a float in (0, 1] (fraction of each mode's full rank),
             or a mapping from layer name to rank (ints or fractions); a fraction, or one int
             for every layer, becomes each layer's nearest valid rank (the reason says when it
@@ -46,6 +48,12 @@ def make_plan(model: nn.Module, method: str = "tucker", example_inputs: Any = No
         objective: ``macs`` (default) or ``params``: the cost a layer must reduce.
         measure_error: decompose every chosen layer now and record the approximation error.
         cp_epc: with ``method="cp"``, decompose every CP layer by CPD-EPC.
+        calibration: model inputs (an iterable of batches: tensors, tuples of positional
+            tensors or tokenizer dicts) or a :class:`tensorslim.calibration.Calibration`: the
+            ``min_error`` rule then prices every SVD Linear's ranks by its OUTPUT error on the
+            inputs it sees (data-aware; sensitive layers keep more rank), and
+            ``plan.goal["calibration"]`` records the variant and the number of batches. Pass the
+            same to :func:`tensorslim.compress` to decompose data-aware.
         rank_rule: how ranks are chosen (recorded in ``plan.goal``; see
             :mod:`tensorslim.planning.rules`): ``min_error`` (default for a target),
             ``uniform``, ``constant``, ``vbmf``, ``energy``, ``accuracy_drop``.
@@ -55,6 +63,7 @@ def make_plan(model: nn.Module, method: str = "tucker", example_inputs: Any = No
     layer, or a glob matching none (with close matches); no layer this method can compress;
     NaN/Inf weights in a layer to compress; an argument out of range.
     """
+    calibration = goal.pop("calibration", None)
     rule = _check_goal(model, method, example_inputs, goal)
     latency = latency_settings(goal)
     objective = (rule.target[0].removeprefix("target_") if rule.target is not None
@@ -67,6 +76,8 @@ def make_plan(model: nn.Module, method: str = "tucker", example_inputs: Any = No
     if not todo or rule.target is not None and not any(rank_candidates(l, priced) for l in todo):
         raise _nothing_compressible(method, kept, todo, model, priced)
     ctx = _context(model, method, objective, report, todo, example_inputs, latency)
+    if calibration is not None:
+        ctx, goal["calibration"] = data_context(ctx, todo, calibration)
     chosen, notes, ctx = _choose(rule, todo, ctx)
     specs = kept + [_noted(build_spec(l, chosen[l.name], priced), notes.get(l.name, ""), l.note) for l in todo]
     order = {lc.name: i for i, lc in enumerate(report.layers)}

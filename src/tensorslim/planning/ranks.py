@@ -71,15 +71,25 @@ def energy_rank(layer: PlannedLayer, energy: float) -> Any:
     if layer.method == "tucker":
         return _at_least(layer, (_keep_energy(unfold(w, 1), energy), _keep_energy(unfold(w, 0), energy)))
     if layer.method == "tt":
-        from ..tensor import tt_matrix
-
-        eps = (1.0 - energy) ** 0.5
-        tt = tt_matrix(w, layer.options["in_modes"], layer.options["out_modes"], eps=eps)
-        return _at_least(layer, max(tt.ranks))
+        return _at_least(layer, _tt_energy_rank(w, layer, energy))
     raise ValueError(
         f"layer {layer.name}: the energy rule works for svd, tucker and tt; CP has no nested "
         f"optimal truncation, so use ranks= or target_macs=/target_params= with method 'cp'"
     )
+
+
+def _tt_energy_rank(w: torch.Tensor, layer: PlannedLayer, energy: float) -> int:
+    """The largest TT-SVD bond rank keeping ``energy`` (error <= sqrt(1 - energy)); for a conv
+    the TT of :class:`~tensorslim.layers.TTConv2d` (spatial core first), the largest over groups."""
+    from ..tensor import tt_matrix, tt_svd
+
+    eps = (1.0 - energy) ** 0.5
+    ins, outs = layer.options["in_modes"], layer.options["out_modes"]
+    if w.dim() == 2:
+        return max(tt_matrix(w, ins, outs, eps=eps).ranks)
+    from ..layers.ttconv import kernel_tt_tensors
+
+    return max(max(tt_svd(t, eps=eps).ranks) for t in kernel_tt_tensors(w, layer.module.groups, ins, outs))
 
 
 def _at_least(layer: PlannedLayer, r: Any) -> Any:

@@ -56,12 +56,20 @@ def _at(t: torch.Tensor, k: int) -> float:
 
 
 def _tt_unfoldings(w: torch.Tensor, in_modes: Sequence[int], out_modes: Sequence[int]) -> list[torch.Tensor]:
+    """The unfoldings whose tail energies bound a TT-SVD's error: a Linear weight (M, N) as
+    the TT-matrix of TTLinear (mode pairs in order); a conv kernel (T/g, S/g, *k) as
+    TTConv2d's chain (the spatial mode first, then the channel mode pairs last to first)."""
     d = len(in_modes)
-    perm = [i for k in range(d) for i in (k, d + k)]
-    t = w.reshape(tuple(out_modes) + tuple(in_modes)).permute(perm)
-    sizes = [out_modes[k] * in_modes[k] for k in range(d)]
+    pairs = [out_modes[k] * in_modes[k] for k in range(d)]
+    if w.dim() > 2:
+        k2 = prod(w.shape[2:])
+        perm = [2 * d] + [i for k in reversed(range(d)) for i in (k, d + k)]
+        t, sizes = w.reshape(*out_modes, *in_modes, k2).permute(perm), [k2] + pairs[::-1]
+    else:
+        perm = [i for k in range(d) for i in (k, d + k)]
+        t, sizes = w.reshape(tuple(out_modes) + tuple(in_modes)).permute(perm), pairs
     t = t.reshape(sizes)
-    return [t.reshape(prod(sizes[: k + 1]), -1) for k in range(d - 1)]
+    return [t.reshape(prod(sizes[: k + 1]), -1) for k in range(len(sizes) - 1)]
 
 
 def _max_rank(dims: Sequence[int]) -> int:
@@ -106,6 +114,8 @@ def error_proxies(weight: torch.Tensor, method: str, ranks: Sequence[Any], group
         return [0.0 for _ in ranks]
 
     def per_group(r: Any) -> Any:
+        if method == "tt":  # TT ranks are per group already
+            return r
         return tuple(x // groups for x in r) if isinstance(r, (tuple, list)) else int(r) // groups
 
     out = np.zeros(len(ranks))

@@ -10,12 +10,14 @@ Decompositions (pure functions returning the small frozen result types):
 """
 from .cp import cp_als
 from .cp_epc import component_intensities, cp_epc, sensitivity
+from .filter_cp import FilterCP, coupled_filter_cp, filter_cp, filter_distances, principal_angles
 from .maxvol import maxvol, rect_maxvol
 from .ops import fold, hadamard, khatri_rao, kron, mode_dot, multi_mode_dot, rel_error, unfold
 from .results import CPTensor, SVDResult, TTMatrix, TTTensor, TuckerTensor
 from .svd import svd
 from .tt import tt_matrix, tt_svd
 from .tucker import tucker
+from .whiten import WhitenedSVD, asvd, output_error_curve, reduced_rank_regression, row_weighted_svd, whitened_svd, whitening_factor
 
 __all__ = [
     "CPTensor",
@@ -27,6 +29,7 @@ __all__ = [
     "cp_als",
     "cp_epc",
     "fold",
+    "FilterCP", "coupled_filter_cp", "filter_cp", "filter_distances", "principal_angles",
     "hadamard",
     "khatri_rao",
     "kron",
@@ -41,4 +44,5 @@ __all__ = [
     "tt_svd",
     "tucker",
     "unfold",
+    "WhitenedSVD", "asvd", "output_error_curve", "reduced_rank_regression", "row_weighted_svd", "whitened_svd", "whitening_factor",
 ]

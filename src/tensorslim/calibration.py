@@ -1,0 +1,238 @@
+"""Calibration statistics for data-aware compression: the input second moment X^T X of every
+Linear, collected with forward hooks while the model runs on calibration batches.
+
+A calibration batch is whatever the model takes: a tensor (``model(x)``), a tuple / list of
+positional tensors (``model(*x)``) or a mapping of keyword tensors (``model(**x)``, what a
+Hugging Face tokenizer returns). With a mapping that holds an ``attention_mask`` (B, L), the rows
+of a (B, L, N) Linear input at padded positions are left out, so padding does not shape the
+statistics. Sums are streamed batch by batch in float64 (nothing is stored per sample).
+
+:class:`Calibration` carries the statistics and the data-aware variant (``"whiten"``: SVD-LLM,
+``"asvd"``: activation-scaled) through ``make_plan(..., calibration=)`` and
+``compress(..., calibration=)``, so the statistics are collected once and reused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+VARIANTS = ("whiten", "asvd")
+
+__all__ = ["InputStats", "Calibration", "run_batch", "collect_input_stats", "calibrate",
+           "as_calibration", "fisher_row_weights", "VARIANTS"]
+
+
+@dataclass(frozen=True, eq=False)
+class InputStats:
+    """Sums over the ``samples`` input rows x (N,) one Linear saw: ``gram`` = sum x x^T (N, N),
+    ``total`` = sum x (N,), ``abs_total`` = sum |x| (N,); all float64."""
+
+    gram: Tensor
+    total: Tensor
+    abs_total: Tensor
+    samples: int
+
+    @property
+    def mean(self) -> Tensor:
+        """(N,) mean input."""
+        return self.total / max(self.samples, 1)
+
+    @property
+    def abs_mean(self) -> Tensor:
+        """(N,) mean |input| per channel (ASVD's activation scale)."""
+        return self.abs_total / max(self.samples, 1)
+
+    @property
+    def centered_gram(self) -> Tensor:
+        """(N, N) sum (x - mean)(x - mean)^T: the metric of the output error when the bias is
+        refitted to absorb the mean of the error."""
+        mu = self.mean
+        return self.gram - self.samples * torch.outer(mu, mu)
+
+
+@dataclass(frozen=True, eq=False)
+class Calibration:
+    """Per-layer input statistics (qualified name -> :class:`InputStats`) and the variant used
+    to decompose with them (``whiten`` | ``asvd``; ``alpha``: ASVD's exponent). ``batches``:
+    how many calibration batches were seen."""
+
+    stats: Mapping[str, InputStats]
+    variant: str = "whiten"
+    alpha: float = 0.5
+    batches: int = 0
+    notes: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"Calibration: unknown variant {self.variant!r}; known: {', '.join(VARIANTS)}")
+
+    def layer_options(self, name: str) -> dict[str, Any]:
+        """Keyword arguments for ``LowRankLinear.from_dense`` of layer ``name`` ({} if unseen):
+        ``gram`` = E[x x^T], ``input_mean`` = E[x] and, for ASVD, ``scale`` = E|x|."""
+        st = self.stats.get(name)
+        if st is None or st.samples == 0:
+            return {}
+        opts: dict[str, Any] = {"gram": st.gram / st.samples, "input_mean": st.mean}
+        if self.variant == "asvd":
+            opts.update(scale=st.abs_mean, alpha=self.alpha)
+        return opts
+
+    def error_curve(self, name: str, weight: Tensor) -> Tensor | None:
+        """Relative squared output error of layer ``name`` (weight (M, N)) at every rank
+        0..min(M, N) with this variant, centred (the bias absorbs the error's mean); None when
+        the layer was not seen."""
+        from .tensor import output_error_curve
+
+        st = self.stats.get(name)
+        if st is None or st.samples == 0:
+            return None
+        metric = st.centered_gram / st.samples
+        scale = st.abs_mean if self.variant == "asvd" else None
+        return output_error_curve(weight.detach(), metric, "asvd" if scale is not None else "whiten", scale)
+
+
+def run_batch(model: nn.Module, batch: Any, device: torch.device | None = None) -> Any:
+    """``model`` on one calibration batch: a tensor, a tuple / list of positional tensors or a
+    mapping of keyword tensors (moved to ``device`` when given)."""
+    move = (lambda t: t.to(device) if isinstance(t, Tensor) and device is not None else t)
+    if isinstance(batch, Tensor):
+        return model(move(batch))
+    if isinstance(batch, Mapping):
+        return model(**{k: move(v) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return model(*[move(v) for v in batch])
+    raise TypeError(f"calibration batches must be tensors, tuples of positional tensors or dicts of "
+                    f"keyword tensors (a tokenizer's output), got {type(batch).__name__}")
+
+
+def _mask(batch: Any) -> Tensor | None:
+    if isinstance(batch, Mapping):
+        m = batch.get("attention_mask")
+        if isinstance(m, Tensor) and m.dim() == 2:
+            return m.bool()
+    return None
+
+
+class _Acc:
+    """Streaming float64 sums of one layer's input rows."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        f64 = dict(dtype=torch.float64, device=device)
+        self.gram = torch.zeros(n, n, **f64)
+        self.total = torch.zeros(n, **f64)
+        self.abs_total = torch.zeros(n, **f64)
+        self.samples = 0
+
+    def add(self, x: Tensor, mask: Tensor | None) -> None:
+        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            x = x[mask.to(x.device)]
+        rows = x.detach().reshape(-1, x.shape[-1]).double()
+        self.gram.addmm_(rows.T, rows)
+        self.total += rows.sum(0)
+        self.abs_total += rows.abs().sum(0)
+        self.samples += rows.shape[0]
+
+    def result(self) -> InputStats:
+        return InputStats(self.gram, self.total, self.abs_total, self.samples)
+
+
+def _linears(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Linear]:
+    found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if layers is None:
+        return found
+    bad = [n for n in layers if n not in found]
+    if bad:
+        raise ValueError(f"collect_input_stats: layers {bad} are not nn.Linear modules of the model; "
+                         f"Linear layers: {list(found)[:12]}{' ...' if len(found) > 12 else ''}")
+    return {n: found[n] for n in layers}
+
+
+@torch.no_grad()
+def collect_input_stats(model: nn.Module, calibration: Iterable[Any], *, layers: Sequence[str] | None = None,
+                        max_batches: int | None = None, progress: bool = False) -> dict[str, InputStats]:
+    """Input statistics of every ``nn.Linear`` of ``model`` (or the names in ``layers``) over the
+    ``calibration`` batches (see the module docstring), at most ``max_batches`` of them. The
+    model runs in eval mode (restored afterwards); a module called several times accumulates
+    every call. ValueError when no batch is given."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"collect_input_stats expects an nn.Module, got {type(model).__name__}")
+    if isinstance(calibration, (Tensor, Mapping)):
+        raise TypeError("calibration must be an iterable of batches (e.g. a list of tokenizer dicts), "
+                        f"got a single {type(calibration).__name__}; wrap it in a list")
+    mods = _linears(model, layers)
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    accs = {n: _Acc(m.in_features, device) for n, m in mods.items()}
+    current: dict[str, Tensor | None] = {"mask": None}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: accs[n].add(args[0], current["mask"]))
+             for n, m in mods.items()]
+    was_training, seen = model.training, 0
+    model.eval()
+    try:
+        for batch in tqdm(calibration, desc="calibration", disable=not progress, total=max_batches):
+            current["mask"] = _mask(batch)
+            run_batch(model, batch, device)
+            seen += 1
+            if max_batches is not None and seen >= max_batches:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("calibration yielded no batches; give a non-empty iterable of model inputs")
+    return {n: a.result() for n, a in accs.items()}
+
+
+def calibrate(model: nn.Module, calibration: Iterable[Any], *, variant: str = "whiten", alpha: float = 0.5,
+              layers: Sequence[str] | None = None, max_batches: int | None = None,
+              progress: bool = False) -> Calibration:
+    """:func:`collect_input_stats` wrapped as a :class:`Calibration` of ``variant``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"calibrate: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    batches = list(calibration) if not isinstance(calibration, (list, tuple)) else calibration
+    stats = collect_input_stats(model, batches, layers=layers, max_batches=max_batches, progress=progress)
+    n = len(batches) if max_batches is None else min(len(batches), max_batches)
+    return Calibration(stats, variant, alpha, n)
+
+
+def as_calibration(model: nn.Module, calibration: Any, layers: Sequence[str] | None = None,
+                   progress: bool = False) -> Calibration | None:
+    """``calibration`` as a :class:`Calibration`: None stays None, a Calibration is returned as
+    it is, an iterable of batches is run through ``model`` (whiten variant)."""
+    if calibration is None or isinstance(calibration, Calibration):
+        return calibration
+    return calibrate(model, calibration, layers=layers, progress=progress)
+
+
+def fisher_row_weights(model: nn.Module, calibration: Iterable[Any], loss: Callable[[Any, Any], Tensor], *,
+                       layers: Sequence[str] | None = None, max_batches: int | None = None) -> dict[str, Tensor]:
+    """FWSVD row importances: for every Linear (or ``layers``), sqrt(sum over batches and input
+    columns of (dL/dW_ij)^2), shape (M,), from ``loss(output, batch)`` on each calibration batch.
+    Weights are not changed (gradients are cleared)."""
+    mods = _linears(model, layers)
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    sums = {n: torch.zeros(m.out_features, dtype=torch.float64, device=device) for n, m in mods.items()}
+    was_training, seen = model.training, 0
+    model.eval()
+    try:
+        for batch in calibration:
+            model.zero_grad(set_to_none=True)
+            loss(run_batch(model, batch, device), batch).backward()
+            for n, m in mods.items():
+                if m.weight.grad is not None:
+                    sums[n] += m.weight.grad.double().square().sum(dim=1)
+            seen += 1
+            if max_batches is not None and seen >= max_batches:
+                break
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("fisher_row_weights: calibration yielded no batches")
+    return {n: s.sqrt() for n, s in sums.items()}

@@ -1,0 +1,399 @@
+"""Tensor-Train convolution (Garipov et al. 2016, "Ultimate tensorization").
+
+Per group g (G groups; S_g = S/G = prod(in_modes), T_g = T/G = prod(out_modes), d modes) the
+kernel W_g (T_g, S_g, kh, kw) is a TT chain that starts at a spatial core:
+
+    W_g[(t_1..t_d), (s_1..s_d), x, y] = K[x, y, :] @ C_d[t_d, s_d] @ C_{d-1}[t_{d-1}, s_{d-1}] @ ... @ C_1[t_1, s_1]
+
+with K (kh kw, r_0) shared by the group's input channels and C_k[t, s] a (r_in, r_out) matrix;
+``rank`` = (r_0, ..., r_{d-1}) are the bonds in chain order (spatial-C_d, C_d-C_{d-1}, ...).
+The chain runs from the last (innermost) channel mode, so every step of the forward contracts
+two adjacent axes and no activation is ever permuted:
+
+    1. one depthwise conv (S groups, r_0 filters per input channel: K; the dense conv's stride,
+       padding, dilation): (B, S, H, W) -> (B, G, n_1..n_d, r_0, P), P = H' W'; or, when it
+       needs fewer MACs (:func:`merges_first_core`), K and C_d as ONE conv on the input's
+       n_d-channel slices, which also does step 2 for k = d;
+    2. for k = d..1 one matmul of ``cores[k]`` viewed (m_k r_out, n_k r_in) with the state
+       viewed (B G n_1..n_{k-1}, n_k r_in, m_{k+1}..m_d P) -> (.., r_out m_k, m_{k+1}..m_d P);
+    3. the state is (B, T, P) in NCHW order: bias (and a folded BatchNorm's ``out_scale``).
+
+Parameters: ``spatial`` (G r_0, 1, kh, kw), ``cores[k]`` (G, r_out, m_k, n_k, r_in) (stored in
+the matmul's layout). MACs per sample: :func:`tt_conv_cost`.
+"""
+from dataclasses import replace
+from math import prod
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..tensor import rel_error, tt_svd
+from ._conv import ConvGeometry, assign_, conv_out_size, pad_by_slices
+from ._tt_common import chain_caps, check_modes, clip_ranks, init_variance, nearest_ranks, tt_init_
+from .base import FactorizedLayer, Rank, check_affine, check_module_finite, dense_bias_
+
+_Int2 = Union[int, Sequence[int]]
+
+
+def conv_tt_caps(kernel: Sequence[int], in_modes: Sequence[int], out_modes: Sequence[int]) -> list[int]:
+    """Exact TT-ranks (r_0..r_{d-1}) of a generic kernel with these modes: bond j joins the
+    spatial mode and the last j channel pairs to the rest."""
+    pairs = [m * n for m, n in zip(out_modes, in_modes)]
+    return chain_caps([prod(kernel)] + pairs[::-1])
+
+
+def _bonds(ranks: Sequence[int], k: int, d: int) -> tuple[int, int]:
+    """(r_in, r_out) of the core of channel mode k (0-based): r_in towards the spatial core."""
+    return ranks[d - 1 - k], (ranks[d - k] if k > 0 else 1)
+
+
+def merges_first_core(geo: ConvGeometry, in_modes: Sequence[int], out_modes: Sequence[int],
+                      ranks: Sequence[int]) -> bool:
+    """Whether the spatial core and the first channel core run as ONE small conv (kernel
+    (m_d r_1, n_d, kh, kw) on n_d-channel slices of the input): when that needs fewer MACs than
+    the depthwise conv (S r_0 kh kw per pixel) plus the first matmul."""
+    d, k2 = len(in_modes), prod(geo.kernel)
+    a = geo.groups * prod(in_modes[:d - 1])
+    r_out = _bonds(ranks, d - 1, d)[1]
+    merged = a * out_modes[-1] * r_out * in_modes[-1] * k2
+    split = geo.in_channels * ranks[0] * k2 + a * in_modes[-1] * ranks[0] * out_modes[-1] * r_out
+    return merged < split
+
+
+def tt_conv_cost(geo: ConvGeometry, in_modes: Sequence[int], out_modes: Sequence[int],
+                 ranks: Sequence[int], positions: int) -> tuple[int, int]:
+    """(params, MACs per sample) of a TTConv2d at ``ranks`` with ``positions`` = H' W' output
+    pixels (a folded ``out_scale`` adds T params, see ``num_params``)."""
+    g, n, m, d = geo.groups, list(in_modes), list(out_modes), len(in_modes)
+    k2 = prod(geo.kernel)
+    merged = merges_first_core(geo, in_modes, out_modes, ranks)
+    params = g * ranks[0] * k2
+    macs = 0 if merged else geo.in_channels * ranks[0] * k2 * positions
+    for k in range(d):
+        r_in, r_out = _bonds(ranks, k, d)
+        params += g * r_out * m[k] * n[k] * r_in
+        per_pixel = r_out * m[k] * n[k] * (k2 if merged and k == d - 1 else r_in)
+        macs += g * prod(n[:k]) * prod(m[k + 1:]) * positions * per_pixel
+    return params + (geo.out_channels if geo.bias else 0), macs
+
+
+class TTConv2d(FactorizedLayer):
+    """TT replacement of ``nn.Conv2d`` (see the module doc).
+
+    ``TTConv2d(in_channels, out_channels, kernel_size, rank=8, stride=1, padding=0, dilation=1,
+    groups=1, bias=True, padding_mode="zeros", *, in_modes=None, out_modes=None, d=3,
+    init="glorot")``: modes factorise the per-group channels (default ``factorize(S/G, d)``,
+    ``factorize(T/G, d)``); ``rank`` an int bound or d interior ranks (r_0..r_{d-1}), each
+    clipped to the exact TT-rank of its bond; ``init`` "glorot" (t3f: Var W = 2/(fan_in +
+    fan_out)) or "dense" (``nn.Conv2d``'s 1/(3 fan_in)). Parameters: ``spatial`` (G r_0, 1,
+    kh, kw), ``cores[k]`` (G, r_{k-1}, m_k, n_k, r_k), ``bias`` (T,), ``out_scale`` (T,) once a
+    BatchNorm was folded in. Shapes: (B, S, H, W) -> (B, T, H', W'). Depthwise convs are
+    refused (no channel mode to factorise).
+    """
+
+    method = "tt"
+    dense_types = (nn.Conv2d,)
+    dims = 2  # spatial dims: fusion folds a following BatchNorm2d (fold_output_affine)
+    __jit_ignored_attributes__ = ["method", "dense_types", "dims", "geometry"]
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Int2, rank: Rank = 8,
+                 stride: _Int2 = 1, padding: Union[str, _Int2] = 0, dilation: _Int2 = 1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
+                 in_modes: Optional[Sequence[int]] = None, out_modes: Optional[Sequence[int]] = None,
+                 d: int = 3, init: str = "glorot") -> None:
+        super().__init__()
+        name = type(self).__name__
+        geo = ConvGeometry.make(name, 2, in_channels, out_channels, kernel_size, stride, padding,
+                                dilation, groups, bias, padding_mode)
+        d = len(in_modes) if in_modes is not None else len(out_modes) if out_modes is not None else d
+        self.in_modes = check_modes(name, geo.in_group, in_modes, d, "in_modes")
+        self.out_modes = check_modes(name, geo.out_group, out_modes, d, "out_modes")
+        if len(self.in_modes) != len(self.out_modes):
+            raise ValueError(f"{name}: in_modes={self.in_modes} and out_modes={self.out_modes} "
+                             f"must have the same length")
+        init_variance(name, init, 1, 1)  # validates init
+        self.geometry, self.init = geo, init
+        self.rank = clip_ranks(name, rank, conv_tt_caps(geo.kernel, self.in_modes, self.out_modes))
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.stride, self.dilation = list(geo.stride), list(geo.dilation)
+        self.explicit_pad, self.pad, self.pad_mode = geo.explicit_pad, geo.fpad, geo.fpad_mode
+        self.conv_padding = list(geo.conv_padding)
+        dd = len(self.in_modes)
+        self.spatial = nn.Parameter(torch.empty(groups * self.rank[0], 1, *geo.kernel))
+        self.cores = nn.ParameterList(
+            [nn.Parameter(torch.empty(groups, _bonds(self.rank, k, dd)[1], m, n, _bonds(self.rank, k, dd)[0]))
+             for k, (m, n) in enumerate(zip(self.out_modes, self.in_modes))])
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.register_parameter("out_scale", None)  # see fold_output_affine
+        # per-step shapes of the contraction (see the module doc), fixed here: step j handles
+        # channel mode k = d-1-j: state (B G A_j, n_k r_in, C_j / P), A_j = n_1..n_{k-1}
+        n, m = self.in_modes, self.out_modes
+        self.order = [dd - 1 - j for j in range(dd)]
+        self.rows = [prod(n[:k]) for k in self.order]
+        self.cols = [prod(m[k + 1:]) for k in self.order]
+        self.k_in = [n[k] * _bonds(self.rank, k, dd)[0] for k in self.order]
+        self.k_out = [m[k] * _bonds(self.rank, k, dd)[1] for k in self.order]
+        self.merged = merges_first_core(geo, self.in_modes, self.out_modes, self.rank)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Gaussian cores (:func:`tt_init_`) with the weight variance of ``init``; the bias as
+        ``nn.Conv2d``'s."""
+        geo = self.geometry
+        k2 = prod(geo.kernel)
+        var = init_variance(type(self).__name__, self.init, geo.in_group * k2, geo.out_channels * k2)
+        tt_init_([self.spatial, *self.cores], self.rank, var)
+        dense_bias_(self.bias, geo.in_group * k2)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, S, H, W) -> (B, T, H', W'), NCHW-contiguous."""
+        bsz, g = x.shape[0], self.groups
+        if self.explicit_pad:
+            if torch.jit.is_tracing() and self.pad_mode != "circular":
+                x = pad_by_slices(x, self.pad, self.pad_mode)
+            else:
+                x = F.pad(x, self.pad, self.pad_mode)
+        r0, kh, kw = self.spatial.shape[0] // g, self.spatial.shape[2], self.spatial.shape[3]
+        cores = [c for c in self.cores]
+        if self.merged:  # spatial core + first channel core as one conv (merges_first_core)
+            z, start = self._merged_conv(x, cores[self.order[0]], r0), 1
+        else:  # depthwise: r_0 filters per input channel
+            sg = self.in_channels // g
+            ws = self.spatial.view(g, 1, r0, kh, kw).expand(g, sg, r0, kh, kw).reshape(-1, 1, kh, kw)
+            z, start = F.conv2d(x, ws, None, self.stride, self.conv_padding, self.dilation, self.in_channels), 0
+        ho, wo = z.shape[2], z.shape[3]
+        p = ho * wo
+        for j in range(start, len(self.order)):
+            core = cores[self.order[j]]
+            # one bmm over (B, G, A_j) batches; the weight broadcast over B and A_j (a stride-0
+            # view for G = 1; torch.matmul would transpose the big state instead)
+            zz = z.reshape(bsz, g, -1, self.k_in[j], self.cols[j] * p)
+            w = core.view(1, g, 1, self.k_out[j], self.k_in[j]).expand(bsz, g, zz.shape[2], -1, -1)
+            z = torch.bmm(w.reshape(-1, self.k_out[j], self.k_in[j]), zz.reshape(-1, self.k_in[j], self.cols[j] * p))
+        z = z.reshape(bsz, self.out_channels, p)
+        bias, scale = self.bias, self.out_scale
+        if bias is not None:
+            if scale is not None:
+                z = torch.addcmul(bias.view(1, -1, 1), z, scale.view(1, -1, 1))
+            else:
+                z = z + bias.view(1, -1, 1)
+        return z.reshape(bsz, self.out_channels, ho, wo)
+
+    def _merged_conv(self, x: Tensor, core: Tensor, r0: int) -> Tensor:
+        """Spatial core and the core of the last channel mode as one conv on the input seen as
+        (B G A, n_d, H, W) slices: kernel (r_1 m_d, n_d, kh, kw) = sum over r_0 of core x K,
+        built per call from the two cores (r_1 m_d n_d r_0 kh kw multiply-adds, independent of
+        the batch; not in the per-sample MACs). Returns (B, G A r_1 m_d, H', W')."""
+        g, kh, kw = self.groups, self.spatial.shape[2], self.spatial.shape[3]
+        n_d, out = core.shape[3], self.k_out[0]
+        ker = (core.reshape(g, out, n_d, r0, 1, 1) * self.spatial.view(g, 1, 1, r0, kh, kw)).sum(3)
+        if g == 1:  # the slices as a batch
+            h, w = x.shape[2], x.shape[3]
+            y = F.conv2d(x.reshape(-1, n_d, h, w), ker.view(out, n_d, kh, kw), None, self.stride,
+                         self.conv_padding, self.dilation)
+            return y.view(x.shape[0], -1, y.shape[2], y.shape[3])
+        a = self.rows[0]  # the slices as conv groups, each group's kernel repeated A times
+        ker = ker.unsqueeze(1).expand(g, a, out, n_d, kh, kw).reshape(g * a * out, n_d, kh, kw)
+        return F.conv2d(x, ker, None, self.stride, self.conv_padding, self.dilation, g * a)
+
+    def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """``y -> scale * y + shift`` per output channel (``scale``, ``shift``: (T,)): the bias
+        becomes ``scale * bias + shift`` (created if absent); the scale becomes the
+        ``out_scale`` parameter applied inside the bias add (``torch.addcmul``, the same pass),
+        since a per-channel scale is no Kronecker product of per-mode vectors in general."""
+        check_affine(type(self).__name__, self.out_channels, scale, shift)
+        s, t, ref = scale.detach().double(), shift.detach().double(), self.spatial
+
+        def as_param(v: Tensor) -> nn.Parameter:
+            return nn.Parameter(v.to(dtype=ref.dtype, device=ref.device), requires_grad=ref.requires_grad)
+
+        old = self.out_scale
+        self.out_scale = as_param(s if old is None else old.detach().double() * s)
+        bias = self.bias
+        self.bias = as_param(t if bias is None else bias.detach().double() * s + t)
+        self.geometry = replace(self.geometry, bias=True)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def macs(self, in_shape: Sequence[int]) -> int:
+        """MACs of ``forward`` on an input of shape ``in_shape`` ((B,) S, H, W): the batch
+        multiplies. Equals FlopCounterMode's flops / 2 (bias adds are not MACs)."""
+        shape = [int(s) for s in in_shape]
+        batch = shape[0] if len(shape) == 4 else 1
+        spatial = self.geometry.check_in_shape(type(self).__name__, shape[-3:])
+        return batch * tt_conv_cost(self.geometry, self.in_modes, self.out_modes, self.rank,
+                                    _positions(self.geometry, spatial))[1]
+
+    # -- the factory protocol -----------------------------------------------------------------
+    @classmethod
+    def _geo(cls, module: nn.Module) -> ConvGeometry:
+        return ConvGeometry.of(cls.__name__, module, 2)
+
+    @classmethod
+    def _shape(cls, module: nn.Module, in_modes: Optional[Sequence[int]],
+               out_modes: Optional[Sequence[int]], d: int) -> tuple[ConvGeometry, tuple, tuple, list[int]]:
+        """(geometry, in_modes, out_modes, exact TT-ranks) of ``module`` with these options."""
+        geo = cls._geo(module)
+        d = len(in_modes) if in_modes is not None else len(out_modes) if out_modes is not None else d
+        ins = check_modes(cls.__name__, geo.in_group, in_modes, d, "in_modes")
+        outs = check_modes(cls.__name__, geo.out_group, out_modes, d, "out_modes")
+        if len(ins) != len(outs):
+            raise ValueError(f"{cls.__name__}: in_modes={ins} and out_modes={outs} must have the same length")
+        return geo, ins, outs, conv_tt_caps(geo.kernel, ins, outs)
+
+    @classmethod
+    def check(cls, module: nn.Module) -> None:
+        cls._geo(module)
+
+    @classmethod
+    def valid_rank(cls, module: nn.Module, rank: Any, *, in_modes: Optional[Sequence[int]] = None,
+                   out_modes: Optional[Sequence[int]] = None, d: int = 3) -> Rank:
+        """The valid rank nearest to ``rank``: a number -> an int in [1, largest exact bond
+        rank]; d numbers -> each rounded and clipped to its bond's exact rank."""
+        return nearest_ranks(cls.__name__, rank, cls._shape(module, in_modes, out_modes, d)[3])
+
+    @classmethod
+    def rank_space(cls, module: nn.Module, *, in_modes: Optional[Sequence[int]] = None,
+                   out_modes: Optional[Sequence[int]] = None, d: int = 3) -> list[int]:
+        """The int ranks worth pricing, smallest first: 1 up to the first whose parameters
+        reach the dense conv's (or the largest exact bond rank)."""
+        geo, ins, outs, caps = cls._shape(module, in_modes, out_modes, d)
+        dense = sum(p.numel() for p in module.parameters(recurse=False))
+        out = []
+        for r in range(1, max(caps, default=1) + 1):
+            out.append(r)
+            if tt_conv_cost(geo, ins, outs, clip_ranks(cls.__name__, r, caps), 1)[0] >= dense:
+                break
+        return out
+
+    @classmethod
+    def cost(cls, module: nn.Module, rank: Rank, in_shape: Sequence[int], out_shape: Sequence[int],
+             *, in_modes: Optional[Sequence[int]] = None, out_modes: Optional[Sequence[int]] = None,
+             d: int = 3) -> tuple[int, int]:
+        """(params, MACs per sample) of the layer ``like`` builds; ``in_shape`` (S, H, W)."""
+        geo, ins, outs, caps = cls._shape(module, in_modes, out_modes, d)
+        spatial = geo.check_in_shape(cls.__name__, in_shape)
+        return tt_conv_cost(geo, ins, outs, clip_ranks(cls.__name__, rank, caps), _positions(geo, spatial))
+
+    @classmethod
+    def like(cls, module: nn.Module, rank: Rank, *, in_modes: Optional[Sequence[int]] = None,
+             out_modes: Optional[Sequence[int]] = None, d: int = 3, init: str = "glorot") -> "TTConv2d":
+        """Random init (``init``) with ``module``'s geometry, dtype and device."""
+        geo, ins, outs, _ = cls._shape(module, in_modes, out_modes, d)
+        layer = cls(**geo.conv_kwargs(), rank=rank, in_modes=ins, out_modes=outs, init=init)
+        return layer.to(device=module.weight.device, dtype=module.weight.dtype)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, rank: Optional[Rank] = None, *,
+                  in_modes: Optional[Sequence[int]] = None, out_modes: Optional[Sequence[int]] = None,
+                  d: int = 3, ranks: Optional[Rank] = None) -> "TTConv2d":
+        """TT-SVD (float64) of each group's kernel reshaped to (kh kw, m_1 n_1, ..., m_d n_d)
+        at ``rank`` (alias ``ranks``: an int bound or d interior ranks, clipped to the exact
+        TT-ranks; exact at full rank). Cores are zero-padded to the layer's ranks where TT-SVD
+        found smaller ones. Sets ``approx_error`` = ||W - W^|| / ||W||."""
+        if (rank is None) == (ranks is None):
+            raise TypeError(f"{cls.__name__}.from_conv: give the TT-rank once, as rank= or ranks= "
+                            f"(got rank={rank!r}, ranks={ranks!r})")
+        layer = cls.like(conv, rank if ranks is None else ranks, in_modes=in_modes, out_modes=out_modes, d=d)
+        check_module_finite(cls.__name__, conv)
+        w = conv.weight.detach().to(torch.float64)
+        cores = [tt_svd(t, list(layer.rank)).cores
+                 for t in kernel_tt_tensors(w, layer.groups, layer.in_modes, layer.out_modes)]
+        _load_cores(layer, cores)
+        if conv.bias is not None:
+            assign_(layer.bias, conv.bias)
+        layer.approx_error = rel_error(w, tt_conv_kernel(layer).to(torch.float64))
+        return layer
+
+    @classmethod
+    def from_factors(cls, conv: nn.Module, parts: Sequence[Any], *, in_modes: Optional[Sequence[int]] = None,
+                     out_modes: Optional[Sequence[int]] = None) -> "TTConv2d":
+        """Build from one ``TTTensor`` per group of ``conv``'s kernel in the layout of
+        :func:`kernel_tt_tensors` (cores (1, kh kw, r_0), (r_{k-1}, m_k n_k, r_k), ...)."""
+        geo = cls._geo(conv)
+        if len(parts) != geo.groups:
+            raise ValueError(f"{cls.__name__}.from_factors: {len(parts)} TTs for groups={geo.groups}")
+        ranks = tuple(max(int(p.cores[k].shape[2]) for p in parts) for k in range(len(parts[0].cores) - 1))
+        layer = cls.like(conv, ranks, in_modes=in_modes, out_modes=out_modes, d=len(ranks))
+        if layer.rank != ranks:
+            raise ValueError(f"{cls.__name__}.from_factors: TT-ranks {ranks} exceed the exact ranks "
+                             f"{layer.rank} of modes in={layer.in_modes} out={layer.out_modes}")
+        _load_cores(layer, [p.cores for p in parts])
+        if conv.bias is not None:
+            assign_(layer.bias, conv.bias)
+        return layer
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, rank: Rank, **opts: Any) -> "TTConv2d":
+        return cls.from_conv(module, rank, **opts)
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        s = (f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel}, in_modes={self.in_modes}, "
+             f"out_modes={self.out_modes}, ranks={self.rank}, stride={g.stride}, pads={g.pads}, "
+             f"dilation={g.dilation}")
+        s += f", groups={g.groups}" if g.groups != 1 else ""
+        s += f", padding_mode={g.padding_mode!r}" if g.padding_mode != "zeros" else ""
+        return s + ("" if self.bias is not None else ", bias=False")
+
+
+def _positions(geo: ConvGeometry, spatial: Sequence[int]) -> int:
+    return prod(conv_out_size(n, k, s, dl, p)
+                for n, k, s, dl, p in zip(spatial, geo.kernel, geo.stride, geo.dilation, geo.pads))
+
+
+def kernel_tt_tensors(w: Tensor, groups: int, in_modes: Sequence[int], out_modes: Sequence[int]) -> list[Tensor]:
+    """Each group's kernel (T_g, S_g, kh, kw) of ``w`` (T, S/G, kh, kw) as the tensor the TT
+    of :class:`TTConv2d` factorises, in chain order: (kh kw, m_d n_d, ..., m_1 n_1)."""
+    d, k2 = len(in_modes), prod(w.shape[2:])
+    perm = [2 * d] + [i for k in reversed(range(d)) for i in (k, d + k)]
+    sizes = [k2] + [m * n for m, n in zip(out_modes, in_modes)][::-1]
+    return [wg.reshape(*out_modes, *in_modes, k2).permute(perm).reshape(sizes)
+            for wg in w.chunk(groups, dim=0)]
+
+
+def _load_cores(layer: TTConv2d, per_group: Sequence[Sequence[Tensor]]) -> None:
+    """Copy per-group TT cores in chain order ((1, kh kw, r_0), (r_0, m_d n_d, r_1), ...,
+    (r_{d-1}, m_1 n_1, 1)) into ``layer``, zero-padded to its ranks."""
+    kh, kw = layer.geometry.kernel
+    d = len(layer.cores)
+    with torch.no_grad():
+        layer.spatial.zero_()
+        for p in layer.cores:
+            p.zero_()
+        spatial = layer.spatial.view(layer.groups, layer.rank[0], kh, kw)
+        for g, cores in enumerate(per_group):
+            c0 = cores[0][0]  # (kh kw, r_0')
+            spatial[g, :c0.shape[1]] = c0.t().reshape(-1, kh, kw).to(spatial.dtype)
+            for j, c in enumerate(cores[1:]):
+                k = d - 1 - j
+                p, m, n = layer.cores[k], layer.out_modes[k], layer.in_modes[k]
+                c = c.reshape(c.shape[0], m, n, c.shape[2]).permute(3, 1, 2, 0)  # (r_out, m, n, r_in)
+                p[g, :c.shape[0], :, :, :c.shape[3]] = c.to(p.dtype)
+
+
+def tt_conv_kernel(layer: TTConv2d) -> Tensor:
+    """Reference only (tests, ``approx_error``): the dense kernel (T, S/G, kh, kw) of ``layer``."""
+    g, d = layer.groups, len(layer.cores)
+    kh, kw = layer.geometry.kernel
+    blocks = []
+    for gi in range(g):
+        out = layer.spatial.detach().view(g, -1, kh * kw)[gi].t()  # (kh kw, r_0)
+        for k in reversed(range(d)):  # chain order; each core as (r_in, m, n, r_out)
+            core = layer.cores[k].detach()[gi].permute(3, 1, 2, 0)
+            out = torch.tensordot(out, core, dims=([out.dim() - 1], [0]))
+        out = out.reshape([kh * kw] + [s for k in reversed(range(d))
+                                       for s in (layer.out_modes[k], layer.in_modes[k])])
+        perm = ([1 + 2 * (d - 1 - k) for k in range(d)] + [2 + 2 * (d - 1 - k) for k in range(d)] + [0])
+        blocks.append(out.permute(perm).reshape(layer.out_channels // g, layer.in_channels // g, kh, kw))
+    return torch.cat(blocks)
+
+
+__all__ = ["TTConv2d", "conv_tt_caps", "kernel_tt_tensors", "merges_first_core", "tt_conv_cost", "tt_conv_kernel"]

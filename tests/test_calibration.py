@@ -1,0 +1,136 @@
+"""Calibration statistics: tensor, tuple and dict batches; exact sums; data-aware layers."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tensorslim as ts
+from tensorslim.calibration import Calibration, calibrate, collect_input_stats, fisher_row_weights
+from tensorslim.layers import LowRankLinear
+
+
+class _Two(nn.Module):
+    """Two Linears; takes (x, gate) positionally or as keywords; x (B, L, 6)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.b = nn.Linear(5, 4)
+
+    def forward(self, x, gate=None):
+        h = torch.relu(self.a(x))
+        return self.b(h if gate is None else h * gate)
+
+
+def _brute(x: torch.Tensor) -> torch.Tensor:
+    r = x.reshape(-1, x.shape[-1]).double()
+    return r.T @ r
+
+
+def test_tensor_tuple_and_dict_batches_give_the_same_exact_sums():
+    torch.manual_seed(0)
+    m = _Two().double()
+    xs = [torch.randn(3, 7, 6, dtype=torch.float64) for _ in range(3)]
+    gate = torch.ones(1, dtype=torch.float64)
+    as_tensor = collect_input_stats(m, xs)
+    as_tuple = collect_input_stats(m, [(x, gate) for x in xs])
+    as_dict = collect_input_stats(m, [{"x": x, "gate": gate} for x in xs])
+    ref_a = sum(_brute(x) for x in xs)
+    ref_b = sum(_brute(torch.relu(m.a(x))) for x in xs)
+    for st in (as_tensor, as_tuple, as_dict):
+        assert st["a"].samples == 63
+        assert torch.allclose(st["a"].gram, ref_a, atol=1e-10)
+        assert torch.allclose(st["b"].gram, ref_b, atol=1e-10)
+        total = sum(x.reshape(-1, 6).sum(0) for x in xs)
+        assert torch.allclose(st["a"].mean, total / 63, atol=1e-12)
+        assert torch.allclose(st["a"].abs_mean, sum(x.abs().reshape(-1, 6).sum(0) for x in xs) / 63)
+
+
+def test_attention_mask_drops_padded_positions():
+    torch.manual_seed(1)
+    m = _Two().double()
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids)
+
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    st = collect_input_stats(Wrap(), [{"input_ids": x, "attention_mask": mask}])
+    kept = x[mask.bool()]
+    assert st["inner.a"].samples == 8
+    assert torch.allclose(st["inner.a"].gram, kept.T @ kept, atol=1e-12)
+    # centred metric: sum (x - mean)(x - mean)^T
+    c = kept - kept.mean(0)
+    assert torch.allclose(st["inner.a"].centered_gram, c.T @ c, atol=1e-10)
+
+
+def test_bad_inputs_are_refused():
+    m = _Two()
+    with pytest.raises(TypeError, match="calibration batches must be"):
+        collect_input_stats(m, [3.0])
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        collect_input_stats(m, torch.randn(2, 6))
+    with pytest.raises(ValueError, match="no batches"):
+        collect_input_stats(m, [])
+    with pytest.raises(ValueError, match="not nn.Linear"):
+        collect_input_stats(m, [torch.randn(2, 6)], layers=["c"])
+    with pytest.raises(ValueError, match="unknown variant"):
+        Calibration({}, "fisher")
+
+
+@torch.no_grad()
+def test_data_aware_layer_is_the_output_optimum_with_bias_absorbed():
+    """from_dense(gram=, input_mean=) gives the least centred output error of its rank, and
+    the error's mean goes into the bias: no rank-r layer with any bias does better."""
+    torch.manual_seed(2)
+    lin = nn.Linear(12, 10).double()
+    x = (torch.randn(500, 12, dtype=torch.float64) * torch.logspace(0, 1.5, 12)) + 3.0
+    st = collect_input_stats(nn.Sequential(lin), [x])["0"]
+    layer = LowRankLinear.from_dense(lin, 4, gram=st.gram / st.samples, input_mean=st.mean)
+    plain = LowRankLinear.from_dense(lin, 4)
+    y = lin(x)
+    err = float((layer(x) - y).square().sum())
+    assert err < float((plain(x) - y).square().sum())
+    # brute-force reference: reduced-rank regression of the centred outputs on centred inputs
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    b = torch.linalg.lstsq(xc, yc).solution
+    vecs = torch.linalg.eigh((xc @ b).T @ (xc @ b)).eigenvectors[:, -4:]
+    ref = float(((xc @ b @ vecs @ vecs.T) - yc).square().sum())
+    assert abs(err - ref) < 1e-8 * float(y.square().sum())
+    assert abs(layer.output_error ** 2 - err / float(yc.square().sum())) < 1e-10
+
+
+@torch.no_grad()
+def test_compress_with_calibration_and_asvd_variant():
+    torch.manual_seed(3)
+    m = _Two().double().eval()
+    xs = [torch.randn(4, 3, 6, dtype=torch.float64) * torch.logspace(0, 2, 6) for _ in range(4)]
+    plan = ts.make_plan(m, "svd", xs[0], ranks=2)
+    errs = {}
+    for name, cal in [("plain", None), ("whiten", xs), ("asvd", calibrate(m, xs, variant="asvd"))]:
+        c = ts.compress(copy.deepcopy(m), plan, calibration=cal, progress=False)
+        errs[name] = sum(float((c(x) - m(x)).square().sum()) for x in xs)
+    assert errs["whiten"] < errs["plain"]
+    assert errs["whiten"] < errs["asvd"]
+
+
+def test_fisher_row_weights_are_gradient_norms():
+    torch.manual_seed(4)
+    m = _Two().double()
+    xs = [torch.randn(3, 6, dtype=torch.float64) for _ in range(2)]
+    w = fisher_row_weights(m, xs, lambda out, _b: out.square().sum())
+    assert m.b.weight.grad is None  # gradients cleared
+    ref = torch.zeros(4, dtype=torch.float64)
+    for x in xs:
+        m.zero_grad()
+        m(x).square().sum().backward()
+        ref += m.b.weight.grad.square().sum(1)
+    assert torch.allclose(w["b"], ref.sqrt(), atol=1e-10)
