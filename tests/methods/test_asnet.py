@@ -15,13 +15,7 @@ from tensorslim.methods.asnet import PCE, asnet, fit_pce, pce_terms
 from tensorslim.plan import CompressionPlan
 from tensorslim.surgery import apply_edits
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from _threads import one_thread  # noqa: F401 - every test here on one thread
 
 
 def _vgg() -> nn.Module:

@@ -12,13 +12,7 @@ from tensorslim.methods.ron import ron
 from tensorslim.plan import CompressionPlan
 from tensorslim.surgery import apply_edits
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from _threads import one_thread  # noqa: F401 - every test here on one thread
 
 
 def _vgg() -> nn.Module:

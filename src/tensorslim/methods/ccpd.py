@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..layers import FilterCPConv2d
 from ..plan import CompressionPlan
 from ..planning import make_plan
-from .norton import NortonResult, check_common, decomposable, finish, one_sample, check_number
+from .norton import NortonResult, check_common, check_number, decomposable, finish, one_sample, rank_goal
 from ._prune_graph import eval_mode
 from .registry import Pipeline, register_pipeline
 
@@ -158,16 +158,9 @@ def _search(base, mods, merges, n_iter, target) -> float:
     return lo
 
 
-def _from_goal(goal: Any) -> dict[str, Any]:
-    out = dict(goal)
-    if "ranks" in out:
-        out["rank"] = int(out.pop("ranks"))
-    return out
-
-
 register_pipeline(Pipeline(
     name="ccpd", run=ccpd,
     summary="CONCATENATION: coupled filter-wise CP, channel factor shared per filter cluster",
     goals=("target_macs", "ranks"), data="train_loader",
     smoke={"rank": 2, "clusters": 0.5, "n_iter": 20, "progress": False},
-    from_goal=_from_goal))
+    from_goal=rank_goal))

@@ -271,7 +271,8 @@ def norton(model: nn.Module, example_inputs: Any, *, rank: int = 2, prune: Any =
                   bn_steps, progress, {"layers": layers, "rate": rate})
 
 
-def _from_goal(goal: Mapping[str, Any]) -> dict[str, Any]:
+def rank_goal(goal: Mapping[str, Any]) -> dict[str, Any]:
+    """The CLI goal -> keywords of norton / ccpd: ``--ranks N`` is the CP rank of every filter."""
     out = dict(goal)
     if "ranks" in out:
         out["rank"] = int(out.pop("ranks"))
@@ -283,4 +284,4 @@ register_pipeline(Pipeline(
     summary="NORTON: filter-wise CP of every kxk conv + CPD-similarity filter pruning, fine-tune",
     goals=("target_macs", "ranks"), data="train_loader",
     smoke={"rank": 2, "prune": 0.25, "n_iter": 20, "progress": False},
-    from_goal=_from_goal))
+    from_goal=rank_goal))
