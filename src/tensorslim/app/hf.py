@@ -230,12 +230,11 @@ class HFCompressConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        from ..configs import check_int
+
         for name in ("calibration_batches", "threads", "latency_batch", "latency_tokens", "latency_repeats"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if isinstance(self.distill_steps, bool) or not isinstance(self.distill_steps, int) or self.distill_steps < 0:
-            raise ValueError(f"distill_steps must be an int >= 0, got {self.distill_steps!r}")
+            check_int(name, getattr(self, name), 1)
+        check_int("distill_steps", self.distill_steps, 0)
 
 
 @dataclass(frozen=True)

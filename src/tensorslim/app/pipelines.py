@@ -2,6 +2,7 @@
 ASNet: see :mod:`tensorslim.methods.registry`): its goal keywords, its data, its row."""
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ def pipeline_recovered(cfg: Any, src: Loaded, x1: torch.Tensor, test: Any) -> tu
     p, kwargs = pipeline_arguments(cfg)
     train = train_loader(src.pad_to_32, cfg.batch_size, cfg.seed) if p.data != "none" or cfg.finetune_steps else None
     if p.data == "calibration":  # model inputs only
-        kwargs["calibration"] = [x for x, _ in _first(train, max(1, cfg.reconstruct_steps or 16))]
+        kwargs["calibration"] = [x for x, _ in islice(train, max(1, cfg.reconstruct_steps or 16))]
     if p.data == "train_loader" or cfg.finetune_steps:  # a calibration pipeline fine-tunes on it too
         kwargs["train_loader"] = train
     if cfg.finetune_steps:
@@ -47,11 +48,3 @@ def pipeline_recovered(cfg: Any, src: Loaded, x1: torch.Tensor, test: Any) -> tu
     tuned = f" + {cfg.finetune_steps} steps fine-tune" if cfg.finetune_steps else ""
     return res, [summarize(f"{cfg.method}{tuned}", res.model.eval(), test, x1, None, cfg.threads)]
 
-
-def _first(loader: Any, n: int) -> list[Any]:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..analysis import _labelled, active_subspace
+from ..configs import check_int
 from ..cost import as_tuple, count
 from ..plan import CompressionPlan, Edit
 from ..surgery import register_edit
@@ -140,8 +141,7 @@ class ASNetResult:
 
 
 def _check_int(name: str, v: Any, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
-        raise ValueError(f"asnet: {name} must be an int >= {low}, got {v!r}")
+    check_int(name, v, low, where="asnet")
     return v
 
 

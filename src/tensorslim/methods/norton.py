@@ -39,6 +39,7 @@ from ..recover import RecoverConfig, recover
 from ..surgery import apply_edits, compress, layer_errors
 from . import _filter_prune as fp
 from ._prune_graph import eval_mode, find_chains, trace
+from ..configs import check_int
 from .registry import Pipeline, register_pipeline
 
 __all__ = ["NortonResult", "norton"]
@@ -70,12 +71,10 @@ def check_common(who: str, model: Any, rank: Any, target_macs: Any, finetune_ste
     """Shared validation of the NORTON / CCPD entry arguments."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{who} expects an nn.Module, got {type(model).__name__}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{who}: rank must be an int >= 1 (CP rank of each filter), got {rank!r}")
+    check_int("rank", rank, 1, where=who, hint="(CP rank of each filter)")
     if target_macs is not None:
         check_number(f"{who}: target_macs", target_macs, 0.0, 1.0)
-    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
-        raise ValueError(f"{who}: finetune_steps must be an int >= 0, got {finetune_steps!r}")
+    check_int("finetune_steps", finetune_steps, 0, where=who)
     if finetune_steps and train_loader is None:
         raise ValueError(f"{who}: finetune_steps={finetune_steps} > 0 needs a train_loader")
 
