@@ -147,7 +147,7 @@ def test_train_registry_model_writes_checkpoint(tmp_path: Path) -> None:
 
 
 DDP_SCRIPT = textwrap.dedent("""
-    import hashlib, json, os, sys, torch
+    import gc, hashlib, json, os, sys, torch
     import tensorslim.models as models
     from tensorslim.data import make_loaders
     from tensorslim.train import fine_tune
@@ -159,6 +159,7 @@ DDP_SCRIPT = textwrap.dedent("""
         return h.hexdigest()
 
     torch.set_num_threads(1)
+    gc.disable()  # only train()'s own collection may free the DDP wrapper's reference cycle
     out = sys.argv[1]
     rank = int(os.environ["RANK"])
     torch.manual_seed(100 + rank)  # different init per rank: DDP must broadcast rank 0's
@@ -169,7 +170,10 @@ DDP_SCRIPT = textwrap.dedent("""
     hist = fine_tune(model, loaders.train, max_steps=5, lr=0.05, val_loader=loaders.val,
                      progress=False, log_every=0)
     result = {"digest": digest(model), "steps": hist["steps"], "loss": hist["loss"],
-              "val_acc": hist["val_acc"], "world_size": hist["world_size"]}
+              "val_acc": hist["val_acc"], "world_size": hist["world_size"],
+              # a DDP wrapper alive after train() holds the destroyed gloo group until exit
+              "ddp_alive": sum(isinstance(o, torch.nn.parallel.DistributedDataParallel)
+                               for o in gc.get_objects())}
     open(os.path.join(out, f"rank{rank}.json"), "w").write(json.dumps(result))
 """)
 
@@ -191,6 +195,7 @@ def test_ddp_two_processes_agree(tmp_path: Path) -> None:
     assert r0["digest"] == r1["digest"] != init  # identical weights on both ranks, trained
     assert r0["loss"] == r1["loss"] and r0["val_acc"] == r1["val_acc"]  # all-reduced metrics
     assert len(r0["val_acc"]) == 1 and 0.0 <= r0["val_acc"][0] <= 1.0
+    assert r0["ddp_alive"] == r1["ddp_alive"] == 0
 
 
 def test_channels_last_guard_finds_narrow_strided_1x1() -> None:

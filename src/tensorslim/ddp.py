@@ -3,6 +3,7 @@ under ``torchrun``): where this process stands, its device, its shard of each ba
 all-reduced metrics and rank-averaged buffers."""
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,6 +45,11 @@ def setup_distributed(device: torch.device | None) -> DistEnv:
 
 def teardown(env: DistEnv) -> None:
     if env.owns_group and dist.is_initialized():
+        # The DDP wrapper sits in a reference cycle, so it outlives train() and its reducer
+        # keeps the gloo group alive past destroy_process_group; freed later (at exit) the
+        # group's worker threads abort the process (SIGABRT, "terminate called without an
+        # active exception"), seen once in CI. Collect it while the group is still whole.
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
