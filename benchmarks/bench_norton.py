@@ -1,9 +1,11 @@
 """NORTON / CCPD benchmark (issue 18): batched filter-wise CP vs a tensorly parafac loop, and
-NORTON vs L1 filter pruning vs Tucker-2 vs CP-EPC (and CCPD) on the shipped VGG-16 at equal
-MACs and equal fine-tune steps; the rank ablation R in {1, 2, 5, 8} with / without pruning.
+NORTON vs L1 filter pruning vs Tucker-2 vs CP-EPC (and CCPD) on the shipped VGG-16 (or
+``--model resnet20``) at equal MACs and equal fine-tune steps; the rank ablation R in {1, 2, 5, 8}
+with / without pruning.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_norton.py --part cp
     OMP_NUM_THREADS=1 python benchmarks/bench_norton.py --part compare --target 0.23 --steps 300
+    OMP_NUM_THREADS=1 python benchmarks/bench_norton.py --part compare --model resnet20 --target 0.5
     OMP_NUM_THREADS=1 python benchmarks/bench_norton.py --part ablation --steps 300
     OMP_NUM_THREADS=1 python benchmarks/bench_norton.py --part latency --channels 256
 
@@ -77,7 +79,8 @@ def _recovered(pruned, model, loader, steps):
     return recover(pruned, model, cfg, train_loader=loader, progress=False).model
 
 
-def compare(target: float, steps: int, subset: int, ntest: int, n_iter: int, only) -> None:
+def compare(model_name: str, target: float, steps: int, subset: int, ntest: int, n_iter: int,
+            only) -> None:
     """One row per method at ``target`` x dense MACs, same recovery (BN re-calibration +
     ``steps`` distilled fine-tune steps at lr 0.01, batch 64)."""
     import tensorslim as ts
@@ -89,7 +92,7 @@ def compare(target: float, steps: int, subset: int, ntest: int, n_iter: int, onl
 
     loaders = make_loaders(64, seed=0, augment=False, subset=subset)
     test = TensorBatchLoader(loaders.test.dataset.subset(torch.arange(ntest)), 500)
-    model = ts.models.load_pretrained("vgg16").eval()
+    model = ts.models.load_pretrained(model_name).eval()
     x = torch.randn(1, 1, 28, 28)
     dense = ts.count(model, x).total_macs
     print(f"dense accuracy {evaluate(model, test)['accuracy']:.4f} ({ntest} test images)")
@@ -120,7 +123,8 @@ def compare(target: float, steps: int, subset: int, ntest: int, n_iter: int, onl
               f"{time.perf_counter() - t0:.0f} |", flush=True)
 
 
-def ablation(steps: int, subset: int, ntest: int, ranks, n_iter: int, prune: float) -> None:
+def ablation(model_name: str, steps: int, subset: int, ntest: int, ranks, n_iter: int,
+             prune: float) -> None:
     """NORTON at rank R with / without ``prune`` (rate on every prunable conv): accuracy after
     BN re-calibration, then after ``steps`` distilled fine-tune steps of that same model."""
     import tensorslim as ts
@@ -131,7 +135,7 @@ def ablation(steps: int, subset: int, ntest: int, ranks, n_iter: int, prune: flo
 
     loaders = make_loaders(64, seed=0, augment=False, subset=subset)
     test = TensorBatchLoader(loaders.test.dataset.subset(torch.arange(ntest)), 500)
-    model = ts.models.load_pretrained("vgg16").eval()
+    model = ts.models.load_pretrained(model_name).eval()
     x = torch.randn(1, 1, 28, 28)
     print(f"| R | prune | MACs kept | params kept | acc. before FT | acc. after {steps} steps |")
     print("|---|---|---|---|---|---|")
@@ -175,6 +179,8 @@ def latency(channels: int, size: int, batch: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--part", choices=["cp", "compare", "ablation", "latency"], default="cp")
+    ap.add_argument("--model", choices=["vgg16", "resnet20", "vgg16_w050"], default="vgg16",
+                    help="compare / ablation: the shipped model")
     ap.add_argument("--prune", type=float, default=0.2, help="ablation: pruning rate")
     ap.add_argument("--size", type=int, default=32, help="latency: feature map size")
     ap.add_argument("--batch", type=int, default=8, help="latency: batch")
@@ -191,9 +197,9 @@ def main() -> None:
     if a.part == "cp":
         bench_cp(a.channels, 2, a.n_iter)
     elif a.part == "compare":
-        compare(a.target, a.steps, a.subset, a.test, a.n_iter, a.only)
+        compare(a.model, a.target, a.steps, a.subset, a.test, a.n_iter, a.only)
     elif a.part == "ablation":
-        ablation(a.steps, a.subset, a.test, a.ranks, a.n_iter, a.prune)
+        ablation(a.model, a.steps, a.subset, a.test, a.ranks, a.n_iter, a.prune)
     else:
         latency(a.channels, a.size, a.batch)
 

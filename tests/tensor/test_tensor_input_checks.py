@@ -3,7 +3,6 @@ ValueError from one check in ``tensor/_common.py``, and CP ranks are range-check
 allocation."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -76,11 +75,11 @@ def test_cp_epc_refuses_a_non_finite_start():
 @pytest.mark.parametrize("fn", [cp_als, cp_epc], ids=["cp_als", "cp_epc"])
 def test_cp_rank_is_range_checked_before_allocating(fn):
     t = torch.randn(6, 4, 7, dtype=torch.float64, generator=gen(0))
-    start = time.perf_counter()
+    # factors of rank 1e9 would need 56 GB: allocating them would raise RuntimeError, so this
+    # ValueError shows the rank was refused before anything was allocated
     with pytest.raises(ValueError, match=r"rank=1000000000 exceeds 10x the largest dimension "
                                          r"\(7\) .*accepted: 1 <= rank <= 70"):
         fn(t, 10**9)
-    assert time.perf_counter() - start < 1.0  # refused up front, nothing was allocated
     with pytest.raises(ValueError, match="accepted: 1 <= rank <= 70"):
         fn(t, 71)
 
