@@ -77,6 +77,34 @@ def test_low_rank_layer_is_the_conv_of_its_own_kernel(cfg):
     assert paths == {True, False}
 
 
+@pytest.mark.parametrize("cfg", [GEOMETRIES[0], GEOMETRIES[2], GEOMETRIES[6], GEOMETRIES[8]],
+                         ids=["plain", "strided-dilated", "same-replicate", "groups"])
+def test_merged_step_as_im2col_bmm_equals_the_conv(cfg):
+    """The merged spatial + first-core step runs as im2col + bmm for small inputs (batch x
+    H' W' <= im2col_pixels) and as a conv otherwise: both equal the conv of the layer's own
+    kernel in float64, and both count the same MACs (FlopCounterMode == macs())."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, **cfg).double()
+    layer = TTConv2d.from_conv(conv, (9, 3) if cfg.get("groups", 1) == 1 else (9, 2), d=2)
+    assert layer.merged and layer.approx_error > 1e-3  # a truncated TT: exactness is not free
+    twin = copy.deepcopy(conv)
+    with torch.no_grad():
+        twin.weight.copy_(tt_conv_kernel(layer))
+    x = torch.randn(1, 8, 9, 7, dtype=torch.float64)
+    outs = []
+    for pixels in (10**6, 0):  # im2col + bmm, then the conv
+        layer.im2col_pixels = pixels
+        with torch.no_grad():
+            outs.append(layer(x))
+            assert_close(outs[-1], twin(x), rtol=1e-10, atol=1e-10)
+        assert 2 * layer.macs(x.shape) == _flops(layer, x)
+    assert outs[0].is_contiguous() and outs[0].shape == outs[1].shape
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        layer.im2col_pixels = 10**6
+        layer(x)
+    assert "convolution" not in str(fc.get_flop_counts()).lower()  # the im2col path ran
+
+
 def test_from_conv_ranks_contract_and_error_monotone():
     """``from_conv(conv, in_modes=(4, 4), out_modes=(4, 4), ranks=...)``: an int bound or a
     tuple of interior ranks, clipped to the exact TT-ranks; the error falls with the rank."""

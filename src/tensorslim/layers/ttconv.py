@@ -36,6 +36,8 @@ from .base import FactorizedLayer, Rank, check_affine, check_module_finite, dens
 
 _Int2 = Union[int, Sequence[int]]
 
+IM2COL_PIXELS = 64  # batch x H' W' up to which the merged step is im2col + bmm (_merged_conv)
+
 
 def conv_tt_caps(kernel: Sequence[int], in_modes: Sequence[int], out_modes: Sequence[int]) -> list[int]:
     """Exact TT-ranks (r_0..r_{d-1}) of a generic kernel with these modes: bond j joins the
@@ -139,6 +141,7 @@ class TTConv2d(FactorizedLayer):
         self.k_in = [n[k] * _bonds(self.rank, k, dd)[0] for k in self.order]
         self.k_out = [m[k] * _bonds(self.rank, k, dd)[1] for k in self.order]
         self.merged = merges_first_core(geo, self.in_modes, self.out_modes, self.rank)
+        self.im2col_pixels = IM2COL_PIXELS
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -188,16 +191,26 @@ class TTConv2d(FactorizedLayer):
     def _merged_conv(self, x: Tensor, core: Tensor, r0: int) -> Tensor:
         """Spatial core and the core of the last channel mode as one conv on the input seen as
         (B G A, n_d, H, W) slices: kernel (r_1 m_d, n_d, kh, kw) = sum over r_0 of core x K,
-        built per call from the two cores (r_1 m_d n_d r_0 kh kw multiply-adds, independent of
-        the batch; not in the per-sample MACs). Returns (B, G A r_1 m_d, H', W')."""
+        built per call (batch-independent; not in the per-sample MACs) -> (B, G A r_1 m_d, H', W').
+        A small conv (8 <= H' W', batch x H' W' <= ``im2col_pixels``) runs as im2col (a copy)
+        + one bmm over the slices: the same MACs without the conv primitive's fixed cost (under
+        8 pixels the bmm's rows are too short to pay). Traced graphs (ONNX) keep the conv."""
         g, kh, kw = self.groups, self.spatial.shape[2], self.spatial.shape[3]
         n_d, out = core.shape[3], self.k_out[0]
         ker = (core.reshape(g, out, n_d, r0, 1, 1) * self.spatial.view(g, 1, 1, r0, kh, kw)).sum(3)
+        b, h, w = x.shape[0], x.shape[2], x.shape[3]
+        ho = (h + 2 * self.conv_padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.conv_padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        if 8 <= ho * wo and b * ho * wo <= self.im2col_pixels and not torch.jit.is_tracing():
+            cols = F.unfold(x, [kh, kw], self.dilation, self.conv_padding, self.stride)  # (B, S kh kw, P)
+            nk = n_d * kh * kw
+            cols = cols.view(-1, nk, ho * wo)  # (B G A, n_d kh kw, P): a slice's channels are adjacent
+            wt = ker.view(1, g, 1, out, nk).expand(b, g, cols.shape[0] // (b * g), out, nk)
+            return torch.bmm(wt.reshape(-1, out, nk), cols).view(b, -1, ho, wo)
         if g == 1:  # the slices as a batch
-            h, w = x.shape[2], x.shape[3]
             y = F.conv2d(x.reshape(-1, n_d, h, w), ker.view(out, n_d, kh, kw), None, self.stride,
                          self.conv_padding, self.dilation)
-            return y.view(x.shape[0], -1, y.shape[2], y.shape[3])
+            return y.view(b, -1, y.shape[2], y.shape[3])
         a = self.rows[0]  # the slices as conv groups, each group's kernel repeated A times
         ker = ker.unsqueeze(1).expand(g, a, out, n_d, kh, kw).reshape(g * a * out, n_d, kh, kw)
         return F.conv2d(x, ker, None, self.stride, self.conv_padding, self.dilation, g * a)
