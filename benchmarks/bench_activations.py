@@ -1,4 +1,4 @@
-"""Activation methods vs weight decomposition on the shipped VGG-16 (Fashion-MNIST).
+"""Activation methods vs weight decomposition on the shipped VGG-16 or ResNet-20 (Fashion-MNIST).
 
 Accuracy vs MACs for RON alone, ASNet alone, Tucker-2 alone and RON on top of Tucker-2 at
 ``--fractions`` of the dense MACs, before and after the same fine-tune budget
@@ -8,6 +8,10 @@ same norm) of the dense and the compressed models.
 
 RON on Tucker-2 at a fraction f: Tucker-2 (``oneshot``) at sqrt(f), then RON at sqrt(f) of
 that model's MACs. ASNet's cut is the latest one that fits the fraction (rank 20, degree 2).
+On ResNet-20 (``--model resnet20``) RON starts inside the residual stages (blocks reduced
+jointly, see ``tensorslim.methods._ron_residual``) at its default start layer;
+``ron@<layer>`` in ``--methods`` runs RON from ``<layer>`` on (skipped where the dense layers
+before it already exceed the fraction).
 
 Full size (the default flags): 1024 calibration images, 2048 ASNet fitting samples,
 300 fine-tune steps of batch 128, the whole official test set. A reduced run that fits a
@@ -18,8 +22,19 @@ shared CPU (the numbers in the report come from it):
         --attack-samples 256
 
 (the training subset is then the first 1024 images of the seeded split, fine-tuning sees
-40 x 64 of them, accuracies are on the first 1000 official test images). Latencies are
-median wall times on 1 thread, batch 1 and batch 64 of random inputs.
+40 x 64 of them, accuracies are on the first 1000 official test images). The reduced
+ResNet-20 run (no ASNet, no attack):
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_activations.py --model resnet20 \
+        --methods ron ron@layers.1.0 tucker ron+tucker --fractions 0.5 0.25 --calib 512 \
+        --fit-samples 512 --finetune-steps 40 --batch 64 --test-samples 1000 \
+        --attack-samples 0 --rounds 11 --repeats 3 --out benchmarks/results/activations_resnet20
+
+Latencies (batch 1 and batch 64 of random inputs, ``--threads`` threads, fine-tuned models)
+are interleaved in one process: every round times each model (median of ``--repeats``
+calls) back to back; the speed-up is the median over ``--rounds`` rounds of the per-round
+ratio dense / model, so load shared by all models cancels. ``--attack-samples 0`` skips the
+universal-perturbation attack.
 """
 from __future__ import annotations
 
@@ -27,6 +42,8 @@ import argparse
 import copy
 import json
 import math
+import os
+import statistics
 import time
 from pathlib import Path
 
@@ -50,8 +67,9 @@ def _take(loader, n):
 
 
 def _compress(name, dense, x, frac, cal, fit):
-    if name == "ron":
-        return ron(dense, x, calibration=cal, target_macs=frac, progress=False).model
+    if name == "ron" or name.startswith("ron@"):  # ron@<start layer>: RON from that layer on
+        start = name.partition("@")[2] or None
+        return ron(dense, x, calibration=cal, target_macs=frac, start_layer=start, progress=False).model
     if name == "asnet":
         return asnet(dense, x, train_loader=fit, target_macs=frac, progress=False).model
     tucker_frac = frac if name == "tucker" else math.sqrt(frac)
@@ -61,8 +79,24 @@ def _compress(name, dense, x, frac, cal, fit):
     return ron(tucker, x, calibration=cal, target_macs=math.sqrt(frac), progress=False).model
 
 
-def _latency(model, x):
-    return ts.measure_latency(model, x, repeats=20, warmup=3, threads=1).median_ms
+def _interleaved(models, x, rounds, repeats):
+    """{name: (median ms, median per-round speed-up over "dense")}: each round times every
+    model (median of ``repeats`` calls on ``x``) back to back, so shared load cancels."""
+    times = {k: [] for k in models}
+    with torch.no_grad():
+        for m in models.values():  # warm-up
+            for _ in range(3):
+                m(x)
+        for _ in range(rounds):
+            for k, m in models.items():
+                calls = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    m(x)
+                    calls.append(time.perf_counter() - t)
+                times[k].append(statistics.median(calls))
+    return {k: (1e3 * statistics.median(v),
+                statistics.median(d / t for d, t in zip(times["dense"], v))) for k, v in times.items()}
 
 
 def main() -> None:
@@ -78,11 +112,17 @@ def main() -> None:
     p.add_argument("--attack-samples", type=int, default=1024)
     p.add_argument("--attack-eps", type=float, default=0.1)
     p.add_argument("--attack-fraction", type=float, default=0.25)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results/activations")
     a = p.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
     dense = ts.models.load_pretrained(a.model).eval()
-    loaders = ts.data.make_loaders(a.batch, augment=False, subset=max(a.calib, a.fit_samples))
+    pad = bool(ts.models.pretrained_info(a.model)["input"]["pad_to_32"])
+    loaders = ts.data.make_loaders(a.batch, augment=False, subset=max(a.calib, a.fit_samples),
+                                   pad_to_32=pad)
     cal = [x for x, _ in _take(loaders.train, a.calib)]
     fit = _take(loaders.train, a.fit_samples)
     test = _take(loaders.test, a.test_samples)
@@ -90,16 +130,18 @@ def main() -> None:
     xb = torch.randn(64, *x.shape[1:])
     base = ts.count(dense, x[:1]).total_macs
     rows = [{"method": "dense", "fraction": 1.0, "macs": base,
-             "acc": evaluate(dense, test)["accuracy"], "acc_ft": None,
-             "lat_b1": _latency(dense, x[:1]), "lat_b64": _latency(dense, xb)}]
+             "acc": evaluate(dense, test)["accuracy"], "acc_ft": None}]
     models = {}
     for frac in a.fractions:
         for name in a.methods:
             t = time.time()
-            m = _compress(name, dense, x, frac, cal, fit).eval()
+            try:
+                m = _compress(name, dense, x, frac, cal, fit).eval()
+            except ValueError as e:  # e.g. a fixed RON start whose dense prefix exceeds the target
+                print(f"skipped {name} at {frac}: {e}", flush=True)
+                continue
             row = {"method": name, "fraction": frac, "macs": ts.count(m, x[:1]).total_macs,
-                   "acc": evaluate(m, test)["accuracy"], "lat_b1": _latency(m, x[:1]),
-                   "lat_b64": _latency(m, xb)}
+                   "acc": evaluate(m, test)["accuracy"]}
             tuned = copy.deepcopy(m)
             if a.finetune_steps:
                 fine_tune(tuned, loaders.train, steps=a.finetune_steps, teacher=dense, progress=False)
@@ -108,8 +150,14 @@ def main() -> None:
             rows.append(row)
             models[(name, frac)] = tuned
             print(json.dumps(row), flush=True)
-    attacks = _attacks(dense, models, a, fit, test)
-    _report(rows, attacks, a)
+    timed = {"dense": dense, **{f"{n}@{f}": m.eval() for (n, f), m in models.items()}}
+    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None
+    for key, inp in (("b1", x[:1]), ("b64", xb)):
+        for row, (ms, speed) in zip(rows, _interleaved(timed, inp, a.rounds, a.repeats).values()):
+            row[f"lat_{key}"], row[f"speedup_{key}"] = ms, speed
+    print("load average before timing:", load, flush=True)
+    attacks = _attacks(dense, models, a, fit, test) if a.attack_samples else {}
+    _report(rows, attacks, a, load)
 
 
 def _attacks(dense, models, a, fit, test):
@@ -121,19 +169,27 @@ def _attacks(dense, models, a, fit, test):
     return out
 
 
-def _report(rows, attacks, a) -> None:
+def _report(rows, attacks, a, load) -> None:
     dense = rows[0]
     lines = ["| method | target | MACs (x fewer) | acc | acc after fine-tune | latency b1 (speed-up) "
              "| latency b64 (speed-up) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ft = "" if r["acc_ft"] is None else f"{100 * r['acc_ft']:.2f}"
         lines.append(f"| {r['method']} | {r['fraction']} | {r['macs']:,} ({dense['macs'] / r['macs']:.2f}x) "
-                     f"| {100 * r['acc']:.2f} | {ft} | {r['lat_b1']:.2f} ms ({dense['lat_b1'] / r['lat_b1']:.2f}x) "
-                     f"| {r['lat_b64']:.2f} ms ({dense['lat_b64'] / r['lat_b64']:.2f}x) |")
+                     f"| {100 * r['acc']:.2f} | {ft} | {r['lat_b1']:.2f} ms ({r['speedup_b1']:.2f}x) "
+                     f"| {r['lat_b64']:.2f} ms ({r['speedup_b64']:.2f}x) |")
+    lines += ["", f"{a.model}; latency: {a.threads} thread(s), median of {a.rounds} interleaved rounds "
+              f"(speed-up: median per-round ratio dense / model); load average before timing: {load}"]
+    if not attacks:
+        return _write(lines, rows, attacks, a)
     lines += ["", f"universal perturbation, ||delta|| = {a.attack_eps} x mean ||x||, models at "
               f"{a.attack_fraction} of the MACs (fine-tuned):", "| model | active direction | random |",
               "|---|---|---|"]
     lines += [f"| {k} | {100 * v['active']:.1f}% | {100 * v['random']:.1f}% |" for k, v in attacks.items()]
+    _write(lines, rows, attacks, a)
+
+
+def _write(lines, rows, attacks, a) -> None:
     text = "\n".join(lines)
     print(text)
     out = Path(a.out)

@@ -1,5 +1,5 @@
-"""RON: exactness at full rank, the plan (MACs, edits, JSON), replay, errors, and one short
-real run on Fashion-MNIST with the shipped VGG-16."""
+"""RON: exactness at full rank (VGG and residual networks, also on Tucker-2), the plan (MACs,
+edits, JSON), replay, errors, and one short real run on Fashion-MNIST with the shipped VGG-16."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import tensorslim as ts
-from tensorslim.methods import _ron_tail
+from tensorslim.methods import _ron_residual, _ron_tail
 from tensorslim.methods.ron import ron
 from tensorslim.plan import CompressionPlan
 from tensorslim.surgery import apply_edits
@@ -61,6 +61,88 @@ def test_full_rank_ron_on_top_of_tucker2_is_exact():
     res = ron(tucker, x[:2], calibration=[x], ranks="full", start_layer="features.24", progress=False)
     with torch.no_grad():
         assert _rel(res.model(x), tucker(x)) < 1e-12
+
+
+def _resnet() -> nn.Module:
+    torch.manual_seed(0)
+    m = ts.models.create("resnet20", width=0.25).double().eval()
+    with torch.no_grad():  # O(1) logits and live BNs, as in _vgg
+        for mod in m.modules():
+            if isinstance(mod, nn.Linear):
+                mod.weight.normal_(0, 0.3)
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.1)
+                mod.bias.normal_(0, 0.1)
+    return m
+
+
+@pytest.mark.parametrize("start", ["layers.1.0", "layers.2.1", "pool"])
+def test_full_rank_ron_reproduces_a_residual_network(start):
+    # every block's output from the sampled rows of both branches; layers.1.0 has a strided
+    # conv + BN shortcut, the others identity shortcuts
+    m, x = _resnet(), _inputs()
+    res = ron(m, x[:2], calibration=[x[:150], x[150:]], ranks="full", start_layer=start, progress=False)
+    n_blocks = sum(isinstance(mod, _ron_residual.ReducedBlock) for mod in res.model.fc)
+    assert n_blocks == {"layers.1.0": 6, "layers.2.1": 2, "pool": 0}[start]
+    with torch.no_grad():
+        assert _rel(res.model(x), m(x)) < 1e-12
+
+
+def test_full_rank_svd_bases_reproduce_a_residual_network():
+    # 600 samples >= every activation's dimension (512 entering layers.2.0, 256 after)
+    m, x = _resnet(), _inputs(600)
+    res = ron(m, x[:2], calibration=[x], ranks=10**6, start_layer="layers.2.0", progress=False)
+    assert res.history["ranks"] == [512] + [256] * 6
+    with torch.no_grad():
+        assert _rel(res.model(x), m(x)) < 1e-9
+
+
+def test_full_rank_ron_on_top_of_tucker2_resnet_is_exact():
+    m, x = _resnet(), _inputs()
+    tucker = ts.methods.oneshot(m, "tucker", x[:2], target_macs=0.6, progress=False).model.eval()
+    assert any(type(mod).__name__ == "TuckerConv2d" for mod in tucker.layers[1:].modules())
+    res = ron(tucker, x[:2], calibration=[x], ranks="full", start_layer="layers.1.0", progress=False)
+    with torch.no_grad():
+        assert _rel(res.model(x), tucker(x)) < 1e-12
+
+
+def test_run_affine_is_the_affine_map_of_the_modules():
+    # columns A U and offset b of conv + BN, checked on random coefficients: A U c + b == f(U c)
+    g = torch.Generator().manual_seed(3)
+    conv, bn = nn.Conv2d(3, 4, 3, stride=2, padding=1).double(), nn.BatchNorm2d(4).double().eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5, generator=g)
+        bn.bias.normal_(0, 0.5, generator=g)
+    U = torch.randn(3 * 6 * 6, 5, generator=g, dtype=torch.float64)
+    cols, bias = _ron_residual.run_affine([conv, bn], U, (3, 6, 6))
+    c = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        ref = bn(conv((U @ c).T.reshape(7, 3, 6, 6))).flatten(1).T
+    torch.testing.assert_close(cols @ c + bias[:, None], ref, rtol=0, atol=1e-12)
+
+
+def test_residual_plan_counts_exactly_and_replays():
+    m, x = _resnet(), _inputs()
+    res = ron(m, x[:2], calibration=[x], target_macs=0.5, progress=False)
+    plan, start = res.plan, res.history["start"]
+    assert start.startswith("layers.")  # the default start lies inside the residual stages
+    counted = ts.count(res.model, x[:1])
+    assert (plan.macs_after, plan.params_after) == (counted.total_macs, counted.total_params)
+    assert plan.macs_after <= 0.5 * plan.macs_before
+    (edit,) = plan.edits
+    layers = edit.args["layers"]
+    blocks = [mod for mod in res.model.fc if isinstance(mod, _ron_residual.ReducedBlock)]
+    skipped = [l for l in layers if l["skip_features"]]
+    assert len(skipped) == len(blocks) > 0
+    for l, b in zip(skipped, blocks):  # the skip input is the block's input: P_in rows
+        assert (l["skip_features"], l["out_features"]) == (b.skip.in_features, b.skip.out_features)
+        assert l["macs_after"] == b.outer.weight.numel() + b.skip.weight.numel()
+    assert sum(l["macs_after"] for l in layers) == counted.total_macs - (
+        plan.macs_before - sum(l["macs_before"] for l in layers))
+    fresh = apply_edits(_resnet(), plan.edits, weights=False)
+    fresh.load_state_dict(res.model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), res.model(x), rtol=0, atol=0)
 
 
 def test_max_pool_window_sampling_matches_max_pool():
@@ -120,8 +202,8 @@ def test_ron_refuses_bad_arguments():
     with pytest.raises(TypeError, match="registry VGG or ResNet"):
         ron(nn.Linear(3, 2), torch.zeros(1, 3), calibration=[torch.zeros(2, 3)], ranks=1, progress=False)
     r = ts.models.create("resnet20", width=0.25)
-    with pytest.raises(ValueError, match="accepted: pool"):
-        ron(r, x[:2].float(), calibration=[x.float()], ranks=3, start_layer="layers.2.0",
+    with pytest.raises(ValueError, match="start_layer/cut 'layers.2'.*accepted: layers.0.0"):
+        ron(r, x[:2].float(), calibration=[x.float()], ranks=3, start_layer="layers.2",
             progress=False)
 
 

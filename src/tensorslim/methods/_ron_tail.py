@@ -1,8 +1,8 @@
 """Cutting a registry VGG / ResNet at a layer and replacing everything after the cut.
 
 Shared by RON (:mod:`.ron`) and ASNet (:mod:`.asnet`). A *start* is the name of the first
-module replaced: ``features.<i>`` (a Conv2d, or a factorized conv, of a VGG's features), ``layers.<s>.<b>`` (a ResNet
-block) or ``pool`` (the global pooling before the classifier). The models' own ``forward`` is
+module replaced: ``features.<i>`` (a Conv2d, or a factorized conv, of a VGG's features),
+``layers.<s>.<b>`` (a ResNet block) or ``pool`` (the global pooling before the classifier). The models' own ``forward`` is
 kept: every module from the start on becomes ``nn.Identity`` and the classifier (``classifier``
 / ``fc``) becomes the new tail, which therefore receives ``flatten(z)`` of the cut activation
 ``z`` (B, C, H, W). The tails are small dense modules (``nn.Linear``, ``nn.ReLU``, a row
@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from ..layers.base import FactorizedLayer
-from ..models.resnet import ResNet
+from ..models.resnet import BasicBlock, ResNet
 from ..models.vgg import VGG
 from ..surgery import set_submodule
+from ._ron_residual import block_steps
 
-__all__ = ["Gather", "GroupMax", "starts", "tail_units", "cut_input", "install_cut",
+__all__ = ["Gather", "GroupMax", "starts", "tail_units", "tail_macs", "cut_input", "install_cut",
            "linear_steps", "pool_windows"]
 
 
@@ -59,19 +60,21 @@ def _arch(model: nn.Module, who: str) -> str:
                     f"(ts.models.create / load_pretrained), got {type(model).__name__}")
 
 
-def starts(model: nn.Module, who: str, *, blocks: bool) -> list[str]:
-    """The accepted start names in forward order (ResNet blocks only with ``blocks``)."""
+def starts(model: nn.Module, who: str, *, blocks: bool, first_block: bool = False) -> list[str]:
+    """The accepted start names in forward order (ResNet blocks only with ``blocks``; the
+    first block ``layers.0.0`` only with ``first_block`` too)."""
     if _arch(model, who) == "vgg":
         names = [f"features.{i}" for i, m in enumerate(model.features)
                  if isinstance(m, (nn.Conv2d, FactorizedLayer))]
     else:
         names = [f"layers.{s}.{b}" for s, st in enumerate(model.layers) for b in range(len(st))]
-        names = names[1:] if blocks else []
+        names = (names if first_block else names[1:]) if blocks else []
     return names + ["pool"]
 
 
-def check_start(model: nn.Module, start: Any, who: str, *, blocks: bool) -> str:
-    ok = starts(model, who, blocks=blocks)
+def check_start(model: nn.Module, start: Any, who: str, *, blocks: bool,
+                first_block: bool = False) -> str:
+    ok = starts(model, who, blocks=blocks, first_block=first_block)
     if start not in ok:
         raise ValueError(f"{who}: start_layer/cut {start!r} is not accepted for this "
                          f"{type(model).__name__}; accepted: {', '.join(ok)}")
@@ -90,6 +93,13 @@ def tail_units(model: nn.Module, start: str) -> list[tuple[str, nn.Module]]:
         body = blocks[[n for n, _ in blocks].index(start):] if start != "pool" else []
         head = [("fc", model.fc)]
     return body + [("pool", model.pool), ("flatten", nn.Flatten())] + head
+
+
+def tail_macs(model: nn.Module, start: str, macs: dict[str, int]) -> int:
+    """The part of ``macs`` (counted layer name -> MACs, as :func:`tensorslim.count` names
+    them) spent from ``start`` on: a unit's own row and the rows inside it (a block's convs)."""
+    units = [n for n, _ in tail_units(model, start)]
+    return sum(m for n, m in macs.items() if any(n == u or n.startswith(u + ".") for u in units))
 
 
 def head_name(model: nn.Module) -> str:
@@ -141,17 +151,22 @@ def install_cut(model: nn.Module, start: str, tail: nn.Module) -> None:
 
 
 def linear_steps(units: list[tuple[str, nn.Module]], who: str) -> list[dict[str, Any]]:
-    """Group the tail's modules into RON steps ``z_k = pool(act(f_k(z_{k-1})))``: ``f_k`` the
-    affine modules (conv, BatchNorm, Linear, average pooling, flatten, dropout), ``act`` a
-    ReLU, ``pool`` a MaxPool2d. Returns dicts {names, modules, act, pool}."""
+    """Group the tail's modules into RON steps ``z_k = pool(act(f_k(z_{k-1}) + g_k(z_{k-2})))``:
+    ``f_k`` the affine modules (conv, BatchNorm, Linear, average pooling, flatten, dropout),
+    ``act`` a ReLU, ``pool`` a MaxPool2d; a ResNet BasicBlock gives two steps (see
+    :func:`._ron_residual.block_steps`), the second with its shortcut as ``g_k`` (``skip``,
+    else None). Returns dicts {names, modules, act, pool, label, skip}."""
     affine = (nn.Conv2d, nn.BatchNorm2d, nn.Linear, nn.AdaptiveAvgPool2d, nn.AvgPool2d,
               nn.Flatten, nn.Dropout, nn.Identity, FactorizedLayer)  # factorized: linear too
     steps: list[dict[str, Any]] = []
     for name, m in units:
         cur = steps[-1] if steps else None
-        if isinstance(m, affine):
+        if isinstance(m, BasicBlock):
+            steps.extend(block_steps(name, m, who))
+        elif isinstance(m, affine):
             if cur is None or cur["act"] or cur["pool"] is not None:
-                cur = {"names": [], "modules": [], "act": False, "pool": None}
+                cur = {"names": [], "modules": [], "act": False, "pool": None, "label": name,
+                       "skip": None}
                 steps.append(cur)
             cur["names"].append(name)
             cur["modules"].append(m)
@@ -161,7 +176,8 @@ def linear_steps(units: list[tuple[str, nn.Module]], who: str) -> list[dict[str,
             cur["pool"] = m
         else:
             raise ValueError(f"{who}: cannot reduce module {name} ({type(m).__name__}) after the "
-                             f"start; supported: Conv2d, BatchNorm2d, Linear, pooling, ReLU, MaxPool2d")
+                             f"start; supported: Conv2d, BatchNorm2d, Linear, pooling, ReLU, "
+                             f"MaxPool2d, BasicBlock")
     return steps
 
 

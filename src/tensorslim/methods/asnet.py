@@ -152,8 +152,7 @@ def _pick_cut(model, cut, target_macs, macs, total, head_macs) -> str:
         return DEFAULT_CUT["vgg" if isinstance(model, tail_lib.VGG) else "resnet"]
     ok = []
     for name in tail_lib.starts(model, "asnet", blocks=True):
-        tail = {n for n, _ in tail_lib.tail_units(model, name)}
-        if total - sum(m for n, m in macs.items() if n in tail) + head_macs(name) <= target_macs * total:
+        if total - tail_lib.tail_macs(model, name, macs) + head_macs(name) <= target_macs * total:
             ok.append(name)
     if not ok:
         raise ValueError(f"asnet: target_macs={target_macs} is not reachable: even the earliest cut "

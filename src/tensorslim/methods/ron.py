@@ -17,10 +17,11 @@ The network output (logits, D_K = classes) is kept whole (V_K = I, S_K = all row
 final projection ``V_K (S_K V_K)^+`` is the identity. Each reduced step is one
 ``nn.Linear(P_{k-1} -> g P_k)``, so the result is counted exactly by :func:`tensorslim.count`.
 
-Scope: the layers before ``start_layer`` stay as they are (the talk applies RON where the
-activations are small: the later blocks and the head). On a ResNet, RON starts after the
-residual blocks (``start_layer="pool"``: the global pooling and the classifier); residual
-branches are not approximated jointly. The plan records everything as one ``Edit``
+Residual blocks are approximated jointly (:mod:`._ron_residual`): a ResNet BasicBlock's
+sampled output rows are computed from the sampled rows of both branches,
+``s_out = relu(W_2 s_h + W_sc s_in + b)``, so RON can start at any block
+(``start_layer="layers.<s>.<b>"``). Scope: the layers before ``start_layer`` stay as they are
+(the talk applies RON where it pays: the later blocks and the head). The plan records everything as one ``Edit``
 (``ron_tail``: per reduced layer the kept dimension, rows, sampled positions and MACs), which
 :func:`tensorslim.load` replays to the right shapes; the reduced weights depend on the
 calibration data, so replaying the plan on a dense model with weights is refused.
@@ -40,6 +41,7 @@ from ..cost import as_tuple, count
 from ..plan import CompressionPlan, Edit
 from ..surgery import register_edit
 from ..tensor.maxvol import rect_maxvol
+from . import _ron_residual as res_lib
 from . import _ron_tail as tail_lib
 from .registry import Pipeline, register_pipeline
 
@@ -65,7 +67,15 @@ class RONResult:
 def _build_tail(args: Mapping[str, Any]) -> nn.Sequential:
     """The reduced modules an edit's args describe (weights uninitialised)."""
     mods: list[nn.Module] = [tail_lib.Gather(args["sampled"])]
-    for layer in args["layers"]:
+    layers = list(args["layers"])
+    for k, layer in enumerate(layers):
+        if k + 1 < len(layers) and int(layers[k + 1].get("skip_features", 0)):
+            continue  # the inner half of a residual block, built with the next entry
+        if int(layer.get("skip_features", 0)):
+            if k == 0:
+                raise ValueError(f"edit {OP}: the first layer entry cannot have a skip input")
+            mods.append(res_lib.build_block(layers[k - 1], layer, f"edit {OP}"))
+            continue
         mods.append(nn.Linear(int(layer["in_features"]), int(layer["out_features"])))
         if layer["act"]:
             mods.append(nn.ReLU())
@@ -80,7 +90,7 @@ def _replay(model: nn.Module, edit: Edit, weights: bool) -> None:
                          f"calibration data and cannot be rebuilt from the dense model; load the "
                          f"checkpoint with tensorslim.load, or run methods.ron.ron again")
     start = edit.args.get("start")
-    tail_lib.check_start(model, start, f"edit {OP}", blocks=False)
+    tail_lib.check_start(model, start, f"edit {OP}", blocks=True, first_block=True)
     if edit.target != tail_lib.head_name(model) or not edit.args.get("layers"):
         raise ValueError(f"edit {OP}: target {edit.target!r} / args do not fit this "
                          f"{type(model).__name__} (expected target {tail_lib.head_name(model)!r})")
@@ -115,17 +125,23 @@ def _inputs(calibration: Any):
 
 
 def _activations(steps: list[dict], z0: torch.Tensor) -> tuple[list[torch.Tensor], list]:
-    """Flattened activations z_0..z_K (N, D_k) and each step's pre-pool shape."""
-    zs, pre_shapes, z = [z0.flatten(1)], [], z0
+    """Flattened activations z_0..z_K (N, D_k) and each step's pre-pool shape; a step with a
+    ``skip`` adds its shortcut of the previous step's input (a residual block's output)."""
+    raw, pre_shapes, z = [z0], [], z0
     with torch.no_grad():
-        for st in steps:
+        for k, st in enumerate(steps):
             for m in st["modules"]:
                 z = m(z)
+            if st["skip"] is not None:
+                short = raw[k - 1]
+                for m in st["skip"]:
+                    short = m(short)
+                z = z + short
             pre_shapes.append(tuple(z.shape[1:]))
             z = torch.relu(z) if st["act"] else z
             z = st["pool"](z) if st["pool"] is not None else z
-            zs.append(z.flatten(1))
-    return zs, pre_shapes
+            raw.append(z)
+    return [r.flatten(1) for r in raw], pre_shapes
 
 
 def _rank_for(sv: torch.Tensor, t: float) -> int:
@@ -164,16 +180,19 @@ def _rows(r: int, dim: int, oversample: float) -> int:
     return min(dim, max(r, math.ceil(oversample * r)))
 
 
-def _tail_macs(rows: list[int], groups: list[int], out_dim: int) -> int:
+def _tail_macs(rows: list[int], groups: list[int], out_dim: int, skips: Sequence[int] = ()) -> int:
+    """MACs of the reduced layers: step k maps P_k rows to g_{k+1} P_{k+1}; a step in
+    ``skips`` also maps the previous step's input (P_{k-1} rows) to its output."""
     outs = [g * p for g, p in zip(groups[1:], rows[1:])] + [out_dim]
-    return sum(o * p for o, p in zip(outs, rows))
+    return sum(o * p for o, p in zip(outs, rows)) + sum(outs[k] * rows[k - 1] for k in skips)
 
 
-def _energy_for_budget(svs, dims, groups, out_dim, oversample, budget) -> tuple[float, list[int]]:
+def _energy_for_budget(svs, dims, groups, out_dim, oversample, budget, skips) -> tuple[float, list[int]]:
     """The largest kept-energy share t whose ranks fit ``budget`` MACs (bisection)."""
     def macs(t):
         rs = [_rank_for(sv, t) for sv in svs]
-        return _tail_macs([_rows(r, d, oversample) for r, d in zip(rs, dims)], groups, out_dim), rs
+        return _tail_macs([_rows(r, d, oversample) for r, d in zip(rs, dims)], groups, out_dim,
+                          skips), rs
 
     low, ranks = macs(0.0)
     if low > budget:
@@ -186,31 +205,29 @@ def _energy_for_budget(svs, dims, groups, out_dim, oversample, budget) -> tuple[
 
 
 def _default_start(model: nn.Module, dense_macs: Mapping[str, int], budget: float) -> str:
-    names = tail_lib.starts(model, "ron", blocks=False)
+    names = tail_lib.starts(model, "ron", blocks=True, first_block=True)
     total = sum(dense_macs.values())
     best = names[0]
     for name in names:
-        tail = {n for n, _ in tail_lib.tail_units(model, name)}
-        prefix = total - sum(m for n, m in dense_macs.items() if n in tail)
+        prefix = total - tail_lib.tail_macs(model, name, dense_macs)
         if prefix <= START_SHARE * budget:
             best = name
     return best
 
 
 def _reduced_weights(steps, in_shapes, U_prev, sel, windows):
-    """(weight, bias) of every reduced Linear: rows of A_k U_{k-1} and b_k, computed by
-    running the step's modules on U_{k-1}'s columns (and on zero for the bias)."""
+    """(weight, bias, skip weight or None) of every reduced step: rows of A_k U_k and b_k,
+    computed by running the step's modules on U_k's columns (and on zero for the bias); a
+    residual step adds its shortcut's rows of A_sc U_{k-1} (and the shortcut's bias)."""
     out = []
-    with torch.no_grad():
-        for k, st in enumerate(steps):
-            U = U_prev[k]
-            x = torch.cat([U.T, torch.zeros(1, U.shape[0], dtype=U.dtype)]).reshape(-1, *in_shapes[k])
-            for m in st["modules"]:
-                x = m(x)
-            x = x.flatten(1)
-            bias, cols = x[-1], x[:-1] - x[-1]
-            rows = windows[k][sel[k]].flatten() if windows[k] is not None else sel[k]
-            out.append((cols[:, rows].T.contiguous(), bias[rows].clone()))
+    for k, st in enumerate(steps):
+        cols, bias = res_lib.run_affine(st["modules"], U_prev[k], in_shapes[k])
+        rows = windows[k][sel[k]].flatten() if windows[k] is not None else sel[k]
+        w, b, ws = cols[rows].contiguous(), bias[rows], None
+        if st["skip"] is not None:
+            sc_cols, sc_bias = res_lib.run_affine(st["skip"], U_prev[k - 1], in_shapes[k - 1])
+            ws, b = sc_cols[rows].contiguous(), b + sc_bias[rows]
+        out.append((w, b, ws))
     return out
 
 
@@ -228,10 +245,13 @@ def ron(model: nn.Module, example_inputs: Any, *, calibration: Any,
     ``target_macs`` (a fraction of the dense MACs: one kept-energy share of the activations'
     squared singular values for all layers, the largest that fits) or ``ranks`` (``"full"``:
     V_k = I and every row, the exact network; an int, a fraction in (0, 1] of each activation's
-    available rank, a list with one value per reduced activation or a mapping name -> value).
+    available rank, a list with one value per reduced activation or a mapping name -> value;
+    a ResNet block gives two activations, named ``layers.<s>.<b>.conv1`` (its branch's inner
+    activation) and ``layers.<s>.<b>`` (its output)).
     ``oversample``: rows P_k = ceil(oversample * r_k). ``start_layer``: the first replaced
-    module (see :func:`tensorslim.methods._ron_tail.starts`; default: the latest whose dense
-    prefix costs at most half the MAC budget). ``finetune_steps > 0`` fine-tunes the result on
+    module, ``features.<i>`` (a VGG conv), ``layers.<s>.<b>`` (a ResNet block: every block from
+    there on is reduced jointly over both branches) or ``pool`` (default: the latest whose
+    dense prefix costs at most half the MAC budget). ``finetune_steps > 0`` fine-tunes the result on
     ``train_loader`` (distilling from the dense model) with ``finetune_lr`` and ``seed`` (the
     reduction itself makes no random choices).
     """
@@ -241,8 +261,8 @@ def ron(model: nn.Module, example_inputs: Any, *, calibration: Any,
     before = count(dense, x1)
     dense_macs = {l.name: l.macs for l in before.layers}
     budget = (target_macs or 1.0) * before.total_macs
-    start = tail_lib.check_start(dense, start_layer, "ron", blocks=False) if start_layer is not None \
-        else _default_start(dense, dense_macs, budget)
+    start = tail_lib.check_start(dense, start_layer, "ron", blocks=True, first_block=True) \
+        if start_layer is not None else _default_start(dense, dense_macs, budget)
     steps = tail_lib.linear_steps(tail_lib.tail_units(dense, start), "ron")
     bar = (lambda it: tqdm(it, desc="ron calibration", leave=False)) if progress else None
     z0 = tail_lib.cut_input(dense, start, _inputs(calibration), max_samples, bar)
@@ -250,10 +270,11 @@ def ron(model: nn.Module, example_inputs: Any, *, calibration: Any,
     in_shapes = [tuple(z0.shape[1:])] + [_unflat_shape(st, pre) for st, pre in zip(steps, pre_shapes)]
     dims = [z.shape[1] for z in zs[:-1]]
     groups = [1] + [_group(st) for st in steps[:-1]]
-    names = ["input"] + [st["names"][0] for st in steps[:-1]]
-    tail_dense = sum(dense_macs.get(n, 0) for st in steps for n in st["names"])
+    names = ["input"] + [st["label"] for st in steps[:-1]]
+    skips = [k for k, st in enumerate(steps) if st["skip"] is not None]
+    tail_dense = tail_lib.tail_macs(dense, start, dense_macs)
     energy, bases, rank_list = _bases(zs[:-1], dims, groups, zs[-1].shape[1], ranks, names, oversample,
-                                      budget - (before.total_macs - tail_dense), progress)
+                                      budget - (before.total_macs - tail_dense), progress, skips)
     rows_n = [_rows(r, d, oversample) for r, d in zip(rank_list, dims)]
     sel = [torch.arange(d) if ranks == "full" else rect_maxvol(V, p) for V, p, d in zip(bases, rows_n, dims)]
     U = [V @ torch.linalg.pinv(V[s]) for V, s in zip(bases, sel)]
@@ -263,17 +284,29 @@ def ron(model: nn.Module, example_inputs: Any, *, calibration: Any,
     weights = _reduced_weights(steps, in_shapes, U, sel_out, windows)
     args = _edit_args(start, steps, z0, sel, rank_list, dims, groups, weights, dense_macs)
     tail = _build_tail(args).to(zs[0].dtype)
-    linears = [m for m in tail if isinstance(m, nn.Linear)]
     with torch.no_grad():
-        for lin, (w, b) in zip(linears, weights):
+        for (lin, skip), (w, b, ws) in zip(_step_linears(tail), weights):
             lin.weight.copy_(w)
             lin.bias.copy_(b)
+            if skip is not None:
+                skip.weight.copy_(ws)
     student = copy.deepcopy(model)
     tail_lib.install_cut(student, start, tail)
     student.eval()
     return _finish(model, student, x1, before, args, start, energy, rank_list, rows_n, zs, tail,
                    dict(target_macs=target_macs, ranks=ranks), train_loader, finetune_steps,
                    finetune_lr, progress, seed)
+
+
+def _step_linears(tail: nn.Sequential) -> list[tuple[nn.Linear, nn.Linear | None]]:
+    """(Linear, skip Linear or None) of every reduced step, in order."""
+    out: list[tuple[nn.Linear, nn.Linear | None]] = []
+    for m in tail:
+        if isinstance(m, nn.Linear):
+            out.append((m, None))
+        elif isinstance(m, res_lib.ReducedBlock):
+            out += [(m.inner, None), (m.outer, m.skip)]
+    return out
 
 
 def _group(step: dict) -> int:
@@ -291,16 +324,16 @@ def _unflat_shape(step: dict, pre: tuple) -> tuple:
     return tuple(step["pool"](torch.zeros(1, *pre)).shape[1:])
 
 
-def _bases(zs, dims, groups, out_dim, ranks, names, oversample, budget, progress):
+def _bases(zs, dims, groups, out_dim, ranks, names, oversample, budget, progress, skips):
     """Energy share, bases V_k (D_k, r_k) and ranks for every reduced activation."""
     if ranks == "full":
         return 1.0, [torch.eye(d, dtype=z.dtype) for z, d in zip(zs, dims)], list(dims)
     svd = [torch.linalg.svd(z, full_matrices=False) for z in tqdm(zs, desc="ron bases", disable=not progress, leave=False)]
     svs = [s for _, s, _ in svd]
     if ranks is None:
-        energy, rank_list = _energy_for_budget(svs, dims, groups, out_dim, oversample, budget)
+        energy, rank_list = _energy_for_budget(svs, dims, groups, out_dim, oversample, budget, skips)
         if energy < 0:
-            low = _tail_macs([_rows(1, d, oversample) for d in dims], groups, out_dim)
+            low = _tail_macs([_rows(1, d, oversample) for d in dims], groups, out_dim, skips)
             raise ValueError(f"ron: the MAC target is not reachable from this start_layer: rank 1 "
                              f"everywhere already costs {low} MACs in the reduced part, over the "
                              f"{budget:.0f} left after the dense layers before the cut; choose an "
@@ -314,7 +347,7 @@ def _bases(zs, dims, groups, out_dim, ranks, names, oversample, budget, progress
 def _edit_args(start, steps, z0, sel, rank_list, dims, groups, weights, dense_macs) -> dict:
     layers = []
     for k, st in enumerate(steps):
-        w, _ = weights[k]
+        w, _, ws = weights[k]
         last = k == len(steps) - 1
         layers.append({"names": list(st["names"]), "act": bool(st["act"]),
                        "group": 1 if last else groups[k + 1],
@@ -322,8 +355,9 @@ def _edit_args(start, steps, z0, sel, rank_list, dims, groups, weights, dense_ma
                        "rows": int(w.shape[0]) // (1 if last else groups[k + 1]),
                        "sampled": None if last else sel[k + 1].tolist(),
                        "in_features": int(w.shape[1]), "out_features": int(w.shape[0]),
+                       "skip_features": 0 if ws is None else int(ws.shape[1]),
                        "macs_before": int(sum(dense_macs.get(n, 0) for n in st["names"])),
-                       "macs_after": int(w.numel())})
+                       "macs_after": int(w.numel() + (0 if ws is None else ws.numel()))})
     return {"start": start, "input_shape": list(z0.shape[1:]), "dim": dims[0], "rank": rank_list[0],
             "sampled": sel[0].tolist(), "layers": layers}
 
