@@ -39,8 +39,9 @@ def _batches(n: int = 4) -> list:
             for _ in range(n)]
 
 
+# the LC mechanics on the toy model are tested with label-only W-steps (no dense teacher)
 RUN = dict(target_macs=0.4, lc_steps=5, steps_per_lc_step=8, mu0=0.05, mu_growth=2.5, lr=0.05,
-           bn_steps=0, progress=False)
+           bn_steps=0, wstep_distill=False, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,53 @@ def test_compressed_layers_run_theta_the_last_projection(tmp_path):
             sv = torch.linalg.svdvals(theta.double().reshape(theta.shape[0], -1))
             assert int((sv > 1e-5 * sv[0]).sum()) == s.rank
         torch.testing.assert_close(kernel.reshape(theta.shape).float(), theta, rtol=0, atol=2e-5)
+
+
+def test_w_step_distils_from_the_dense_model():
+    """With ``distill_alpha=1`` the W-step loss is the KD loss alone, so the labels do not
+    matter; without W-step distillation (or with alpha 0.5) they do. The recorded loss of
+    LC step 1 is train()'s mean KD loss of the first W-step."""
+    base = {**RUN, "lc_steps": 2, "steps_per_lc_step": 3, "finetune_steps": 0}
+    batches = _batches(3)
+    flipped = [(x, (y + 3) % 10) for x, y in batches]
+
+    def run(data, **kw):
+        res = ltc(_toy(), X, train_loader=data, **{**base, **kw})
+        return [h["loss"] for h in res.history], res.model.state_dict()
+
+    for kw, same in (({"wstep_distill": True, "distill_alpha": 1.0}, True),
+                     ({"wstep_distill": True, "distill_alpha": 0.5}, False),
+                     ({"wstep_distill": False}, False)):
+        (la, sa), (lb, sb) = run(batches, **kw), run(flipped, **kw)
+        assert (la == lb and all(torch.equal(sa[k], sb[k]) for k in sa)) is same, kw
+    # the KD-only loss of LC step 1 equals train() on the same copy, hooks and teacher
+    loss = run(batches, wstep_distill=True, distill_alpha=1.0, distill_T=2.0)[0][0]
+    from tensorslim.methods._musco_state import _StageLoader
+    from tensorslim.train import train
+
+    opts = LTCOptions(**{k: v for k, v in base.items() if k != "progress"})
+    work, teacher = _toy(), _toy().eval()
+    ranks, thetas, _ = core.c_step([core.price(l, "macs", ts.count(work, X[:1]).total_macs)
+                                    for l in _layers(work)], work, {}, opts.mu(0), None,
+                                   _toy_budget(work, 0.4))
+    for name, theta in thetas.items():
+        w = work.get_submodule(name).weight
+        w.register_hook(core.Penalty(w, theta, torch.zeros_like(theta), opts.mu(1)))
+    hist = train(work, _StageLoader(batches, 10_000), steps=3, lr=0.05, schedule="constant",
+                 momentum=0.9, weight_decay=0.0, teacher=teacher, distill_alpha=1.0,
+                 distill_T=2.0, seed=1, progress=False, log_every=0)
+    assert loss == pytest.approx(hist["loss"][-1], rel=1e-6)
+
+
+def _layers(model):
+    from tensorslim.planning import collect_layers
+
+    return collect_layers(model, "auto", ts.count(model, X[:1]), {"include": None, "exclude": None})[0]
+
+
+def _toy_budget(model, target):
+    total = ts.count(model, X[:1]).total_macs
+    return core.budget(target, None, "macs", [core.price(l, "macs", total) for l in _layers(model)])
 
 
 def test_lambda_zero_keeps_every_layer_and_a_huge_lambda_gives_minimum_ranks():

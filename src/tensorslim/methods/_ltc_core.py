@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..planning.candidates import PlannedLayer, layer_cost, objective_index
@@ -126,6 +127,22 @@ def project(layer: LCLayer, spec: Spectrum, v: torch.Tensor, rank: Any) -> torch
     return theta.reshape(v.shape).to(v.dtype)
 
 
+def budget(target_macs: float | None, target_params: float | None, objective: str,
+           layers: list[LCLayer]) -> float | None:
+    """The layers' share of the target (model fraction), or None without a target (``lam``).
+    ValueError when the smallest ranks do not fit."""
+    target = target_macs if target_macs is not None else target_params
+    if target is None:
+        return None
+    fixed = 1.0 - sum(l.dense_cost for l in layers)  # layers kept dense and uncounted ops
+    lowest = fixed + sum(float(l.cost.min()) for l in layers)
+    name = "target_macs" if target_macs is not None else "target_params"
+    if lowest > target:
+        raise ValueError(f"ltc: {name}={target} is unreachable: the smallest Tucker-2/SVD ranks "
+                         f"keep {lowest:.4f} of the dense model's {objective}")
+    return target - fixed
+
+
 def lam_for_target(layers: list[LCLayer], specs: list[Spectrum], mu: float, budget: float
                    ) -> float:
     """The smallest price ``lam`` whose C-step keeps the layers' total cost (model fraction)
@@ -182,6 +199,28 @@ def _unflat(layer: LCLayer, i: int) -> Any:
     return (i // layer.cost.shape[1] + 1, i % layer.cost.shape[1] + 1) if layer.tucker else i + 1
 
 
+def _group() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def share(ranks: dict, thetas: dict, lam: float) -> tuple[dict, dict, float]:
+    """Rank 0's C-step result on every rank of a process group (as given outside one).
+    The ranks agree on W, but a rank choice on a tie could differ between their LAPACK
+    calls, and then so would the compressed architectures."""
+    if not _group():
+        return ranks, thetas, lam
+    box = [ranks, lam]
+    dist.broadcast_object_list(box, src=0)
+    for name in sorted(thetas):
+        dist.broadcast(thetas[name], src=0)
+    return box[0], thetas, box[1]
+
+
+def barrier() -> None:
+    if _group():
+        dist.barrier()
+
+
 class Penalty:
     """The W-step's penalty gradient for one weight: ``mu * (W - Theta) - phi``, the gradient
     of ``mu/2 ||W - Theta - phi/mu||^2``, added to the loss gradient by a tensor hook (the
@@ -214,6 +253,8 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def _is_main() -> bool:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
 
 

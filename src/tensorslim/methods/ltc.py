@@ -10,7 +10,8 @@ is solved with the augmented Lagrangian
 1. start: ``Theta`` = the C-step of the trained weights at ``mu0``, ``phi = 0``;
 2. per LC step k: W-step: ``steps_per_lc_step`` SGD steps on ``L(W) + mu/2 ||W - Theta - phi/mu||^2``
    (:func:`tensorslim.train.train`, the penalty's gradient added by a hook on each weight,
-   so the DDP path of ``train`` is used unchanged under ``torchrun``); C-step: per layer,
+   so the DDP path of ``train`` is used unchanged under ``torchrun``; by default L is
+   distilled from the dense model as the fine-tuning of one-shot methods is); C-step: per layer,
    the rank minimising ``lam C(r) + mu/2 ||v - Pi_r(v)||^2``, ``v = W - phi/mu``
    (:mod:`tensorslim.rank.lc`: Tucker-2 HOSVD of the two channel unfoldings for convs with a
    spatial kernel, SVD for Linear and 1x1 convs), ``Theta = Pi_r(v)``; then
@@ -33,10 +34,16 @@ MACs are counted per sample (the first item of ``example_inputs``'s batch), so
 
     res = ltc(model, x, train_loader=train, target_macs=0.25, lc_steps=4, steps_per_lc_step=25)
     res.model, res.plan, res.history
+
+Under ``torchrun`` the run joins one process group for all its steps (or uses the caller's):
+every W-step trains through DDP, every C-step's ranks and Theta are rank 0's (broadcast, so
+a tie decided differently by another rank's LAPACK cannot split the ranks), and only rank 0
+writes the state folder.
 """
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import time
@@ -45,12 +52,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..configs import check_int, check_number, resolve, to_dict
 from ..cost import as_tuple, count
-from ..plan import CompressionPlan, LayerSpec
+from ..ddp import setup_distributed, teardown
+from ..plan import CompressionPlan
 from ..planning import build_spec, collect_layers
 from . import _ltc_core as core
 from ._musco_state import _StageLoader
@@ -67,10 +76,13 @@ class LTCOptions:
     target's, ``macs`` with ``lam``). ``mu0``, ``mu_growth``: the penalty schedule
     ``mu_k = mu0 * mu_growth**k``. ``lc_steps``: LC steps (W-step + C-step). ``lr``,
     ``lr_decay``, ``momentum``, ``weight_decay``: SGD of the W-steps (constant rate within a
-    step, ``lr * lr_decay**k`` in step k). ``lagrangian``: keep the multipliers phi
-    (augmented Lagrangian) or not (quadratic penalty). Then ``bn_steps`` BatchNorm
-    re-calibration batches (None: recover's default) and ``finetune_steps`` fine-tuning
-    steps (``finetune_lr``, distilled from the dense model when ``distill``). ``include`` /
+    step, ``lr * lr_decay**k`` in step k); ``wstep_distill``: the W-steps' loss L is
+    ``(1 - distill_alpha) CE + distill_alpha KD`` (KD at temperature ``distill_T`` from the
+    dense model, the fine-tuning loss of the other methods) instead of CE alone.
+    ``lagrangian``: keep the multipliers phi (augmented Lagrangian) or not (quadratic
+    penalty). Then ``bn_steps`` BatchNorm re-calibration batches (None: recover's default)
+    and ``finetune_steps`` fine-tuning steps (``finetune_lr``, distilled from the dense model
+    with the same ``distill_alpha`` / ``distill_T`` when ``distill``). ``include`` /
     ``exclude``: glob patterns of the layers to compress / keep dense."""
 
     lam: float | None = None
@@ -85,6 +97,9 @@ class LTCOptions:
     lr_decay: float = 0.98
     momentum: float = 0.9
     weight_decay: float = 0.0
+    wstep_distill: bool = True
+    distill_alpha: float = 0.5
+    distill_T: float = 4.0
     lagrangian: bool = True
     bn_steps: int | None = None
     finetune_steps: int = 0
@@ -115,6 +130,8 @@ class LTCOptions:
                                ("lr", lambda v: 0 < v < math.inf, "a number > 0"),
                                ("finetune_lr", lambda v: 0 < v < math.inf, "a number > 0"),
                                ("lr_decay", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                               ("distill_alpha", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                               ("distill_T", lambda v: 0 < v < math.inf, "a number > 0"),
                                ("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
                                ("weight_decay", lambda v: 0 <= v < math.inf, "a number >= 0")):
             check_number(name, getattr(self, name), ok, text, where=w)
@@ -123,7 +140,7 @@ class LTCOptions:
         check_int("finetune_steps", self.finetune_steps, 0, where=w)
         check_int("bn_steps", self.bn_steps, 0, where=w, none_ok=True)
         check_int("seed", self.seed, 0, where=w)
-        for name in ("lagrangian", "distill"):
+        for name in ("lagrangian", "distill", "wstep_distill"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"ltc: {name} must be True or False, got {getattr(self, name)!r}")
         for name in ("include", "exclude"):
@@ -182,6 +199,17 @@ def ltc(model: nn.Module, example_inputs: Any, options: LTCOptions | Mapping[str
         raise ValueError("ltc needs example_inputs (a tensor or tuple) to trace layer shapes")
     if max_lc_steps_this_call is not None:
         check_int("max_lc_steps_this_call", max_lc_steps_this_call, 0, where="ltc")
+    env = setup_distributed(None)  # under torchrun: one group for every step (or the caller's)
+    try:
+        return _run(model, example_inputs, opts, train_loader, state_dir,
+                    max_lc_steps_this_call, progress)
+    finally:
+        teardown(env)  # collects the W-steps' DDP wrappers, then leaves the group it joined
+
+
+def _run(model: nn.Module, example_inputs: Any, opts: LTCOptions, train_loader: Any,
+         state_dir: Any, max_lc_steps_this_call: int | None, progress: bool) -> LTCResult:
+    """The LC loop of :func:`ltc` (arguments checked, inside the process group if any)."""
     run = _setup(model, example_inputs, opts, state_dir)
     ranks, thetas, phis, history = _start(run, progress)
     ran = 0
@@ -212,6 +240,7 @@ class _LTCRun:
     total: float
     budget: float | None
     work: nn.Module
+    teacher: nn.Module | None  # a frozen copy of the dense model (W-step distillation)
     config: dict
     folder: Path | None
     fp: str
@@ -224,7 +253,7 @@ def _setup(model: nn.Module, example_inputs: Any, opts: LTCOptions, state_dir: A
     report = count(model, x1)
     goal = {"include": opts.include, "exclude": opts.exclude}
     todo, kept = collect_layers(model, "auto", report, goal)
-    kept += [_dense_spec(l, "kept dense: ltc does not learn ranks of grouped convs")
+    kept += [build_spec(l, "kept dense: ltc does not learn ranks of grouped convs")
              for l in todo if getattr(l.module, "groups", 1) != 1]
     todo = [l for l in todo if getattr(l.module, "groups", 1) == 1]
     total = float(report.total_params if opts.objective == "params" else report.total_macs)
@@ -232,7 +261,9 @@ def _setup(model: nn.Module, example_inputs: Any, opts: LTCOptions, state_dir: A
     config = {**opts.to_dict(), "example_shape": [list(t.shape) for t in x1 if isinstance(t, torch.Tensor)]}
     folder = Path(state_dir) if state_dir is not None else None
     fp = core.fingerprint(model) if folder is not None else ""
-    return _LTCRun(opts, report, layers, kept, total, _budget(opts, layers), copy.deepcopy(model),
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if opts.wstep_distill else None
+    budget = core.budget(opts.target_macs, opts.target_params, opts.objective, layers)
+    return _LTCRun(opts, report, layers, kept, total, budget, copy.deepcopy(model), teacher,
                    config, folder, fp)
 
 
@@ -240,6 +271,7 @@ def _start(run: _LTCRun, progress: bool) -> tuple[dict, dict, dict, list]:
     """(ranks, thetas, phis, history) after the initial C-step (at mu0, phi = 0) or, with a
     saved run in the state folder, after its last LC step (its weights loaded)."""
     saved = core.load_state(run.folder, run.config, run.fp, run.work)
+    core.barrier()  # every rank has looked for a saved run before rank 0 writes one
     if saved is not None:
         k, history, thetas, phis = saved
         if progress:
@@ -247,29 +279,12 @@ def _start(run: _LTCRun, progress: bool) -> tuple[dict, dict, dict, list]:
         ranks = {n: (tuple(r) if isinstance(r, list) else r) for n, r in history[-1]["ranks"].items()}
         return ranks, thetas, phis, history
     opts, t0 = run.opts, time.perf_counter()
-    ranks, thetas, lam = core.c_step(run.layers, run.work, {}, opts.mu(0), opts.lam, run.budget)
+    ranks, thetas, lam = core.share(*core.c_step(run.layers, run.work, {}, opts.mu(0), opts.lam,
+                                                 run.budget))
     phis = {l.name: torch.zeros_like(thetas[l.name]) for l in run.layers} if opts.lagrangian else {}
     history = [_record(0, run, lam, ranks, thetas, None, 0.0, time.perf_counter() - t0)]
     core.save_state(run.folder, 0, run.config, run.fp, history, run.work, thetas, phis)
     return ranks, thetas, phis, history
-
-
-def _dense_spec(layer: Any, reason: str) -> LayerSpec:
-    return build_spec(layer, reason)
-
-
-def _budget(opts: LTCOptions, layers: list[core.LCLayer]) -> float | None:
-    """The layers' share of the target (model fraction), or None with ``lam``."""
-    target = opts.target_macs if opts.target_macs is not None else opts.target_params
-    if target is None:
-        return None
-    fixed = 1.0 - sum(l.dense_cost for l in layers)  # layers kept dense and uncounted ops
-    lowest = fixed + sum(float(l.cost.min()) for l in layers)
-    name = "target_macs" if opts.target_macs is not None else "target_params"
-    if lowest > target:
-        raise ValueError(f"ltc: {name}={target} is unreachable: the smallest Tucker-2/SVD ranks "
-                         f"keep {lowest:.4f} of the dense model's {opts.objective}")
-    return target - fixed
 
 
 def _lc_step(k: int, run: _LTCRun, thetas: dict, phis: dict, loader: Any, progress: bool
@@ -279,7 +294,7 @@ def _lc_step(k: int, run: _LTCRun, thetas: dict, phis: dict, loader: Any, progre
     t0 = time.perf_counter()
     loss = _w_step(k, run, thetas, phis, mu, loader, progress)
     t1 = time.perf_counter()
-    ranks, thetas, lam = core.c_step(run.layers, run.work, phis, mu, opts.lam, run.budget)
+    ranks, thetas, lam = core.share(*core.c_step(run.layers, run.work, phis, mu, opts.lam, run.budget))
     t2 = time.perf_counter()
     if opts.lagrangian:
         for l in run.layers:
@@ -292,7 +307,8 @@ def _lc_step(k: int, run: _LTCRun, thetas: dict, phis: dict, loader: Any, progre
 def _w_step(k: int, run: _LTCRun, thetas: dict, phis: dict, mu: float, loader: Any,
             progress: bool) -> float | None:
     """``steps_per_lc_step`` SGD steps of :func:`tensorslim.train.train` on L(W) plus the
-    penalty (a gradient hook per weight); the mean training loss L of the step."""
+    penalty (a gradient hook per weight), L distilled from the dense model when
+    ``wstep_distill``; the mean training loss L of the step."""
     opts, work = run.opts, run.work
     if opts.steps_per_lc_step == 0:
         return None
@@ -307,10 +323,17 @@ def _w_step(k: int, run: _LTCRun, thetas: dict, phis: dict, mu: float, loader: A
         hist = train(work, _StageLoader(loader, 10_000 * k), steps=opts.steps_per_lc_step,
                      lr=opts.lr * opts.lr_decay ** (k - 1), schedule="constant",
                      momentum=opts.momentum, weight_decay=opts.weight_decay,
-                     seed=opts.seed * 1_000_003 + k, progress=progress, log_every=0)
+                     teacher=run.teacher, distill_alpha=opts.distill_alpha,
+                     distill_T=opts.distill_T, seed=opts.seed * 1_000_003 + k,
+                     progress=progress, log_every=0)
     finally:
         for h in hooks:
             h.remove()
+        if dist.is_available() and dist.is_initialized():
+            # train() left its DDP wrapper in a reference cycle (the group is ours, so it did
+            # not collect it): free it now, before the next W-step wraps the same weights,
+            # rather than leave its reducer's autograd hooks and buckets on them
+            gc.collect()
     return float(hist["loss"][-1])
 
 
@@ -342,7 +365,7 @@ def _finish(dense: nn.Module, run: _LTCRun, ranks: dict, thetas: dict, history: 
     specs = list(run.kept)
     for l in layers:
         r = ranks[l.name]
-        specs.append(_dense_spec(l.planned, f"kept dense: the C-step chose the full layer ({why})")
+        specs.append(build_spec(l.planned, f"kept dense: the C-step chose the full layer ({why})")
                      if r is None else build_spec(l.planned, r, opts.objective, why))
     order = {lc.name: i for i, lc in enumerate(report.layers)}
     specs.sort(key=lambda s: order[s.name])
@@ -365,7 +388,8 @@ def _finish(dense: nn.Module, run: _LTCRun, ranks: dict, thetas: dict, history: 
     plan = plan.with_errors({s.name: errors[s.name] for s in plan.compressed})
     student = compress(student, plan, progress=progress)
     cfg = RecoverConfig(bn_steps=opts.bn_steps, finetune_steps=opts.finetune_steps,
-                        lr=opts.finetune_lr, distill=opts.distill, seed=opts.seed)
+                        lr=opts.finetune_lr, distill=opts.distill, distill_alpha=opts.distill_alpha,
+                        distill_T=opts.distill_T, seed=opts.seed)
     res = recover(student, dense, cfg, train_loader=loader, progress=progress)
     return LTCResult(res.model.eval(), plan, tuple(history[1:]), history[0], dict(res.history))
 
