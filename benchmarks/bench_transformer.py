@@ -11,10 +11,12 @@ re-solved with a tighter target until the Linear budget is met.
 
 Full run (a quiet machine, 2 threads):
   python benchmarks/bench_transformer.py --calib-batches 16 --distill-steps 200 --calib-mix
-Reduced run used on the shared 2-core machine (1 thread, 8 calibration batches, 20 distillation
-steps, 2 interleaved latency repeats, break-even ranks measured once beforehand):
-  python benchmarks/bench_transformer.py --threads 1 --calib-batches 8 --distill-steps 20 \
-      --latency-reps 2 --limits 128 256 256
+Reduced run used on the shared 2-core machine (1 thread, 8 calibration batches of each kind,
+sensitivities on 3 of them, 20 distillation steps, 2 interleaved latency repeats, break-even
+ranks measured once beforehand, no embedding replacement):
+  python benchmarks/bench_transformer.py --threads 1 --calib-batches 8 --calib-mix --distill-steps 20 \
+      --latency-reps 2 --limits 128 256 256 --embedding --distill-variant whiten/measured \
+      --variants whiten/relative whiten/fisher whiten/measured whiten/relative@uniform
 ``--limits 383 383 383`` turns the latency guard off; ``--rank-rule uniform`` spreads the
 budget evenly instead of by output error.
 """
@@ -30,8 +32,8 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 import tensorslim as ts
-from tensorslim.app.hf import distill_embeddings, embed, example_inputs, load_hf, text_batches
-from tensorslim.calibration import calibrate
+from tensorslim.app.hf import distill_embeddings, embed, example_inputs, load_hf, sentence_embedding, text_batches
+from tensorslim.calibration import DEFAULT_ERROR, calibrate, with_error
 from tensorslim.layers import LowRankLinear
 from tensorslim.plan import LayerSpec
 
@@ -155,16 +157,42 @@ def plan_for(model, example, keep: float, lin_total: int, fixed: int, cal, limit
     return plan, kept
 
 
+def calibrations(dense, batches, names, sensitivity_batches: int) -> dict:
+    """Per variant name ``V[/ERROR][@RULE]`` (``plain`` = no calibration): its Calibration, the
+    input statistics collected once per V and reused for every ERROR (default DEFAULT_ERROR;
+    ``fisher`` / ``measured`` on the sentence embeddings, as ``tensorslim compress --hf-model``);
+    prints the seconds each sensitivity took."""
+    base, out = {}, {}
+    for name in names:
+        head = name.partition("@")[0]
+        if head == "plain":
+            out[name] = None
+            continue
+        v, _, e = head.partition("/")
+        if v not in base:
+            base[v] = calibrate(dense, batches, variant=v, error="relative")
+        t = time.perf_counter()
+        out[name] = with_error(base[v], dense, batches, e or DEFAULT_ERROR, sensitivity_batches=sensitivity_batches,
+                               output=sentence_embedding)
+        print(f"{name}: error {out[name].error}, sensitivity {time.perf_counter() - t:.1f} s", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    ap.add_argument("--variants", nargs="+", default=["plain", "whiten", "asvd"])
+    ap.add_argument("--variants", nargs="+", default=["plain", "whiten", "asvd"],
+                    help="V[/ERROR][@RULE]: V plain | whiten | asvd; ERROR what min_error allocates by "
+                         "(relative | output | fisher | measured; default the library's); RULE a rank rule")
+    ap.add_argument("--sensitivity-batches", type=int, default=3,
+                    help="calibration batches the fisher / measured sensitivities run on")
     ap.add_argument("--calib-batches", type=int, default=16, help="lee_background batches of 16 texts")
     ap.add_argument("--rank-rule", default="min_error", help="make_plan rank_rule (min_error, uniform)")
     ap.add_argument("--calib-mix", action="store_true",
                     help="calibrate on documents + sentences + single words of lee_background")
     ap.add_argument("--distill-steps", type=int, default=200)
     ap.add_argument("--distill-keep", type=float, default=0.5, help="distil only this --keep")
+    ap.add_argument("--distill-variant", default="whiten", help="distil (and try small embeddings) only this variant")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--latency-reps", type=int, default=3)
@@ -198,20 +226,20 @@ def main() -> None:
         words = list(dict.fromkeys(w.strip('.,;:"()').lower() for d in background for w in d.split()))
         batches = batches + text_batches(tok, sentences[::7], batch=32, max_length=64, limit=args.calib_batches) \
             + text_batches(tok, [w for w in words if w.isalpha()], batch=128, max_length=16, limit=args.calib_batches)
-    cals = {"plain": None, "whiten": calibrate(dense, batches),
-            "asvd": calibrate(dense, batches, variant="asvd")}
+    cals = calibrations(dense, batches, args.variants, args.sensitivity_batches)
     base = scores(dense, tok, pairs, lee, human)
     rows = [("dense", 1.0, 1.0, *base, 1.0, f"{report.total_params:,} params")]
     for keep in args.keep:
         for v in args.variants:
-            plan, kept = plan_for(dense, ex, keep, lin_total, fixed, cals[v], limits, args.rank_rule)
+            rule = v.partition("@")[2] or args.rank_rule
+            plan, kept = plan_for(dense, ex, keep, lin_total, fixed, cals[v], limits, rule)
             model = ts.compress(copy.deepcopy(dense), plan, calibration=cals[v], progress=False)
             t_d, t_m = interleaved_ms(dense, model, lat_in, args.latency_reps)
             n_dense = sum(1 for s in plan.layers if not s.compressed and s.name.startswith("encoder."))
             rows.append((v, keep, kept, *scores(model, tok, pairs, lee, human), t_d / t_m,
                          f"{n_dense} Linear dense; {t_m:.0f} vs {t_d:.0f} ms"))
             print(rows[-1], flush=True)
-            if abs(keep - args.distill_keep) > 1e-9 or v != "whiten":
+            if abs(keep - args.distill_keep) > 1e-9 or v != args.distill_variant:
                 continue
             whole = report.total_params // 2 - (plan.params_after - model.embeddings.word_embeddings.weight.numel())
             weights = token_weights(tok, background, model.embeddings.word_embeddings.num_embeddings)

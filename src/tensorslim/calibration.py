@@ -10,10 +10,20 @@ statistics. Sums are streamed batch by batch in float64 (nothing is stored per s
 :class:`Calibration` carries the statistics and the data-aware variant (``"whiten"``: SVD-LLM,
 ``"asvd"``: activation-scaled) through ``make_plan(..., calibration=)`` and
 ``compress(..., calibration=)``, so the statistics are collected once and reused.
+
+For rank allocation, :meth:`Calibration.error_curve` prices every rank of a layer by the
+``error`` it causes (:data:`ERRORS`): ``relative`` (the layer's output error over its output
+energy), ``output`` (its absolute output error), ``fisher`` (the absolute output error per
+output channel, weighted by the mean squared gradient of the MODEL's outputs with respect to
+that channel, from random probes: the linearised change of the model's outputs) or
+``measured`` (the absolute curve rescaled, per rank, by how much the model's outputs actually
+change when only this layer is truncated, measured at a few ranks and interpolated). The last
+two see what a layer's error does downstream (e.g. whether it is added into a large residual
+stream); the first two do not.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -21,9 +31,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 VARIANTS = ("whiten", "asvd")
+OutputFn = Callable[[Any, Any], Any]  # (model output, batch) -> the tensors that count
+ERRORS = ("relative", "output", "fisher", "measured")
+DEFAULT_ERROR = "measured"  # what calibrate() and make_plan(calibration=batches) allocate by
 
 __all__ = ["InputStats", "Calibration", "run_batch", "collect_input_stats", "calibrate",
-           "as_calibration", "fisher_row_weights", "VARIANTS"]
+           "as_calibration", "fisher_row_weights", "with_error", "VARIANTS",
+           "ERRORS", "DEFAULT_ERROR"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,17 +72,37 @@ class InputStats:
 class Calibration:
     """Per-layer input statistics (qualified name -> :class:`InputStats`) and the variant used
     to decompose with them (``whiten`` | ``asvd``; ``alpha``: ASVD's exponent). ``batches``:
-    how many calibration batches were seen."""
+    how many calibration batches were seen. ``error``: what rank allocation minimises (see the
+    module docstring); ``row_energy`` (``fisher``: name -> (M,) mean squared model-output
+    gradient per output channel and row) and ``measured`` (``measured``: name -> (ranks,
+    model-output change per layer input row)) hold what it needs, from :func:`calibrate`."""
 
     stats: Mapping[str, InputStats]
     variant: str = "whiten"
     alpha: float = 0.5
     batches: int = 0
     notes: Mapping[str, str] = field(default_factory=dict)
+    error: str = "relative"
+    row_energy: Mapping[str, Tensor] = field(default_factory=dict)
+    measured: Mapping[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    pending: Callable[[], "Calibration"] | None = field(default=None, repr=False)
+    _done: dict = field(default_factory=dict, repr=False)
+
+    def resolved(self) -> "Calibration":
+        """This calibration with its model sensitivities measured: itself, or when
+        :func:`as_calibration` deferred them (``pending``), the result of measuring them
+        (once, on first use: a plain ``compress`` never needs them)."""
+        if self.pending is None:
+            return self
+        if "cal" not in self._done:
+            self._done["cal"] = self.pending()
+        return self._done["cal"]
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"Calibration: unknown variant {self.variant!r}; known: {', '.join(VARIANTS)}")
+        if self.error not in ERRORS:
+            raise ValueError(f"Calibration: unknown error {self.error!r}; known: {', '.join(ERRORS)}")
 
     def layer_options(self, name: str) -> dict[str, Any]:
         """Keyword arguments for ``LowRankLinear.from_dense`` of layer ``name`` ({} if unseen):
@@ -82,17 +116,43 @@ class Calibration:
         return opts
 
     def error_curve(self, name: str, weight: Tensor) -> Tensor | None:
-        """Relative squared output error of layer ``name`` (weight (M, N)) at every rank
-        0..min(M, N) with this variant, centred (the bias absorbs the error's mean); None when
-        the layer was not seen."""
+        """The ``error`` of layer ``name`` (weight (M, N)) at every rank 0..min(M, N) with this
+        variant, centred (the bias absorbs the error's mean): relative, or summed over the
+        calibration rows (``output``, ``fisher``, ``measured``: comparable across layers).
+        None when the layer was not seen (or has no sensitivity for ``fisher`` / ``measured``)."""
         from .tensor import output_error_curve
 
+        if self.pending is not None:
+            return self.resolved().error_curve(name, weight)
         st = self.stats.get(name)
         if st is None or st.samples == 0:
             return None
-        metric = st.centered_gram / st.samples
-        scale = st.abs_mean if self.variant == "asvd" else None
-        return output_error_curve(weight.detach(), metric, "asvd" if scale is not None else "whiten", scale)
+        method, scale = ("asvd", st.abs_mean) if self.variant == "asvd" else ("whiten", None)
+        w = weight.detach()
+        if self.error == "relative":
+            return output_error_curve(w, st.centered_gram / st.samples, method, scale)
+        energy = self.row_energy.get(name)
+        if self.error == "fisher" and energy is None or self.error == "measured" and name not in self.measured:
+            return None
+        curve = output_error_curve(w, st.centered_gram, method, scale, row_energy=energy if self.error == "fisher"
+                                   else None, relative=False)
+        if self.error == "measured":
+            ranks, change = self.measured[name]
+            curve = _rescaled(curve, ranks, change * st.samples)
+        return curve
+
+
+def _rescaled(curve: Tensor, ranks: Tensor, change: Tensor) -> Tensor:
+    """``curve`` times the ratio ``change / curve`` measured at ``ranks``, the log-ratio
+    interpolated linearly between them (held constant outside): exact where measured."""
+    import numpy as np
+
+    base = curve[ranks.long()]
+    ok = (base > 0) & (change > 0)
+    if not bool(ok.any()):
+        return curve * 0.0 if bool((change == 0).all()) else curve
+    q = np.interp(np.arange(curve.numel()), ranks[ok].double().numpy(), (change[ok] / base[ok]).log().numpy())
+    return curve * torch.from_numpy(q).exp().to(curve)
 
 
 def run_batch(model: nn.Module, batch: Any, device: torch.device | None = None) -> Any:
@@ -189,24 +249,67 @@ def collect_input_stats(model: nn.Module, calibration: Iterable[Any], *, layers:
 
 
 def calibrate(model: nn.Module, calibration: Iterable[Any], *, variant: str = "whiten", alpha: float = 0.5,
-              layers: Sequence[str] | None = None, max_batches: int | None = None,
+              layers: Sequence[str] | None = None, max_batches: int | None = None, error: str = DEFAULT_ERROR,
+              sensitivity_batches: int = 3, probes: int = 2, output: OutputFn | None = None,
               progress: bool = False) -> Calibration:
-    """:func:`collect_input_stats` wrapped as a :class:`Calibration` of ``variant``."""
+    """:func:`collect_input_stats` wrapped as a :class:`Calibration` of ``variant`` that
+    allocates ranks by ``error`` (:data:`ERRORS`); ``fisher`` and ``measured`` also run
+    :func:`~tensorslim.planning.min_error.output_sensitivity` (``probes`` random probes) /
+    :func:`~tensorslim.planning.min_error.measure_truncation` on
+    ``sensitivity_batches`` batches spread evenly over the calibration batches, on the model's
+    outputs or on ``output(model_output, batch)`` (what the model is used for, e.g. pooled
+    sentence embeddings)."""
     if variant not in VARIANTS:
         raise ValueError(f"calibrate: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if error not in ERRORS:
+        raise ValueError(f"calibrate: unknown error {error!r}; known: {', '.join(ERRORS)}")
+    for key, v in (("sensitivity_batches", sensitivity_batches), ("probes", probes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"calibrate: {key} must be an int >= 1, got {v!r}")
     batches = list(calibration) if not isinstance(calibration, (list, tuple)) else calibration
     stats = collect_input_stats(model, batches, layers=layers, max_batches=max_batches, progress=progress)
     n = len(batches) if max_batches is None else min(len(batches), max_batches)
-    return Calibration(stats, variant, alpha, n)
+    return with_error(Calibration(stats, variant, alpha, n), model, batches[:n], error, output=output,
+                      sensitivity_batches=sensitivity_batches, probes=probes, progress=progress)
+
+
+def with_error(cal: Calibration, model: nn.Module, batches: Sequence[Any], error: str, *,
+               sensitivity_batches: int = 3, probes: int = 2, output: OutputFn | None = None,
+               progress: bool = False) -> Calibration:
+    """``cal`` (statistics of ``model`` on ``batches``) allocating by ``error``, with the model
+    sensitivities that error needs measured on ``sensitivity_batches`` of ``batches`` spread
+    evenly (the statistics are reused, e.g. to compare errors side by side)."""
+    from .planning.min_error import measure_truncation, output_sensitivity, probe_ranks
+
+    if error not in ERRORS:
+        raise ValueError(f"with_error: unknown error {error!r}; known: {', '.join(ERRORS)}")
+    n = len(batches)
+    few = [batches[round(i * (n - 1) / max(sensitivity_batches - 1, 1))] for i in range(min(sensitivity_batches, n))]
+    cal = replace(cal, error=error, row_energy={}, measured={}, pending=None, _done={})
+    if error == "fisher":
+        cal = replace(cal, row_energy=output_sensitivity(model, few, layers=list(cal.stats), probes=probes,
+                                                         output=output))
+    elif error == "measured":
+        ranks = {name: probe_ranks(model.get_submodule(name)) for name in cal.stats}
+        cal = replace(cal, measured=measure_truncation(model, few, ranks, cal.layer_options, output=output,
+                                                       progress=progress))
+    return cal
 
 
 def as_calibration(model: nn.Module, calibration: Any, layers: Sequence[str] | None = None,
                    progress: bool = False) -> Calibration | None:
     """``calibration`` as a :class:`Calibration`: None stays None, a Calibration is returned as
-    it is, an iterable of batches is run through ``model`` (whiten variant)."""
+    it is, an iterable of batches is run through ``model`` (whiten variant, rank allocation by
+    :data:`DEFAULT_ERROR`, whose model sensitivities are measured on the first
+    :meth:`Calibration.error_curve`: ``model`` must then still be the dense model)."""
     if calibration is None or isinstance(calibration, Calibration):
         return calibration
-    return calibrate(model, calibration, layers=layers, progress=progress)
+    batches = list(calibration) if not isinstance(calibration, (Tensor, Mapping)) else calibration
+    cal = calibrate(model, batches, layers=layers, error="relative", progress=progress)
+    if DEFAULT_ERROR == "relative":
+        return cal
+    return replace(cal, error=DEFAULT_ERROR, _done={},
+                   pending=lambda: with_error(cal, model, batches, DEFAULT_ERROR, progress=progress))
 
 
 def fisher_row_weights(model: nn.Module, calibration: Iterable[Any], loss: Callable[[Any, Any], Tensor], *,

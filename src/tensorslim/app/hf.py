@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["HFSource", "load_hf", "resolve_hf_path", "example_inputs", "text_batches", "embed",
+__all__ = ["HFSource", "load_hf", "resolve_hf_path", "example_inputs", "text_batches", "embed", "sentence_embedding",
            "distill_embeddings", "calibration_batches", "wordsim353", "lee_correlation", "HFCompressConfig", "HFCompressResult",
            "run_compress_hf"]
 
@@ -103,11 +103,18 @@ def text_batches(tokenizer: Any, texts: Sequence[str], *, batch: int = 16, max_l
     return out
 
 
-def _pool(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+def sentence_embedding(output: Any, batch: Mapping[str, Tensor]) -> Tensor:
+    """(B, hidden) unit-norm sentence embeddings from an encoder's ``output`` on tokenizer
+    ``batch``: its last hidden state mean-pooled over the attention mask (usable as
+    ``calibrate(..., output=sentence_embedding)``: rank allocation by what the embeddings feel)."""
+    hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
     return torch.nn.functional.normalize(mean, dim=-1)
+
+
+def _pool(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return sentence_embedding(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch)
 
 
 @torch.no_grad()
@@ -328,7 +335,7 @@ def run_compress_hf(config: HFCompressConfig) -> HFCompressResult:
         if not batches:
             raise ValueError(f"--calibration-text {str(text)!r} holds no text")
         goal, skip = _plan_goal(dense, config.goal)
-        cal = calibrate(dense, batches, progress=config.progress)
+        cal = calibrate(dense, batches, output=sentence_embedding, progress=config.progress)
         plan = ts.make_plan(dense, config.method, example_inputs(tok, 1, config.latency_tokens),
                             calibration=cal, **goal)
         print(plan.table())

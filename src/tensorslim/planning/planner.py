@@ -50,9 +50,11 @@ def make_plan(model: nn.Module, method: str = "tucker", example_inputs: Any = No
         cp_epc: with ``method="cp"``, decompose every CP layer by CPD-EPC.
         calibration: model inputs (an iterable of batches: tensors, tuples of positional
             tensors or tokenizer dicts) or a :class:`tensorslim.calibration.Calibration`: the
-            ``min_error`` rule then prices every SVD Linear's ranks by its OUTPUT error on the
-            inputs it sees (data-aware; sensitive layers keep more rank), and
-            ``plan.goal["calibration"]`` records the variant and the number of batches. Pass the
+            ``min_error`` rule then prices every SVD Linear's ranks by the error of its
+            data-aware factorisation on the inputs it sees (by default how much the model's
+            outputs change when only that layer is truncated: ``tensorslim.calibration.ERRORS``;
+            sensitive layers keep more rank), and ``plan.goal["calibration"]`` records the
+            variant, the error and the number of batches. Pass the
             same to :func:`tensorslim.compress` to decompose data-aware.
         rank_rule: how ranks are chosen (recorded in ``plan.goal``; see
             :mod:`tensorslim.planning.rules`): ``min_error`` (default for a target),

@@ -180,27 +180,46 @@ def row_weighted_svd(weight: torch.Tensor, row_weights: torch.Tensor, rank: int 
     return WhitenedSVD(u[:, :r], s[:r], vh[:r], curve, 0.0)
 
 
-def _nested_curve(u: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """||sum_{i>k} s_i u_i m_i^T||^2 / ||sum_i ...||^2 for every k (u not orthonormal: via the
-    Gram matrix of the terms, cumulated from the tail)."""
+def _nested_curve(u: torch.Tensor, s: torch.Tensor, m: torch.Tensor, relative: bool = True) -> torch.Tensor:
+    """||sum_{i>k} s_i u_i m_i^T||^2 for every k = 0..r (divided by its value at k = 0 when
+    ``relative``); u, m need not be orthonormal: the Gram matrix of the rank-one terms in the
+    Frobenius product, summed over its trailing square blocks by a reversed 2-D cumsum."""
     terms = (u * s).T  # (r, M)
-    gram = (terms @ terms.T) * (m @ m.T)  # <term_i, term_j> in the Frobenius product
-    r = s.shape[0]
-    tails = torch.stack([gram[k:, k:].sum() for k in range(r)] + [gram.new_zeros(())])
-    return (tails / tails[0]).clamp_min(0.0) if float(tails[0]) > 0 else torch.zeros_like(tails)
+    gram = (terms @ terms.T) * (m @ m.T)  # <term_i, term_j>
+    blocks = torch.flip(torch.flip(gram, (0, 1)).cumsum(0).cumsum(1), (0, 1))
+    tails = torch.cat([blocks.diagonal(), gram.new_zeros(1)]).clamp_min(0.0)
+    if not relative:
+        return tails
+    return tails / tails[0] if float(tails[0]) > 0 else torch.zeros_like(tails)
 
 
 def output_error_curve(weight: torch.Tensor, gram: torch.Tensor, method: str = "whiten",
-                       scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Relative squared output error ||(W - W^_k) X^T||^2 / ||W X^T||^2 of the rank-k
-    approximation of ``method`` (``whiten``: the optimum; ``asvd``: needs ``scale``) for
-    k = 0 .. min(M, N). (min(M, N) + 1,) float64, decreasing to 0."""
+                       scale: torch.Tensor | None = None, *, row_energy: torch.Tensor | None = None,
+                       relative: bool = True) -> torch.Tensor:
+    """Squared output error ||D (W - W^_k) X^T||^2 of the rank-k approximation of ``method``
+    (``whiten``: the optimum; ``asvd``: needs ``scale``) for k = 0 .. min(M, N), where
+    ``gram`` = X^T X and D = diag(sqrt(``row_energy``)) weighs the output channels (M,) >= 0
+    (None: all 1). ``relative``: divided by the error at rank 0 (the output energy). (min(M,
+    N) + 1,) float64, decreasing to 0."""
     check_choice(method, "method", ("whiten", "asvd"))
     if method == "asvd":
         if scale is None:
             raise ValueError("output_error_curve(method='asvd') needs scale= (mean |x| per channel)")
-        return asvd(weight, scale, gram=gram).curve
-    return whitened_svd(weight, gram).curve
+        res = asvd(weight, scale, gram=gram)
+    else:
+        res = whitened_svd(weight, gram)
+    if row_energy is None and relative:
+        return res.curve
+    w = _weight(weight)
+    d = torch.ones(w.shape[0], dtype=torch.float64, device=w.device)
+    if row_energy is not None:
+        e = check_tensor(row_energy, "row_energy", min_dim=1, finite=True).to(d)
+        if e.shape != d.shape or bool((e < 0).any()):
+            raise ValueError(f"row_energy must be ({w.shape[0]},) and >= 0 (one weight per output "
+                             f"channel), got shape {tuple(e.shape)}")
+        d = e.sqrt()
+    t_g = whitening_factor(_check_gram(gram, w.shape[1]))[0]
+    return _nested_curve(res.U * d[:, None], res.S, res.Vh @ t_g, relative)
 
 
 def reduced_rank_regression(gram: torch.Tensor, cross: torch.Tensor, rank: int | None = None, *,
