@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 import tensorslim as ts
 from tensorslim.calibration import calibrate, with_error
-from tensorslim.planning.min_error import measure_truncation, output_sensitivity
+from tensorslim.sensitivity import measure_truncation, output_sensitivity
 from tensorslim.layers import LowRankLinear
 from tensorslim.surgery import set_submodule
 from tensorslim.tensor import output_error_curve, whitened_svd

@@ -30,8 +30,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .batches import OutputFn, batch_mask, named_linears, run_batch
+
 VARIANTS = ("whiten", "asvd")
-OutputFn = Callable[[Any, Any], Any]  # (model output, batch) -> the tensors that count
 ERRORS = ("relative", "output", "fisher", "measured")
 DEFAULT_ERROR = "measured"  # what calibrate() and make_plan(calibration=batches) allocate by
 
@@ -155,28 +156,6 @@ def _rescaled(curve: Tensor, ranks: Tensor, change: Tensor) -> Tensor:
     return curve * torch.from_numpy(q).exp().to(curve)
 
 
-def run_batch(model: nn.Module, batch: Any, device: torch.device | None = None) -> Any:
-    """``model`` on one calibration batch: a tensor, a tuple / list of positional tensors or a
-    mapping of keyword tensors (moved to ``device`` when given)."""
-    move = (lambda t: t.to(device) if isinstance(t, Tensor) and device is not None else t)
-    if isinstance(batch, Tensor):
-        return model(move(batch))
-    if isinstance(batch, Mapping):
-        return model(**{k: move(v) for k, v in batch.items()})
-    if isinstance(batch, (tuple, list)):
-        return model(*[move(v) for v in batch])
-    raise TypeError(f"calibration batches must be tensors, tuples of positional tensors or dicts of "
-                    f"keyword tensors (a tokenizer's output), got {type(batch).__name__}")
-
-
-def _mask(batch: Any) -> Tensor | None:
-    if isinstance(batch, Mapping):
-        m = batch.get("attention_mask")
-        if isinstance(m, Tensor) and m.dim() == 2:
-            return m.bool()
-    return None
-
-
 class _Acc:
     """Streaming float64 sums of one layer's input rows."""
 
@@ -200,17 +179,6 @@ class _Acc:
         return InputStats(self.gram, self.total, self.abs_total, self.samples)
 
 
-def _linears(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Linear]:
-    found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if layers is None:
-        return found
-    bad = [n for n in layers if n not in found]
-    if bad:
-        raise ValueError(f"collect_input_stats: layers {bad} are not nn.Linear modules of the model; "
-                         f"Linear layers: {list(found)[:12]}{' ...' if len(found) > 12 else ''}")
-    return {n: found[n] for n in layers}
-
-
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, calibration: Iterable[Any], *, layers: Sequence[str] | None = None,
                         max_batches: int | None = None, progress: bool = False) -> dict[str, InputStats]:
@@ -223,7 +191,7 @@ def collect_input_stats(model: nn.Module, calibration: Iterable[Any], *, layers:
     if isinstance(calibration, (Tensor, Mapping)):
         raise TypeError("calibration must be an iterable of batches (e.g. a list of tokenizer dicts), "
                         f"got a single {type(calibration).__name__}; wrap it in a list")
-    mods = _linears(model, layers)
+    mods = named_linears(model, layers)
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     accs = {n: _Acc(m.in_features, device) for n, m in mods.items()}
@@ -234,7 +202,7 @@ def collect_input_stats(model: nn.Module, calibration: Iterable[Any], *, layers:
     model.eval()
     try:
         for batch in tqdm(calibration, desc="calibration", disable=not progress, total=max_batches):
-            current["mask"] = _mask(batch)
+            current["mask"] = batch_mask(batch)
             run_batch(model, batch, device)
             seen += 1
             if max_batches is not None and seen >= max_batches:
@@ -254,8 +222,8 @@ def calibrate(model: nn.Module, calibration: Iterable[Any], *, variant: str = "w
               progress: bool = False) -> Calibration:
     """:func:`collect_input_stats` wrapped as a :class:`Calibration` of ``variant`` that
     allocates ranks by ``error`` (:data:`ERRORS`); ``fisher`` and ``measured`` also run
-    :func:`~tensorslim.planning.min_error.output_sensitivity` (``probes`` random probes) /
-    :func:`~tensorslim.planning.min_error.measure_truncation` on
+    :func:`~tensorslim.sensitivity.output_sensitivity` (``probes`` random probes) /
+    :func:`~tensorslim.sensitivity.measure_truncation` on
     ``sensitivity_batches`` batches spread evenly over the calibration batches, on the model's
     outputs or on ``output(model_output, batch)`` (what the model is used for, e.g. pooled
     sentence embeddings)."""
@@ -279,7 +247,7 @@ def with_error(cal: Calibration, model: nn.Module, batches: Sequence[Any], error
     """``cal`` (statistics of ``model`` on ``batches``) allocating by ``error``, with the model
     sensitivities that error needs measured on ``sensitivity_batches`` of ``batches`` spread
     evenly (the statistics are reused, e.g. to compare errors side by side)."""
-    from .planning.min_error import measure_truncation, output_sensitivity, probe_ranks
+    from .sensitivity import measure_truncation, output_sensitivity, probe_ranks
 
     if error not in ERRORS:
         raise ValueError(f"with_error: unknown error {error!r}; known: {', '.join(ERRORS)}")
@@ -317,7 +285,7 @@ def fisher_row_weights(model: nn.Module, calibration: Iterable[Any], loss: Calla
     """FWSVD row importances: for every Linear (or ``layers``), sqrt(sum over batches and input
     columns of (dL/dW_ij)^2), shape (M,), from ``loss(output, batch)`` on each calibration batch.
     Weights are not changed (gradients are cleared)."""
-    mods = _linears(model, layers)
+    mods = named_linears(model, layers)
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     sums = {n: torch.zeros(m.out_features, dtype=torch.float64, device=device) for n, m in mods.items()}

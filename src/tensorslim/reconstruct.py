@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .calibration import _mask, run_batch
+from .batches import batch_mask, run_batch
 
 
 DEFAULT_STEPS = 16  # calibration batches used by oneshot / compress / demo (batch 128: 2048 images)
@@ -242,7 +242,7 @@ def _fit_layer(name: str, layer: nn.Module, dense: nn.Module, student: nn.Module
     k = mid if head is None else head.weight[0].numel()
     stats = _Stats(g, k, t, has_bias, out.weight.device)
     for x in xs:
-        mask = _mask(x)
+        mask = batch_mask(x)
         z = _capture(student, tap, x, output=False)
         z = _rows(z, tap, mask) if head is None else _features(head, z, mask)
         y = _rows(_capture(teacher, dense, x, output=True), dense, mask)

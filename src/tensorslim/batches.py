@@ -1,0 +1,47 @@
+"""Running a model on one batch of model inputs as the calibration API accepts them (a tensor,
+a tuple / list of positional tensors, or a mapping of keyword tensors such as a tokenizer's
+output), its padding mask, and its Linear layers by name: shared by calibration, the model
+sensitivities and the refit."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+OutputFn = Callable[[Any, Any], Any]  # (model output, batch) -> the tensors that count
+
+
+def run_batch(model: nn.Module, batch: Any, device: torch.device | None = None) -> Any:
+    """``model`` on one calibration batch: a tensor, a tuple / list of positional tensors or a
+    mapping of keyword tensors (moved to ``device`` when given)."""
+    move = (lambda t: t.to(device) if isinstance(t, Tensor) and device is not None else t)
+    if isinstance(batch, Tensor):
+        return model(move(batch))
+    if isinstance(batch, Mapping):
+        return model(**{k: move(v) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return model(*[move(v) for v in batch])
+    raise TypeError(f"calibration batches must be tensors, tuples of positional tensors or dicts of "
+                    f"keyword tensors (a tokenizer's output), got {type(batch).__name__}")
+
+
+def batch_mask(batch: Any) -> Tensor | None:
+    """A tokenizer batch's (B, L) attention mask as booleans (True: a real token), else None."""
+    if isinstance(batch, Mapping):
+        m = batch.get("attention_mask")
+        if isinstance(m, Tensor) and m.dim() == 2:
+            return m.bool()
+    return None
+
+
+def named_linears(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Linear]:
+    """The nn.Linear modules of ``model`` by name (all, or the names in ``layers``)."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if layers is None:
+        return found
+    bad = [n for n in layers if n not in found]
+    if bad:
+        raise ValueError(f"calibration: layers {bad} are not nn.Linear modules of the model; "
+                         f"Linear layers: {list(found)[:12]}{' ...' if len(found) > 12 else ''}")
+    return {n: found[n] for n in layers}
