@@ -234,7 +234,7 @@ def _reduced_weights(steps, in_shapes, U_prev, sel, windows):
 def ron(model: nn.Module, example_inputs: Any, *, calibration: Any,
         ranks: Any = None, target_macs: float | None = None, start_layer: str | None = None,
         oversample: float = 2.0, max_samples: int = 1024, train_loader: Any = None,
-        finetune_steps: int = 0, finetune_lr: float = 0.005, progress: bool = True,
+        finetune_steps: int = 0, finetune_lr: float = 0.002, progress: bool = True,
         seed: int = 0) -> RONResult:
     """Reduce the layers of a copy of ``model`` (a registry VGG or ResNet, left untouched)
     from ``start_layer`` on to RON form; returns :class:`RONResult`.
@@ -253,7 +253,8 @@ def ron(model: nn.Module, example_inputs: Any, *, calibration: Any,
     there on is reduced jointly over both branches) or ``pool`` (default: the latest whose
     dense prefix costs at most half the MAC budget). ``finetune_steps > 0`` fine-tunes the result on
     ``train_loader`` (distilling from the dense model) with ``finetune_lr`` and ``seed`` (the
-    reduction itself makes no random choices).
+    reduction itself makes no random choices). The reduced part is a chain of Linear layers
+    without BatchNorm, so its default rate is below ``fine_tune``'s (README: RON on ResNet-20).
     """
     _check(target_macs, ranks, oversample, max_samples)
     dense = copy.deepcopy(model).eval()
