@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from _ports import free_port
+from _ports import torchrun
 import torch
 
 import tensorslim.models as models
@@ -183,10 +181,7 @@ DDP_SCRIPT = textwrap.dedent("""
 def test_ddp_two_processes_agree(tmp_path: Path) -> None:
     script = tmp_path / "ddp_job.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(script), str(tmp_path)]
+    cmd, env = torchrun(script, tmp_path)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

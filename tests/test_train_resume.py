@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _ports import free_port
+from _ports import torchrun
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -330,12 +330,9 @@ DDP_SCRIPT = textwrap.dedent("""
 def test_ddp_killed_run_resumes_bit_identical(tmp_path: Path) -> None:
     script = tmp_path / "ddp_job.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
     def launch(mode: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               str(script), str(tmp_path), mode]
+        cmd, env = torchrun(script, tmp_path, mode)
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
     for mode in ("full", "kill", "resume"):

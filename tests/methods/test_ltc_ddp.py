@@ -4,15 +4,13 @@ no DDP wrapper or process group outlives it."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from _ports import free_port  # tests/_ports.py (tests/ is on the path through its conftest)
+from _ports import torchrun  # tests/_ports.py (tests/ is on the path through its conftest)
 from safetensors.torch import load_file
 
 import tensorslim as ts
@@ -81,10 +79,7 @@ JOB = COMMON + textwrap.dedent("""
 def test_ltc_under_torchrun_two_ranks_agree_and_match_one_process(tmp_path: Path) -> None:
     script = tmp_path / "ltc_job.py"
     script.write_text(JOB)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(script), str(tmp_path)]
+    cmd, env = torchrun(script, tmp_path)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:  # meanwhile: the same run in one process on the union of the ranks' batches (16 = 2 x 8)
         ns: dict = {}

@@ -15,9 +15,9 @@ from tensorslim.surgery import apply_edits
 from _threads import one_thread  # noqa: F401 - every test here on one thread
 
 
-def _vgg() -> nn.Module:
+def _live(name: str, width: float) -> nn.Module:
     torch.manual_seed(0)
-    m = ts.models.create("vgg16", width=0.125).double().eval()
+    m = ts.models.create(name, width=width).double().eval()
     with torch.no_grad():  # O(1) logits (the registry init makes them ~1e-18) and live BNs
         for mod in m.modules():
             if isinstance(mod, nn.Linear):
@@ -63,17 +63,12 @@ def test_full_rank_ron_on_top_of_tucker2_is_exact():
         assert _rel(res.model(x), tucker(x)) < 1e-12
 
 
+def _vgg() -> nn.Module:
+    return _live("vgg16", 0.125)
+
+
 def _resnet() -> nn.Module:
-    torch.manual_seed(0)
-    m = ts.models.create("resnet20", width=0.25).double().eval()
-    with torch.no_grad():  # O(1) logits and live BNs, as in _vgg
-        for mod in m.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight.normal_(0, 0.3)
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.1)
-                mod.bias.normal_(0, 0.1)
-    return m
+    return _live("resnet20", 0.25)
 
 
 @pytest.mark.parametrize("start", ["layers.1.0", "layers.2.1", "pool"])
