@@ -61,6 +61,9 @@ def _dense_cases():
 def _factorized_cases():
     ranks = {"cp": 8, "tucker": (4, 6), "svd": 4, "tt": 3, "filtercp": 2}
     for (method, dense), cls in LAYERS.items():
+        if dense is nn.Embedding:  # (5,) token indices -> (5, 20): a BatchNorm1d(20) can follow
+            yield cls.__name__, cls.like(nn.Embedding(30, 20), ranks[method]), nn.BatchNorm1d, (5,)
+            continue
         if dense is nn.Linear:
             yield cls.__name__, cls.like(nn.Linear(24, 20), ranks[method]), nn.BatchNorm1d, (5, 24)
             continue
@@ -85,7 +88,7 @@ def test_every_layer_type_folds_its_batchnorm_exactly(layer, bn_type, shape, dty
     torch.manual_seed(0)
     model = randomize_bn(nn.Sequential(layer, bn_type(12 if len(shape) > 2 else 20,
                                                       affine=affine)).to(dtype))
-    x = torch.randn(shape, dtype=dtype)
+    x = torch.randint(0, 30, shape) if hasattr(layer, "num_embeddings") else torch.randn(shape, dtype=dtype)
     fused, report = fuse_with_report(model)
     assert [f.bn for f in report.folded] == ["1"] and report.left == ()
     assert isinstance(fused[1], nn.Identity) and type(fused[0]) is type(layer)

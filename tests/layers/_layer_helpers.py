@@ -1,4 +1,5 @@
-"""Shared helpers of the layer tests: dense configs, known-rank factors, MAC counting."""
+"""Shared helpers of the layer tests: dense configs, known-rank factors, MAC counting, and the
+Embedding branch of the registry-driven tests (integer token inputs; what does not apply)."""
 from math import prod
 from typing import Any
 
@@ -221,3 +222,34 @@ def _tt_conv_macs(m: TTConv2d, pixels: int) -> int:
 
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# -- the Embedding branch of the registry-driven tests -----------------------------------------
+# An nn.Embedding takes integer token indices, not floats; the generic tests build it and its
+# inputs here. EMB_V / EMB_D: vocabulary and width of the test tables (rank bound min(V, D)).
+EMB_V, EMB_D = 40, 20
+# generic properties that do not apply to an embedding, each with the reason the tests assert
+NOT_FOR_EMBEDDING = {
+    "bias": "nn.Embedding has no bias",
+}
+
+
+def is_embedding(dense: type) -> bool:
+    return issubclass(dense, nn.Embedding)
+
+
+def dense_embedding(v: int = EMB_V, d: int = EMB_D, dtype: torch.dtype = torch.float32) -> nn.Embedding:
+    torch.manual_seed(0)
+    return nn.Embedding(v, d).to(dtype)
+
+
+def token_input(v: int = EMB_V, shape: tuple[int, ...] = (3, 7), seed: int = 1) -> torch.Tensor:
+    """int64 token indices in [0, v), every row of a 3 x 7 batch drawn at random."""
+    return torch.randint(0, v, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def factory_name(dense: type) -> str:
+    """The dense-type factory of a registered class: from_linear, from_conv or from_dense."""
+    if is_embedding(dense):
+        return "from_dense"
+    return "from_linear" if issubclass(dense, nn.Linear) else "from_conv"

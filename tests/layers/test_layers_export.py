@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from _layer_helpers import dense_embedding, is_embedding, token_input
 from tensorslim.layers import LAYERS
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -26,7 +27,7 @@ _RANK = {"cp": 8, "tucker": (4, 6), "svd": 4, "tt": 3, "filtercp": 2}
 
 def _cases():
     for (method, dense), cls in LAYERS.items():
-        if dense is nn.Linear:
+        if dense in (nn.Linear, nn.Embedding):  # Embedding: int64 token indices in, (*, D) out
             yield pytest.param(method, dense, {}, id=f"{cls.__name__}")
         else:
             dims = 2 if dense is nn.Conv2d else 1
@@ -39,6 +40,8 @@ def _build(method, dense, cfg):
     if dense is nn.Linear:
         mod = nn.Linear(24, 20)
         x = torch.randn(4, 24)
+    elif is_embedding(dense):
+        mod, x = dense_embedding(), token_input()
     else:
         mod = dense(8, 12, **cfg)
         x = torch.randn((2, 8, 10, 9) if dense is nn.Conv2d else (2, 8, 13))
@@ -60,6 +63,11 @@ def test_script_trace_export(method, dense, cfg):
     exported = torch.export.export(layer, (x,))
     with torch.no_grad():
         assert_close(exported.module()(x), ref)
+        if is_embedding(dense):  # other token indices than the traced ones gather other rows
+            other = (x + 5) % int(x.max() + 1)
+            assert not torch.equal(layer(other), ref)
+            for run in (scripted, traced, exported.module()):
+                assert_close(run(other), layer(other))
 
 
 @pytest.mark.parametrize("method,dense,cfg", list(_cases()))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tensorslim as ts
+from _layer_helpers import NOT_FOR_EMBEDDING, dense_embedding, factory_name, is_embedding, token_input
 from tensorslim.layers import LAYERS, TTLinear, layer_for, register_safe
 from tensorslim.layers import base as layers_base
 
@@ -22,13 +23,22 @@ PROTOCOL = {"like": ["rank"], "from_dense": ["rank"], "valid_rank": ["rank"],
 
 def _dense(dense: type) -> nn.Module:
     torch.manual_seed(0)
+    if is_embedding(dense):
+        return dense_embedding()
     if issubclass(dense, nn.Linear):
         return dense(24, 16)
     return dense(8, 12, 3, padding=1, groups=2)
 
 
 def _factory(dense: type) -> str:
-    return "from_linear" if issubclass(dense, nn.Linear) else "from_conv"
+    return factory_name(dense)
+
+
+def _input(dense: type) -> torch.Tensor:
+    """A batch of 2 inputs of the test module: token indices for an embedding, floats else."""
+    if is_embedding(dense):
+        return token_input(shape=(2, 6))
+    return torch.randn(2, *((24,) if dense is nn.Linear else (8,) + (6,) * (2 if dense is nn.Conv2d else 1)))
 
 
 # -- item 9: the factory protocol ---------------------------------------------------------------
@@ -63,8 +73,8 @@ def test_factory_protocol_calls_work_with_default_options(key):
     fresh = cls.like(module, rank)
     assert {k: v.shape for k, v in fresh.state_dict().items()} == \
         {k: v.shape for k, v in layer.state_dict().items()}
-    in_shape = (24,) if key[1] is nn.Linear else (8,) + (6,) * (2 if key[1] is nn.Conv2d else 1)
-    x = torch.randn(2, *in_shape)
+    x = _input(key[1])
+    in_shape = tuple(x.shape[1:])
     params, _ = cls.cost(module, rank, in_shape, tuple(module(x).shape[1:]))
     assert params == sum(p.numel() for p in layer.parameters())
     cls.check(module)
@@ -178,9 +188,21 @@ def test_multihead_attention_out_proj_is_not_refused_as_overriding_forward():
 
 
 # -- item 6: non-finite weights -------------------------------------------------------------------
-@pytest.mark.parametrize("key", KEYS)
-@pytest.mark.parametrize("where,value", [("weight", float("nan")), ("weight", float("inf")),
-                                          ("bias", float("-inf"))])
+NON_FINITE = [pytest.param(k, where, value, id=f"{where}-{value}-{k[0]}-{k[1].__name__}") for k in LAYERS
+              for where, value in [("weight", float("nan")), ("weight", float("inf")), ("bias", float("-inf"))]
+              if not (where == "bias" and is_embedding(k[1]))]  # NOT_FOR_EMBEDDING["bias"]
+
+
+def test_non_finite_cases_cover_every_key_and_say_what_is_left_out():
+    """Every registered pair is checked for a NaN and an Inf weight; a bias only where the dense
+    type has one (nn.Embedding has none: NOT_FOR_EMBEDDING)."""
+    assert {c.values[0] for c in NON_FINITE if c.values[1] == "weight"} == set(LAYERS)
+    no_bias = set(LAYERS) - {c.values[0] for c in NON_FINITE if c.values[1] == "bias"}
+    assert no_bias == {k for k in LAYERS if is_embedding(k[1])}
+    assert all(getattr(_dense(d), "bias", None) is None for _, d in no_bias) and NOT_FOR_EMBEDDING["bias"]
+
+
+@pytest.mark.parametrize("key,where,value", NON_FINITE)
 def test_non_finite_weights_are_refused(key, where, value):
     """Before: SVD gave all-NaN outputs, CP/Tucker a LinAlgError about ill-conditioning."""
     cls, module = LAYERS[key], _dense(key[1])
@@ -223,8 +245,8 @@ def test_valid_rank_rounds_to_multiples_of_groups():
 @pytest.mark.parametrize("key", KEYS)
 def test_valid_rank_is_valid_nearest_and_idempotent(key):
     cls, module = LAYERS[key], _dense(key[1])
-    in_shape = (24,) if key[1] is nn.Linear else (8,) + (6,) * (2 if key[1] is nn.Conv2d else 1)
-    out_shape = tuple(module(torch.randn(1, *in_shape)).shape[1:])
+    x = _input(key[1])
+    in_shape, out_shape = tuple(x.shape[1:]), tuple(module(x).shape[1:])
     for want in (0.3, 1, 2, 3.5, 5, 7, 11, 17.5, 40, 10**6):
         r = cls.valid_rank(module, want)
         cls.cost(module, r, in_shape, out_shape)  # accepted as it is

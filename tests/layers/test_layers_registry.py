@@ -1,5 +1,5 @@
-"""One parametrised test over the registry: every factorized conv/linear equals its dense layer
-on a weight of exactly known rank, across conv geometries; cost() == counted params/MACs;
+"""One parametrised test over the registry: every factorized conv/linear/embedding equals its
+dense layer on a weight of exactly known rank, across conv geometries; cost() == counted params/MACs;
 like() builds the same parameter shapes."""
 from math import prod
 
@@ -10,9 +10,10 @@ from torch.testing import assert_close
 from torch.utils.flop_counter import FlopCounterMode
 
 from _layer_helpers import (
-    CONV1D_CONFIGS, CONV2D_CONFIGS, config_id, conv_input, dense_conv, hook_macs, known_factors,
-    known_tt, n_params, rank_of,
+    CONV1D_CONFIGS, CONV2D_CONFIGS, EMB_D, EMB_V, config_id, conv_input, dense_conv, dense_embedding,
+    hook_macs, known_factors, known_tt, n_params, rank_of, token_input,
 )
+import tensorslim as ts
 from tensorslim.layers import LAYERS, TTLinear, layer_for
 from tensorslim.layers.tt import tt_weight
 
@@ -93,6 +94,44 @@ def test_lowrank_linear_equals_dense(bias):
         {k: v.shape for k, v in layer.state_dict().items()}
 
 
+EMBEDDING_CASES = [pytest.param(method, id=f"{method}-Embedding") for (method, dense) in LAYERS
+                   if dense is nn.Embedding]
+
+
+@pytest.mark.parametrize("method", EMBEDDING_CASES)
+@pytest.mark.parametrize("rank", [3, EMB_D])  # a known low rank; the full rank min(V, D)
+def test_embedding_layer_equals_dense_table_on_known_rank(method, rank):
+    """The Embedding branch: a table of exactly known rank is reproduced row for row (float64)
+    for token indices of any shape; cost() == counted params, and its MACs == what ts.count adds
+    (``own_macs``) == FlopCounterMode / 2 (the gather itself multiplies nothing)."""
+    emb = dense_embedding(dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(EMB_V, rank, generator=g, dtype=torch.float64) @ \
+        torch.randn(rank, EMB_D, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        emb.weight.copy_(table)
+    cls = layer_for(method, emb)
+    layer = cls.from_dense(emb, rank)
+    assert layer.approx_error < 1e-12
+    x = token_input()
+    with torch.no_grad():
+        assert_close(layer(x), emb(x), rtol=1e-10, atol=1e-10)
+        assert_close(layer(torch.arange(EMB_V)), table, rtol=1e-10, atol=1e-10)  # every row
+    params, macs = cls.cost(emb, rank, tuple(x.shape[1:]), (x.shape[1], EMB_D))
+    assert params == n_params(layer) == rank * (EMB_V + EMB_D)
+    assert macs * x.shape[0] == layer.own_macs(tuple(x.shape), (*x.shape, EMB_D)) == x.numel() * rank * EMB_D
+    assert 2 * macs * x.shape[0] == _flops(layer, x)
+    report = ts.count(layer, x)
+    assert (report.total_params, report.total_macs) == (params, macs * x.shape[0])
+    assert (ts.count(emb, x).total_params, ts.count(emb, x).total_macs) == (EMB_V * EMB_D, 0)
+    fresh = cls.like(emb, rank)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == \
+        {k: v.shape for k, v in layer.state_dict().items()}
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), layer(x))
+
+
 TT_CASES = [
     ((2, 3, 4), (5, 2, 2), (3, 4), True),
     ((4, 3, 2), (2, 2, 5), (2, 3), False),
@@ -142,7 +181,8 @@ def test_tt_picks_cheaper_order():
 def test_registry_covers_the_brief():
     expected = {("cp", nn.Conv2d), ("cp", nn.Conv1d), ("tucker", nn.Conv2d),
                 ("tucker", nn.Conv1d), ("svd", nn.Linear), ("svd", nn.Conv2d),
-                ("svd", nn.Conv1d), ("tt", nn.Linear), ("tt", nn.Conv2d), ("filtercp", nn.Conv2d)}
+                ("svd", nn.Conv1d), ("tt", nn.Linear), ("tt", nn.Conv2d), ("filtercp", nn.Conv2d),
+                ("svd", nn.Embedding)}
     assert set(LAYERS) == expected
     for (method, dense), cls in LAYERS.items():
         assert cls.method == method and dense in cls.dense_types

@@ -12,8 +12,23 @@ from torch import nn
 import tensorslim as ts
 from tensorslim.layers import LAYERS
 
+class TwoTables(nn.Module):
+    """Two embeddings named "0" and "2" (as in the Sequential models) reading the same tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_module("0", nn.Embedding(50, 32))
+        self.add_module("1", nn.ReLU())
+        self.add_module("2", nn.Embedding(50, 24))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        a, b = getattr(self, "0")(idx), getattr(self, "2")(idx)
+        return torch.cat([getattr(self, "1")(a), b], -1)
+
+
 # dense type -> (tiny model with two such layers, example input)
 MODELS = {
+    nn.Embedding: (TwoTables, lambda: torch.randint(0, 50, (3, 7))),  # int64 token indices
     nn.Linear: (lambda: nn.Sequential(nn.Linear(512, 343), nn.ReLU(), nn.Linear(343, 216)),
                 lambda: torch.randn(3, 512)),
     nn.Conv1d: (lambda: nn.Sequential(nn.Conv1d(8, 16, 5, padding=2), nn.ReLU(),
@@ -37,7 +52,9 @@ METHOD_MODELS = {
 RANKS = 4  # even (the grouped convs), below every layer's dense cost
 # the cost the plan must reduce, where MACs do not fall for both layers: TT of the grouped
 # (1, 3) conv (16 -> 12) saves parameters but costs more MACs, so macs rightly keeps it dense
-OBJECTIVE = {("tt", nn.Conv2d): "params"}
+OBJECTIVE = {("tt", nn.Conv2d): "params",
+             # a lookup has no MACs, its factorised form r * D per token: only params can fall
+             ("svd", nn.Embedding): "params"}
 
 
 @pytest.mark.parametrize("method,dense", [pytest.param(m, d, id=f"{m}-{d.__name__}")

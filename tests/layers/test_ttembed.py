@@ -1,5 +1,7 @@
 """TTEmbedding: exact at full TT-rank, Eckart-Young-like error decrease, and row gathers that
-never allocate a (vocab x hidden) tensor."""
+never allocate a (vocab x hidden) tensor. LowRankEmbedding (the one plans use): exact at full
+rank, row-weighted, and over random tables exactly Eckart-Young's error, which is the planner's
+min_error proxy for it."""
 from __future__ import annotations
 
 import pytest
@@ -96,3 +98,37 @@ def test_low_rank_embedding_exact_weighted_and_gathers_rows():
     with torch.no_grad(), _Largest() as rec:
         big(idx)
     assert rec.largest <= 30522 * 32  # the (V, r) factor itself; no (V, D) table
+
+
+def test_low_rank_embedding_property_over_random_tables():
+    """Seeded draws of (V, D, r): at the largest valid rank the layer reproduces every row of the
+    table (float64); at r its error is exactly Eckart-Young's, which is what the planner's
+    min_error proxy (``error_proxies(table, "svd", ...)``) reports for it; valid_rank is the
+    nearest valid rank and idempotent, and refuses what is not a positive number."""
+    import random
+
+    from tensorslim.layers.ttembed import LowRankEmbedding
+    from tensorslim.rank.rules import error_proxies
+
+    rng = random.Random(0)
+    for seed in range(12):
+        v, d = rng.randint(2, 60), rng.randint(1, 40)
+        torch.manual_seed(seed)
+        emb = nn.Embedding(v, d).double()
+        full = LowRankEmbedding.valid_rank(emb, 10**9)
+        assert full == min(v, d) and LowRankEmbedding.valid_rank(emb, full) == full
+        idx = torch.arange(v)
+        assert float((LowRankEmbedding.from_dense(emb, full)(idx) - emb.weight).abs().max()) < 1e-10
+        r = rng.randint(1, full)
+        assert LowRankEmbedding.valid_rank(emb, r - 0.4) == r
+        layer = LowRankEmbedding.from_dense(emb, r)
+        s2 = torch.linalg.svdvals(emb.weight.detach()) ** 2
+        tail = float(s2[r:].sum() / s2.sum())
+        assert abs(layer.approx_error ** 2 - tail) < 1e-10
+        assert abs(error_proxies(emb.weight, "svd", [r])[0] - tail) < 1e-10
+        assert LowRankEmbedding.rank_space(emb) == list(range(1, full + 1))
+    for bad, err in [(0, ValueError), (float("nan"), ValueError), ("4", TypeError), (True, TypeError)]:
+        with pytest.raises(err, match="LowRankEmbedding: rank"):
+            LowRankEmbedding.valid_rank(nn.Embedding(10, 4), bad)
+    with pytest.raises(TypeError, match="LowRankEmbedding.valid_rank: unexpected options"):
+        LowRankEmbedding.valid_rank(nn.Embedding(10, 4), 2, nonsense=1)

@@ -7,6 +7,7 @@ from .filtercp import FilterCPConv2d
 from .lowrank import LowRankConv1d, LowRankConv2d, LowRankLinear
 from .tt import TTLinear
 from .ttconv import TTConv2d
+from .ttembed import LowRankEmbedding
 from .tucker import TuckerConv1d, TuckerConv2d
 
 __all__ = ["LAYERS", "layer_for", "register_safe"]
@@ -22,6 +23,7 @@ LAYERS: dict[tuple[str, type], type[FactorizedLayer]] = {
     ("tt", nn.Linear): TTLinear,
     ("filtercp", nn.Conv2d): FilterCPConv2d,
     ("tt", nn.Conv2d): TTConv2d,
+    ("svd", nn.Embedding): LowRankEmbedding,
 }
 
 

@@ -8,17 +8,24 @@ with cores ``G_k`` (r_{k-1}, v_k, d_k, r_k), D = prod(dim_modes):
 A lookup of token i splits it into its mixed-radix digits (i_1..i_d) and contracts the d
 gathered core slices; the table is never built (memory per token: D * max rank). Built from a
 trained ``nn.Embedding`` by TT-SVD (``tensorslim.tensor.tt_matrix``), exact at full TT-rank.
+
+:class:`LowRankEmbedding` (the truncated SVD of the table) is the layer plans use: it is
+registered for ``("svd", nn.Embedding)``, so ``make_plan(model, "svd" | "auto", ...)`` prices
+embedding tables next to the Linear layers. A dense lookup costs no MACs; the factorised one
+costs r * D per token (``own_macs``, what ``tensorslim.count`` adds), so only a params goal can
+compress a table. TTEmbedding is not registered: the planner's TT options, error proxies and
+energy rule speak of a matrix's in / out modes, not of a padded vocabulary's.
 """
 from __future__ import annotations
 
 from math import ceil, prod
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ._tt_common import chain_caps, check_modes, clip_ranks
-from .base import FactorizedLayer, check_module_finite
+from .base import FactorizedLayer, check_module_finite, nearest_rank
 
 __all__ = ["TTEmbedding", "LowRankEmbedding", "vocab_modes_for"]
 
@@ -155,6 +162,7 @@ class LowRankEmbedding(FactorizedLayer):
     """``LowRankEmbedding(num_embeddings, embedding_dim, rank)``: row i is ``rows[i] @ basis``,
     ``rows`` (V, r) gathered, ``basis`` (r, D); the table is never built. Shapes: (*) -> (*, D).
 
+    ``bias`` is None unless :meth:`fold_output_affine` folded an affine map into the layer.
     ``from_dense(emb, r)`` keeps the truncated SVD of the table; with ``row_weights`` (V,)
     (e.g. sqrt of token frequencies + a floor) the weighted SVD of ``diag(w) E`` instead, so
     frequent tokens are reproduced best (``tensorslim.tensor.row_weighted_svd``)."""
@@ -166,8 +174,10 @@ class LowRankEmbedding(FactorizedLayer):
         super().__init__()
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
         self.rank = self._check_rank(num_embeddings, embedding_dim, rank)
+        self.out_features = self.embedding_dim  # the output width, as tensorslim.fuse reads it
         self.rows = nn.Parameter(torch.randn(num_embeddings, self.rank) / self.rank ** 0.5)
         self.basis = nn.Parameter(torch.randn(self.rank, embedding_dim))
+        self.register_parameter("bias", None)  # only fold_output_affine creates one
 
     @classmethod
     def _check_rank(cls, v: int, d: int, rank: Any) -> int:
@@ -177,7 +187,11 @@ class LowRankEmbedding(FactorizedLayer):
 
     def forward(self, idx: Tensor) -> Tensor:
         """(*) token indices -> (*, D)."""
-        return nn.functional.embedding(idx, self.rows) @ self.basis
+        out = nn.functional.embedding(idx, self.rows) @ self.basis
+        bias = self.bias
+        if bias is not None:
+            out = out + bias
+        return out
 
     @classmethod
     def check(cls, module: nn.Module) -> None:
@@ -218,7 +232,37 @@ class LowRankEmbedding(FactorizedLayer):
 
     @classmethod
     def valid_rank(cls, module: nn.Module, rank: Any, **opts: Any) -> int:
-        return min(max(1, int(round(rank))), min(module.num_embeddings, module.embedding_dim))
+        """``rank`` (a positive number) rounded and clipped to [1, min(V, D)]."""
+        if opts:
+            raise TypeError(f"{cls.__name__}.valid_rank: unexpected options {sorted(opts)}; it takes none")
+        cls.check(module)
+        return nearest_rank(cls.__name__, "rank", rank, min(module.num_embeddings, module.embedding_dim))
+
+    @classmethod
+    def rank_space(cls, module: nn.Module, **opts: Any) -> list[int]:
+        """The planner's candidate ranks, smallest first: 1 .. min(V, D)."""
+        if opts:
+            raise TypeError(f"{cls.__name__}.rank_space: unexpected options {sorted(opts)}; it takes none")
+        return list(range(1, min(module.num_embeddings, module.embedding_dim) + 1))
+
+    def own_macs(self, in_shape: Tuple[int, ...], out_shape: Tuple[int, ...]) -> int:
+        """MACs of ``rows[idx] @ basis`` for one call on indices of shape ``in_shape`` (run by
+        ``forward`` itself, not by a child module; ``tensorslim.count`` adds them): one
+        (r -> D) product per token, as :meth:`cost` prices it. The gather multiplies nothing."""
+        return prod(int(s) for s in in_shape) * self.rank * self.embedding_dim
+
+    def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
+        """``y -> scale * y + shift`` per output feature (``scale``, ``shift``: (D,)): the
+        columns of ``basis`` scaled, ``shift`` into a bias (created if absent), computed in
+        float64, stored as new Parameters (e.g. a BatchNorm1d after a (B,) -> (B, D) lookup)."""
+        from .base import check_affine
+
+        check_affine(type(self).__name__, self.embedding_dim, scale, shift)
+        s, t = scale.detach().double(), shift.detach().double()
+        basis, bias = self.basis, self.bias
+        new_b = t if bias is None else bias.detach().double() * s + t
+        self.basis = nn.Parameter((basis.detach().double() * s).to(basis.dtype), requires_grad=basis.requires_grad)
+        self.bias = nn.Parameter(new_b.to(dtype=basis.dtype, device=basis.device), requires_grad=basis.requires_grad)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"

@@ -5,6 +5,11 @@ prices ranks the same way.
 A :class:`PlannedLayer` is one compressible layer of the dense model: its module, the method
 that will factorize it, its traced shapes, and its dense params / MACs (MACs for the example
 inputs, with their batch and the number of calls).
+
+Embedding tables (``nn.Embedding``) are compressible layers where a method registers a layer
+for them (``svd``: ``LowRankEmbedding``). Their dense lookup costs no MACs and their
+factorised form some, so a MAC goal keeps them dense (with that reason) and a params goal
+prices them like any layer; a CNN, having none, plans as before.
 """
 from __future__ import annotations
 
@@ -53,7 +58,8 @@ def objective_index(objective: str) -> int:
 
 
 def auto_method(module: nn.Module) -> str:
-    """``auto``: Tucker-2 for convs with a spatial kernel, SVD for Linear and 1x1 convs."""
+    """``auto``: Tucker-2 for convs with a spatial kernel, SVD for Linear, 1x1 convs and
+    embedding tables."""
     if isinstance(module, _CONV) and prod(module.kernel_size) > 1:
         return "tucker"
     return "svd"
@@ -244,6 +250,9 @@ def _check_finite(name: str, mod: nn.Module) -> None:
 
 
 def _dense_call_macs(mod: nn.Module, out_shape: tuple[int, ...]) -> int:
+    """MACs of one call of the dense layer (0 for an embedding lookup: calls is then 1)."""
+    if isinstance(mod, nn.Embedding):
+        return 0
     if isinstance(mod, nn.Linear):
         return prod(out_shape) * mod.in_features
     return prod(out_shape) * (mod.in_channels // mod.groups) * prod(mod.kernel_size)
@@ -318,7 +327,7 @@ def build_spec(layer: PlannedLayer, rank: Any, objective: str = "macs", reason: 
                 weight_shape=weight_shape(layer.module))
     if isinstance(rank, str):  # a reason to keep the layer dense
         return LayerSpec(**base, method=KEEP, rank=None, params_after=layer.params, macs_after=layer.macs,
-                         reason=_no_rank_reason(layer, rank))
+                         reason=_no_rank_reason(layer, rank, objective))
     try:
         p, m = layer_cost(layer, rank)
     except ValueError as e:
@@ -347,8 +356,15 @@ def _tt_reason(layer: PlannedLayer, rank: Any, cost: tuple[int, int]) -> str:
             f"use objective='params'")
 
 
-def _no_rank_reason(layer: PlannedLayer, reason: str) -> str:
-    """``reason``, or for a TT layer whose smallest rank saves params but not MACs, that."""
+EMBEDDING_MACS = ("kept dense: an embedding lookup costs no MACs and its factorised form r*D per token, "
+                  "so only objective='params' / target_params can compress it")
+
+
+def _no_rank_reason(layer: PlannedLayer, reason: str, objective: str = "macs") -> str:
+    """``reason``, or for a TT layer whose smallest rank saves params but not MACs, that; for
+    an embedding under a MAC goal, why no rank can reduce its MACs."""
+    if isinstance(layer.module, nn.Embedding) and objective != "params" and reason.startswith("kept dense: no rank"):
+        return EMBEDDING_MACS
     if layer.method != "tt" or not reason.startswith("kept dense: no rank"):
         return reason
     space = rank_space(layer)

@@ -62,6 +62,18 @@ def _proxies(l: PlannedLayer, ranks: list, ctx: PlanContext) -> list[float]:
     return error_proxies(l.module.weight, l.method, ranks, getattr(l.module, "groups", 1), **l.options)
 
 
+UNPRICED = ("kept dense: with calibration min_error prices layers by their measured effect on the "
+            "output, which is measured for Linear layers only (plan without calibration, or with "
+            "error='relative', to let an embedding table compete)")
+
+
+def _unpriced(l: PlannedLayer, ctx: PlanContext) -> bool:
+    """An embedding table in a plan calibrated by an absolute error: its weight-error proxy is
+    not on the scale of the Linear layers' output errors, so it cannot take part."""
+    return (isinstance(l.module, nn.Embedding) and bool(getattr(ctx, "output_errors", None))
+            and getattr(ctx, "error_kind", "relative") != "relative")
+
+
 def min_error_ranks(layers: Sequence[PlannedLayer], weights: Any, ctx: PlanContext, kind: str,
                     target: float) -> Choice:
     """Ranks meeting ``target`` of the ``ctx.total`` cost (params, MACs or measured ms: see
@@ -71,7 +83,7 @@ def min_error_ranks(layers: Sequence[PlannedLayer], weights: Any, ctx: PlanConte
 
     weights = _layer_weights(weights, layers)
     target = ctx.feasible(target)
-    cands = {l.name: ctx.candidates(l) for l in layers}
+    cands = {l.name: ([] if _unpriced(l, ctx) else ctx.candidates(l)) for l in layers}
     dense = {l.name: ctx.dense_cost(l) for l in layers}
     costs, errors = [], []
     for l in layers:
@@ -91,7 +103,7 @@ def min_error_ranks(layers: Sequence[PlannedLayer], weights: Any, ctx: PlanConte
     for l, i, errs in zip(layers, idx, errors):
         if i == len(cands[l.name]):
             chosen[l.name] = ("kept dense: the min-error allocation keeps it dense" if cands[l.name]
-                              else ctx.dense_reason(l))
+                              else UNPRICED if _unpriced(l, ctx) else ctx.dense_reason(l))
             continue
         chosen[l.name] = cands[l.name][i][0]
         kind_err = (f"{ctx.error_kind} output error" if l.name in getattr(ctx, "output_errors", {})
