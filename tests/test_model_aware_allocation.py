@@ -184,3 +184,27 @@ def test_raw_batches_defer_the_sensitivity_until_a_plan_needs_it():
     assert lazy.resolved() is lazy.resolved() and lazy.resolved().measured
     plan = ts.make_plan(m, "svd", xs[0], target_params=0.5, calibration=xs)
     assert plan.goal["calibration"]["error"] == DEFAULT_ERROR
+
+
+def test_a_plan_with_convs_prices_everything_by_relative_error_and_measures_nothing(monkeypatch):
+    # convs have no output-error curve (relative weight proxy): the Linear curves must be on
+    # that scale, so the default 'measured' falls back to 'relative', says so, and runs nothing
+    import tensorslim.sensitivity as sens
+
+    def never(*a, **k):
+        raise AssertionError("nothing should be measured")
+
+    monkeypatch.setattr(sens, "measure_truncation", never)
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(),
+                        nn.Linear(32, 10)).eval()
+    x = torch.randn(8, 3, 12, 12)
+    plan = ts.make_plan(cnn, "auto", x[:1], target_params=0.5, calibration=[x[:4], x[4:]])
+    rec = plan.goal["calibration"]
+    assert rec["error"] == "relative" and rec["layers"] == 2
+    assert rec["note"].startswith("error 'measured' replaced by 'relative': 2 planned layers (0, 2)")
+    assert abs(plan.params_after / plan.params_before - 0.5) < 0.05
+    linears = [s for s in plan.layers if s.layer_type == "Linear" and s.compressed]
+    assert len(linears) == 2 and all("relative output error" in s.reason for s in linears)
+    assert {s.name: s.compressed for s in plan.layers}["2"]  # a conv competes on the same scale

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field, fields as dc_fields
+from dataclasses import dataclass, field, fields as dc_fields, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
@@ -29,15 +29,26 @@ class DataPlanContext(PlanContext):
 def data_context(ctx: PlanContext, layers: Sequence[PlannedLayer], calibration: Any) -> tuple[PlanContext, dict]:
     """``ctx`` with the output-error curves of the SVD Linear layers among ``layers`` from
     ``calibration`` (batches of model inputs or a ready ``Calibration``), and the plan's record
-    of it (``{"variant", "error", "batches", "layers"}``). Layers without a curve (not reached
-    by the data) keep the weight-error proxy only when every layer does: an absolute output
-    error and a relative weight error are not comparable."""
+    of it (``{"variant", "error", "batches", "layers"}``, plus ``"note"`` when the error was
+    changed). An absolute output error and a relative weight error are not comparable, so:
+    with other planned layers than SVD Linears and embeddings (convs) the relative output
+    error is used; an SVD Linear the data does not reach is an error; embedding tables are
+    kept dense (:data:`UNPRICED`)."""
     from ..calibration import as_calibration
 
     names = [l.name for l in layers if l.method == "svd" and isinstance(l.module, nn.Linear)]
     if not names:
         return ctx, {"layers": 0}
     cal = as_calibration(ctx.model, calibration, layers=names)
+    others = [l.name for l in layers if l.name not in names and not isinstance(l.module, nn.Embedding)]
+    note = None
+    if others and cal.error != "relative":
+        # those layers (convs, non-SVD layers) are priced by their relative weight error, so
+        # the Linear curves must be relative too to be on one scale (and nothing is measured)
+        note = (f"error {cal.error!r} replaced by 'relative': {len(others)} planned layers "
+                f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) have no output-error "
+                "curve and are priced by their relative weight error")
+        cal = replace(cal, error="relative", pending=None, _done={})
     curves = {}
     for l in layers:
         if l.name in names and (c := cal.error_curve(l.name, l.module.weight)) is not None:
@@ -47,7 +58,8 @@ def data_context(ctx: PlanContext, layers: Sequence[PlannedLayer], calibration: 
         missing = sorted(set(names) - set(curves))
         raise ValueError(f"calibration: the {cal.error!r} error needs every SVD Linear to be reached by the "
                          f"calibration batches, but {missing[:6]} were not; exclude them or use error='relative'")
-    record = {"variant": cal.variant, "error": cal.error, "batches": cal.batches, "layers": len(curves)}
+    record = {"variant": cal.variant, "error": cal.error, "batches": cal.batches, "layers": len(curves),
+              **({"note": note} if note else {})}
     return DataPlanContext(**fields_, output_errors=curves, error_kind=cal.error), record
 
 
