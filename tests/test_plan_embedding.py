@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import tensorslim as ts
+from _hf import LastHidden  # tests/_hf.py
 from tensorslim.layers import LAYERS, LowRankEmbedding
 from tensorslim.plan import CompressionPlan
 from tensorslim.rank.rules import error_proxies
@@ -79,17 +80,9 @@ def _onnx_matches(model: nn.Module, x: tuple, path) -> None:
     the same outputs (dynamo exporter, as tests/test_transformer.py uses for transformers)."""
     ort = pytest.importorskip("onnxruntime")
 
-    class Encoder(nn.Module):  # ONNX wants tensors out, not a ModelOutput
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Encoder(model), x, str(path), dynamo=True, opset_version=17, external_data=False,
+        torch.onnx.export(LastHidden(model), x, str(path), dynamo=True, opset_version=17, external_data=False,
                           input_names=["input_ids", "attention_mask"], output_names=["hidden"], verbose=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input_ids": x[0].numpy(), "attention_mask": x[1].numpy()})[0]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import tensorslim as ts
+from _hf import LastHidden  # tests/_hf.py
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,19 +61,11 @@ def test_bert_plan_compress_save_load_onnx(tmp_path):
     for b in held:
         assert torch.equal(_hidden(loaded, b), _hidden(model, b))
 
-    class Encoder(nn.Module):  # ONNX wants tensors out, not a ModelOutput
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
     path = str(tmp_path / "enc.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # the TorchScript exporter (dynamo=False) mis-traces transformers' attention mask
-        torch.onnx.export(Encoder(loaded), example, path, dynamo=True, opset_version=17, external_data=False,
+        torch.onnx.export(LastHidden(loaded), example, path, dynamo=True, opset_version=17, external_data=False,
                           input_names=["input_ids", "attention_mask"], output_names=["hidden"],
                           verbose=False)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
