@@ -253,10 +253,18 @@ def fold_affine_(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor, *,
         wg = w.detach().double().reshape(groups, w.shape[0] // groups, *w.shape[1:])
         sg = s.reshape(groups, 1, w.shape[1], *(1,) * (w.dim() - 2))
         new_w = (wg * sg).reshape(w.shape)
-    bias = module.bias
+    module.weight, module.bias = folded_params(w, module.bias, new_w, s, t)
+
+
+def folded_params(weight: torch.Tensor, bias: Optional[torch.Tensor], scaled_weight: torch.Tensor,
+                  scale: torch.Tensor, shift: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
+    """New (weight, bias) Parameters of a layer with ``y -> scale * y + shift`` folded in:
+    ``scaled_weight`` (float64, the weight already scaled along its output axis) in the
+    weight's dtype, and ``scale * bias + shift`` (``shift`` when there was no bias)."""
+    s, t = scale.detach().double(), shift.detach().double()
     new_b = t if bias is None else bias.detach().double() * s + t
-    module.weight = _new_param(new_w.to(w.dtype), w)
-    module.bias = _new_param(new_b.to(dtype=w.dtype, device=w.device), bias if bias is not None else w)
+    return (_new_param(scaled_weight.to(weight.dtype), weight),
+            _new_param(new_b.to(dtype=weight.dtype, device=weight.device), bias if bias is not None else weight))
 
 
 def dense_bias_(bias: Optional[torch.Tensor], fan_in: int) -> None:

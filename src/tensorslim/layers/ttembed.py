@@ -255,14 +255,12 @@ class LowRankEmbedding(FactorizedLayer):
         """``y -> scale * y + shift`` per output feature (``scale``, ``shift``: (D,)): the
         columns of ``basis`` scaled, ``shift`` into a bias (created if absent), computed in
         float64, stored as new Parameters (e.g. a BatchNorm1d after a (B,) -> (B, D) lookup)."""
-        from .base import check_affine
+        from .base import check_affine, folded_params
 
         check_affine(type(self).__name__, self.embedding_dim, scale, shift)
-        s, t = scale.detach().double(), shift.detach().double()
-        basis, bias = self.basis, self.bias
-        new_b = t if bias is None else bias.detach().double() * s + t
-        self.basis = nn.Parameter((basis.detach().double() * s).to(basis.dtype), requires_grad=basis.requires_grad)
-        self.bias = nn.Parameter(new_b.to(dtype=basis.dtype, device=basis.device), requires_grad=basis.requires_grad)
+        basis = self.basis  # (r, D): output features along its columns
+        self.basis, self.bias = folded_params(basis, self.bias, basis.detach().double() * scale.detach().double(),
+                                              scale, shift)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
