@@ -95,7 +95,7 @@ def test_pipeline_refuses_goals_it_does_not_take(name):
 
 
 def test_cli_names_every_registered_pipeline():
-    from tensorslim.cli import PIPELINE_NAMES
+    from tensorslim.app.parser import PIPELINE_NAMES
 
     assert sorted(PIPELINE_NAMES) == NAMES
 
