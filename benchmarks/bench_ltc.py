@@ -37,6 +37,12 @@ The runs reported in the issue note were scaled down to the CPU budget (one shar
     (the same with --model resnet20 --out benchmarks/results/ltc/compare4x_resnet20.json)
     python benchmarks/bench_ltc.py --parts sweep --lams 30,50,75,100,150,200,300 \\
         --test-subset 2000 --out benchmarks/results/ltc/sweep_vgg16.json
+
+``--prices`` runs ``ltc`` once per C-step rank price (``weight``: plain weight-space error,
+the earlier runs; ``relative``, ``fisher``, ``measured``: see
+``tensorslim.methods._ltc_price``); the price runs of the issue note used the same scaled-down
+settings with ``--methods ltc --prices relative`` and wrote ``compare4x_price_{model}.json``
+(the other methods' rows at those settings are in ``compare4x_{model}.json``).
 """
 from __future__ import annotations
 
@@ -86,22 +92,26 @@ class Ctx:
         return r
 
 
-def run_ltc(c: Ctx, target: float, label: str, wstep_distill: bool = True) -> dict:
+def run_ltc(c: Ctx, target: float, label: str, wstep_distill: bool = True,
+            price: str | None = None) -> dict:
     a = c.a
+    price = price or a.prices.split(",")[0]
     w_steps = a.lc_steps * a.steps_per_lc
     t0 = time.perf_counter()
     res = ltc(c.dense, c.x1, train_loader=c.loaders.train, target_macs=target, lc_steps=a.lc_steps,
               steps_per_lc_step=a.steps_per_lc, mu0=a.mu0, mu_growth=a.mu_growth, lr=a.ltc_lr,
               finetune_steps=a.steps - w_steps, finetune_lr=a.lr, seed=a.seed,
-              wstep_distill=wstep_distill, progress=False)
+              wstep_distill=wstep_distill, price=price, progress=False)
     if wstep_distill:
         c.ltc_runs.setdefault(target, res)
     hist = res.history
     cstep = sum(h["cstep_s"] for h in hist) / len(hist)
     sgd = sum(h["wstep_s"] for h in hist) / (len(hist) * max(1, a.steps_per_lc))
-    return c.row(label, res.model, a.steps, t0, cstep_s=round(cstep, 3), sgd_step_s=round(sgd, 4),
-                 cstep_over_lc_step=round(cstep / (sgd * a.steps_per_lc), 4),
-                 final_rel_dist=round(res.history[-1]["rel_dist"], 4))
+    return c.row(f"{label} [price {price}]", res.model, a.steps, t0, cstep_s=round(cstep, 3),
+                 sgd_step_s=round(sgd, 4), cstep_over_lc_step=round(cstep / (sgd * a.steps_per_lc), 4),
+                 final_rel_dist=round(res.history[-1]["rel_dist"], 4), price=price,
+                 price_weights=res.initial.get("price_weights"), ranks=res.history[-1]["ranks"],
+                 initial_ranks=res.initial["ranks"])
 
 
 def run_oneshot(c: Ctx, label: str, **goal) -> dict:
@@ -109,6 +119,7 @@ def run_oneshot(c: Ctx, label: str, **goal) -> dict:
     torch.manual_seed(c.a.seed)
     res = oneshot(c.dense, "tucker", c.x1, train_loader=c.loaders.train, finetune_steps=c.a.steps,
                   finetune_lr=c.a.lr, progress=False, **goal)
+    c.oneshot_ranks = {s.name: s.rank for s in res.plan.layers}
     return c.row(label, res.model, c.a.steps, t0)
 
 
@@ -121,13 +132,15 @@ def part_compare(c: Ctx) -> list[dict]:
         raise SystemExit(f"--methods: unknown {unknown}; known: {', '.join(known)}")
     for target in c.targets:
         x = f"{1 / target:.0f}x"
-        if "ltc" in methods:
-            rows.append(run_ltc(c, target, f"LTC, KD W-steps {x}"))
+        if "ltc" in methods:  # one run per --prices entry (the first one feeds the layer analysis)
+            for price in a.prices.split(","):
+                rows.append(run_ltc(c, target, f"LTC, KD W-steps {x}", price=price))
         if "ltc_ce" in methods:
             rows.append(run_ltc(c, target, f"LTC, label-only W-steps {x}", wstep_distill=False))
         if "oneshot" in methods:
             rows.append(run_oneshot(c, f"one-shot Tucker-2 min_error + KD {x}", target_macs=target,
                                     rank_rule="min_error"))
+            rows[-1]["ranks"] = c.oneshot_ranks
         if "musco" in methods:
             t0 = time.perf_counter()
             res = musco(c.dense, "tucker", c.x1, train_loader=c.loaders.train, stages=3,
@@ -253,6 +266,8 @@ def main() -> None:
     p.add_argument("--mu0", type=float, default=0.02)
     p.add_argument("--mu-growth", type=float, default=1.6)
     p.add_argument("--ltc-lr", type=float, default=0.01)
+    p.add_argument("--prices", default="relative",
+                   help="LTC C-step rank prices to run (comma list: weight, relative, fisher, measured)")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--test-subset", type=int, default=0, help="0: the full official test set")

@@ -128,7 +128,8 @@ def test_w_step_distils_from_the_dense_model():
     """With ``distill_alpha=1`` the W-step loss is the KD loss alone, so the labels do not
     matter; without W-step distillation (or with alpha 0.5) they do. The recorded loss of
     LC step 1 is train()'s mean KD loss of the first W-step."""
-    base = {**RUN, "lc_steps": 2, "steps_per_lc_step": 3, "finetune_steps": 0}
+    # price "weight": the hand-made C-step below is the unweighted one
+    base = {**RUN, "lc_steps": 2, "steps_per_lc_step": 3, "finetune_steps": 0, "price": "weight"}
     batches = _batches(3)
     flipped = [(x, (y + 3) % 10) for x, y in batches]
 
@@ -255,3 +256,148 @@ def test_bilinear_pricing_equals_the_planner_pricing_of_every_pair():
                                    for a in range(1, ri + 1)], dtype=torch.float64)
             torch.testing.assert_close(priced.cost * 1000.0, direct, rtol=0, atol=1e-9)
             assert priced.dense_cost * 1000.0 == (layer.params, layer.macs)[i]
+
+
+# ---- the C-step's rank price (tensorslim.methods._ltc_price) ------------------------------
+
+def _small() -> tuple[nn.Module, torch.Tensor]:
+    """A float64 conv + Linear net small enough to price every candidate by brute force."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 30)).double().eval()
+    with torch.no_grad():  # decaying channel spectra: the price reaches intermediate ranks
+        for m in (net[0], net[2], net[6]):
+            w = m.weight.view(m.weight.shape[0], m.weight.shape[1], -1)
+            w.mul_(3 * (0.7 ** torch.arange(w.shape[0], dtype=w.dtype))[:, None, None]
+                   * (0.7 ** torch.arange(w.shape[1], dtype=w.dtype))[None, :, None])
+    return net, torch.randn(1, 3, 6, 6, dtype=torch.float64)
+
+
+def _brute(layer, w: torch.Tensor, s: float, lam: float, mu: float):
+    """(best objective, rank, Theta) over every candidate rank and the dense layer, each
+    candidate projected and its error measured directly (no spectra of the C-step)."""
+    def left(m, r):
+        return torch.linalg.svd(m, full_matrices=False)[0][:, :r]
+
+    best = (lam * layer.dense_cost, None, w)  # dense: no error, ties go to dense
+    for idx in range(layer.cost.numel()):
+        rank = core._unflat(layer, idx)
+        if float(layer.cost.reshape(-1)[idx]) >= layer.dense_cost:
+            continue
+        if layer.tucker:
+            a_out = left(w.reshape(w.shape[0], -1), rank[1])
+            a_in = left(w.transpose(0, 1).reshape(w.shape[1], -1), rank[0])
+            theta = torch.einsum("ta,ua,usk,sb,vb->tvk", a_out, a_out, w.reshape(*w.shape[:2], -1),
+                                 a_in, a_in).reshape(w.shape)
+        else:
+            u, sv, vh = torch.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)
+            theta = ((u[:, :rank] * sv[:rank]) @ vh[:rank]).reshape(w.shape)
+        obj = lam * float(layer.cost.reshape(-1)[idx]) + mu / 2 * s * float(((w - theta) ** 2).sum())
+        if obj < best[0] - 1e-12:
+            best = (obj, rank, theta)
+    return best
+
+
+def test_weighted_c_step_equals_brute_force_over_every_rank():
+    """The C-step with per-layer price weights s_k picks, per layer, the rank minimising
+    lam C_k(r) + mu/2 s_k ||W_k - Pi_r(W_k)||^2 over every candidate (float64, errors of
+    explicit projections), and Theta is that projection; the weights change the choice."""
+    net, x = _small()
+    total = ts.count(net, x).total_params  # params: the Linear's cost is not negligible
+    layers = [core.price(l, "params", total) for l in _layers_of(net, x)]
+    norms = {l.name: float(net.get_submodule(l.name).weight.detach().square().sum()) for l in layers}
+    mu, differs, seen = 0.3, False, {l.name: set() for l in layers}
+    for weights in (None, {n: 2.0 / v for n, v in norms.items()}, {"0": 0.05, "2": 9.0, "6": 1.0}):
+        for lam in torch.logspace(-4, 1, 16, dtype=torch.float64).tolist():
+            ranks, thetas, got = core.c_step(layers, net, {}, mu, lam, None, weights)
+            assert got == lam
+            for l in layers:
+                w = net.get_submodule(l.name).weight.detach()
+                s = 1.0 if weights is None else weights[l.name]
+                obj, rank, theta = _brute(l, w, s, lam, mu)
+                assert ranks[l.name] == rank, (weights, lam, l.name)
+                torch.testing.assert_close(thetas[l.name], theta, rtol=0, atol=1e-10)
+                assert core.rank_cost(l, rank) * lam + mu / 2 * s * float(((w - theta) ** 2).sum()) \
+                    == pytest.approx(obj, rel=1e-9, abs=1e-12)
+                seen[l.name].add(rank)
+            if weights is not None:
+                differs |= ranks != core.c_step(layers, net, {}, mu, lam, None, None)[0]
+    assert differs
+    for name, ranks_seen in seen.items():  # every layer: dense, its smallest rank and between
+        smallest = (1, 1) if name != "6" else 1
+        assert None in ranks_seen and smallest in ranks_seen and len(ranks_seen) >= 3, (name, ranks_seen)
+
+
+def _layers_of(model, x):
+    from tensorslim.planning import collect_layers
+
+    return collect_layers(model, "auto", ts.count(model, x), {"include": None, "exclude": None})[0]
+
+
+def test_price_weights_are_the_documented_sensitivities():
+    from tensorslim.methods import _ltc_price as pr
+
+    net, x = _small()
+    total = ts.count(net, x).total_macs
+    layers = [core.price(l, "macs", total) for l in _layers_of(net, x)]
+    g = torch.Generator().manual_seed(4)
+    data = [(torch.randn(8, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (8,), generator=g))
+            for _ in range(3)]
+    ws = {l.name: net.get_submodule(l.name).weight for l in layers}
+    norms = {n: float(w.detach().square().sum()) for n, w in ws.items()}
+
+    def normed(raw):  # sum_k s_k ||W_k||^2 = sum_k ||W_k||^2
+        c = sum(norms.values()) / sum(raw[n] * norms[n] for n in norms)
+        return {n: raw[n] * c for n in raw}
+
+    expect = {"weight": dict.fromkeys(norms, 1.0), "relative": normed({n: 1 / v for n, v in norms.items()})}
+    fisher = dict.fromkeys(norms, 0.0)
+    for xb, yb in data[:2]:  # price_batches = 2: the first two batches
+        grads = torch.autograd.grad(nn.functional.cross_entropy(net(xb), yb), list(ws.values()))
+        for n, gr in zip(ws, grads):
+            fisher[n] += float(gr.square().mean()) / 2
+    expect["fisher"] = normed(fisher)
+    meas, before = {}, {n: w.detach().clone() for n, w in ws.items()}
+    with torch.no_grad():
+        ref = [net(xb) for xb, _ in data[:2]]
+        for l in layers:
+            w, frac = ws[l.name], 0.5
+            _, rank, theta = min(((float(((w - t) ** 2).sum()), str(r), t) for r, t in _candidates(l, w)
+                                  if core.rank_cost(l, r) <= frac * l.dense_cost), key=lambda z: z[0])
+            w.copy_(theta)
+            change = sum(float((net(xb) - r).square().sum()) for (xb, _), r in zip(data[:2], ref))
+            w.copy_(before[l.name])
+            meas[l.name] = change / 16 / float(((before[l.name] - theta) ** 2).sum())
+    expect["measured"] = normed(meas)
+    for price, want in expect.items():
+        got = pr.layer_weights(price, net, layers, data, 2, 0.5)
+        assert got.keys() == want.keys()
+        for n in want:
+            assert got[n] == pytest.approx(want[n], rel=1e-9), (price, n)
+        for n, w in ws.items():  # the weights are left as they were
+            assert torch.equal(w.detach(), before[n])
+    with pytest.raises(ValueError, match="price must be one of weight, relative, fisher, measured"):
+        LTCOptions(lam=1.0, price="hessian")
+
+
+def _candidates(layer, w):
+    """Every candidate rank of ``layer`` with its projection of ``w`` (the C-step's Theta)."""
+    spec = core.spectrum(layer, w)
+    return [(core._unflat(layer, i), core.project(layer, spec, w.detach(), core._unflat(layer, i)))
+            for i in range(layer.cost.numel())]
+
+
+def test_the_price_is_recorded_in_the_plan_and_the_result(toy_run):
+    from tensorslim.methods import _ltc_price as pr
+
+    assert LTCOptions(lam=1.0).price == "relative"  # the default (see the report for why)
+    weights = toy_run.initial["price_weights"]
+    assert toy_run.plan.goal["price"] == "relative" and toy_run.plan.goal["ltc"]["price"] == "relative"
+    assert toy_run.plan.goal["price_weights"] == weights
+    net = _toy()
+    total = ts.count(net, X[:1]).total_macs
+    layers = [core.price(l, "macs", total) for l in _layers(net)]
+    assert weights == pytest.approx(pr.layer_weights("relative", net, layers, [], 1, 0.4), rel=1e-12)
+    # the initial C-step is the weighted one at mu0 on the dense weights
+    ranks = core.c_step(layers, net, {}, RUN["mu0"], None, _toy_budget(net, 0.4), weights)[0]
+    assert {n: (list(r) if isinstance(r, tuple) else r) for n, r in ranks.items()} == toy_run.initial["ranks"]

@@ -166,15 +166,19 @@ def lam_for_target(layers: list[LCLayer], specs: list[Spectrum], mu: float, budg
 
 
 def c_step(layers: list[LCLayer], model: nn.Module, phis: dict[str, torch.Tensor], mu: float,
-           lam: float | None, budget: float | None) -> tuple[dict, dict, float]:
+           lam: float | None, budget: float | None, weights: dict[str, float] | None = None
+           ) -> tuple[dict, dict, float]:
     """One C-step: per layer the rank and Theta for ``v = W - phi / mu``; ``lam`` given, or
-    found for the cost ``budget`` (model fraction of the compressible layers). Returns
-    (ranks, thetas, lam)."""
+    found for the cost ``budget`` (model fraction of the compressible layers). ``weights``:
+    the per-layer scale ``s_k`` of the squared error in the rank choice (``_ltc_price``; None:
+    1), which leaves Theta at a given rank unchanged. Returns (ranks, thetas, lam)."""
     vs = {}
     for l in layers:
         w = model.get_submodule(l.name).weight.detach()
         vs[l.name] = w - phis[l.name].to(w) / mu if l.name in phis else w
     specs = [spectrum(l, vs[l.name]) for l in layers]
+    if weights is not None:  # the rank choice (and the budget fill) sees s_k * error
+        specs = [Spectrum(s.err * float(weights[l.name]), s.factors) for l, s in zip(layers, specs)]
     target = lam is None
     if target:
         lam = lam_for_target(layers, specs, mu, budget)
@@ -189,6 +193,23 @@ def c_step(layers: list[LCLayer], model: nn.Module, phis: dict[str, torch.Tensor
         ranks[l.name] = r
         thetas[l.name] = project(l, s, vs[l.name], r)
     return ranks, thetas, lam
+
+
+def record(k: int, run: Any, lam: float, ranks: dict, thetas: dict, loss: float | None,
+            wstep_s: float, cstep_s: float) -> dict[str, Any]:
+    """The history record of LC step ``k`` (see ``LTCResult``) of ``run`` (an ``_LTCRun``)."""
+    opts, layers, work = run.opts, run.layers, run.work
+    sq = norm = 0.0
+    for l in layers:
+        w = work.get_submodule(l.name).weight.detach().double()
+        sq += float(((w - thetas[l.name].to(w)) ** 2).sum())
+        norm += float((w ** 2).sum())
+    cost = 1.0 - sum(l.dense_cost for l in layers) + sum(rank_cost(l, ranks[l.name]) for l in layers)
+    rec = {"step": k, "mu": opts.mu(k), "lam": lam, "ranks": dict(ranks), "cost_ratio": cost,
+           "cost": cost * run.total, "loss": loss, "dist": sq ** 0.5,
+           "rel_dist": (sq / norm) ** 0.5 if norm else 0.0,
+           "wstep_s": round(wstep_s, 4), "cstep_s": round(cstep_s, 4)}
+    return json.loads(json.dumps(rec))  # JSON-normal (pairs as lists), as a resumed run has it
 
 
 def _flat(layer: LCLayer, rank: Any) -> int:

@@ -14,7 +14,10 @@ is solved with the augmented Lagrangian
    distilled from the dense model as the fine-tuning of one-shot methods is); C-step: per layer,
    the rank minimising ``lam C(r) + mu/2 ||v - Pi_r(v)||^2``, ``v = W - phi/mu``
    (:mod:`tensorslim.rank.lc`: Tucker-2 HOSVD of the two channel unfoldings for convs with a
-   spatial kernel, SVD for Linear and 1x1 convs), ``Theta = Pi_r(v)``; then
+   spatial kernel, SVD for Linear and 1x1 convs), ``Theta = Pi_r(v)``, the error of layer k
+   weighted by a per-layer scale ``s_k`` set once from the dense model (``price``, default
+   ``relative``: ``1 / ||W_k||^2``; :mod:`tensorslim.methods._ltc_price`, which derives it as
+   the exact C-step of a per-layer price ``lam / s_k``); then
    ``phi <- phi - mu (W - Theta)`` (``lagrangian=False``: ``phi = 0``, the quadratic penalty);
 3. the compressed model is ``Theta`` at the last ranks, through a normal
    :class:`~tensorslim.plan.CompressionPlan` and :func:`tensorslim.compress`, then optional
@@ -62,6 +65,7 @@ from ..ddp import setup_distributed, teardown
 from ..plan import CompressionPlan
 from ..planning import build_spec, collect_layers
 from . import _ltc_core as core
+from ._ltc_price import PRICES, layer_weights
 from ._musco_state import _StageLoader
 from .registry import Pipeline, register_pipeline
 
@@ -83,7 +87,10 @@ class LTCOptions:
     penalty). Then ``bn_steps`` BatchNorm re-calibration batches (None: recover's default)
     and ``finetune_steps`` fine-tuning steps (``finetune_lr``, distilled from the dense model
     with the same ``distill_alpha`` / ``distill_T`` when ``distill``). ``include`` /
-    ``exclude``: glob patterns of the layers to compress / keep dense."""
+    ``exclude``: glob patterns of the layers to compress / keep dense. ``price``: the
+    per-layer scale of the squared error in the C-step's rank choice (``weight``,
+    ``relative``, ``fisher``, ``measured``: :mod:`tensorslim.methods._ltc_price`; the last
+    two from ``price_batches`` training batches of the dense model)."""
 
     lam: float | None = None
     target_macs: float | None = None
@@ -108,6 +115,8 @@ class LTCOptions:
     seed: int = 0
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
+    price: str = "relative"
+    price_batches: int = 4
 
     def __post_init__(self) -> None:
         goals = [g for g in ("lam", "target_macs", "target_params") if getattr(self, g) is not None]
@@ -140,6 +149,9 @@ class LTCOptions:
         check_int("finetune_steps", self.finetune_steps, 0, where=w)
         check_int("bn_steps", self.bn_steps, 0, where=w, none_ok=True)
         check_int("seed", self.seed, 0, where=w)
+        check_int("price_batches", self.price_batches, 1, where=w)
+        if self.price not in PRICES:
+            raise ValueError(f"ltc: price must be one of {', '.join(PRICES)}, got {self.price!r}")
         for name in ("lagrangian", "distill", "wstep_distill"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"ltc: {name} must be True or False, got {getattr(self, name)!r}")
@@ -166,7 +178,8 @@ class LTCResult:
     ``cost`` of the model at those ranks, train ``loss`` of the W-step, ``dist`` =
     ||W - Theta|| and ``rel_dist`` = ||W - Theta|| / ||W|| after the C-step, ``wstep_s`` /
     ``cstep_s`` seconds), the same record of the initial C-step on the dense weights
-    (``initial``, step 0, no W-step) and the final recovery's record."""
+    (``initial``, step 0, no W-step, with the ``price_weights`` s_k of the rank price) and
+    the final recovery's record."""
 
     model: nn.Module
     plan: CompressionPlan
@@ -211,7 +224,7 @@ def _run(model: nn.Module, example_inputs: Any, opts: LTCOptions, train_loader: 
          state_dir: Any, max_lc_steps_this_call: int | None, progress: bool) -> LTCResult:
     """The LC loop of :func:`ltc` (arguments checked, inside the process group if any)."""
     run = _setup(model, example_inputs, opts, state_dir)
-    ranks, thetas, phis, history = _start(run, progress)
+    ranks, thetas, phis, history = _start(run, train_loader, progress)
     ran = 0
     bar = tqdm(range(len(history), opts.lc_steps + 1), desc="ltc", disable=not progress,
                initial=len(history) - 1, total=opts.lc_steps)
@@ -244,6 +257,7 @@ class _LTCRun:
     config: dict
     folder: Path | None
     fp: str
+    weights: dict | None = None  # s_k of the C-step's rank price (None: price "weight")
 
 
 def _setup(model: nn.Module, example_inputs: Any, opts: LTCOptions, state_dir: Any) -> _LTCRun:
@@ -267,22 +281,29 @@ def _setup(model: nn.Module, example_inputs: Any, opts: LTCOptions, state_dir: A
                    config, folder, fp)
 
 
-def _start(run: _LTCRun, progress: bool) -> tuple[dict, dict, dict, list]:
-    """(ranks, thetas, phis, history) after the initial C-step (at mu0, phi = 0) or, with a
-    saved run in the state folder, after its last LC step (its weights loaded)."""
+def _start(run: _LTCRun, loader: Any, progress: bool) -> tuple[dict, dict, dict, list]:
+    """(ranks, thetas, phis, history) after the price weights and the initial C-step (at
+    mu0, phi = 0) or, with a saved run in the state folder, after its last LC step (its
+    weights loaded, the price weights from its initial record)."""
     saved = core.load_state(run.folder, run.config, run.fp, run.work)
     core.barrier()  # every rank has looked for a saved run before rank 0 writes one
+    opts = run.opts
     if saved is not None:
         k, history, thetas, phis = saved
+        run.weights = history[0].get("price_weights")
         if progress:
             print(f"ltc: resuming after LC step {k} from {run.folder}", flush=True)
         ranks = {n: (tuple(r) if isinstance(r, list) else r) for n, r in history[-1]["ranks"].items()}
         return ranks, thetas, phis, history
-    opts, t0 = run.opts, time.perf_counter()
+    t0 = time.perf_counter()
+    if opts.price != "weight":
+        probe = opts.target_macs or opts.target_params or 0.25
+        run.weights = layer_weights(opts.price, run.work, run.layers, loader, opts.price_batches, probe)
     ranks, thetas, lam = core.share(*core.c_step(run.layers, run.work, {}, opts.mu(0), opts.lam,
-                                                 run.budget))
+                                                 run.budget, run.weights))
     phis = {l.name: torch.zeros_like(thetas[l.name]) for l in run.layers} if opts.lagrangian else {}
-    history = [_record(0, run, lam, ranks, thetas, None, 0.0, time.perf_counter() - t0)]
+    history = [core.record(0, run, lam, ranks, thetas, None, 0.0, time.perf_counter() - t0)
+               | {"price_weights": run.weights}]
     core.save_state(run.folder, 0, run.config, run.fp, history, run.work, thetas, phis)
     return ranks, thetas, phis, history
 
@@ -294,13 +315,14 @@ def _lc_step(k: int, run: _LTCRun, thetas: dict, phis: dict, loader: Any, progre
     t0 = time.perf_counter()
     loss = _w_step(k, run, thetas, phis, mu, loader, progress)
     t1 = time.perf_counter()
-    ranks, thetas, lam = core.share(*core.c_step(run.layers, run.work, phis, mu, opts.lam, run.budget))
+    ranks, thetas, lam = core.share(*core.c_step(run.layers, run.work, phis, mu, opts.lam, run.budget,
+                                                 run.weights))
     t2 = time.perf_counter()
     if opts.lagrangian:
         for l in run.layers:
             w = run.work.get_submodule(l.name).weight.detach()
             phis[l.name] = phis[l.name].to(w) - mu * (w - thetas[l.name].to(w))
-    rec = _record(k, run, lam, ranks, thetas, loss, t1 - t0, t2 - t1)
+    rec = core.record(k, run, lam, ranks, thetas, loss, t1 - t0, t2 - t1)
     return ranks, thetas, phis, rec
 
 
@@ -337,22 +359,6 @@ def _w_step(k: int, run: _LTCRun, thetas: dict, phis: dict, mu: float, loader: A
     return float(hist["loss"][-1])
 
 
-def _record(k: int, run: _LTCRun, lam: float, ranks: dict, thetas: dict, loss: float | None,
-            wstep_s: float, cstep_s: float) -> dict[str, Any]:
-    opts, layers, work = run.opts, run.layers, run.work
-    sq = norm = 0.0
-    for l in layers:
-        w = work.get_submodule(l.name).weight.detach().double()
-        sq += float(((w - thetas[l.name].to(w)) ** 2).sum())
-        norm += float((w ** 2).sum())
-    cost = 1.0 - sum(l.dense_cost for l in layers) + sum(core.rank_cost(l, ranks[l.name]) for l in layers)
-    rec = {"step": k, "mu": opts.mu(k), "lam": lam, "ranks": dict(ranks), "cost_ratio": cost,
-           "cost": cost * run.total, "loss": loss, "dist": sq ** 0.5,
-           "rel_dist": (sq / norm) ** 0.5 if norm else 0.0,
-           "wstep_s": round(wstep_s, 4), "cstep_s": round(cstep_s, 4)}
-    return json.loads(json.dumps(rec))  # JSON-normal (pairs as lists), as a resumed run has it
-
-
 def _finish(dense: nn.Module, run: _LTCRun, ranks: dict, thetas: dict, history: list,
             loader: Any, progress: bool) -> LTCResult:
     """Theta at the learned ranks as a compressed model (plan + compress), then recovery."""
@@ -370,7 +376,8 @@ def _finish(dense: nn.Module, run: _LTCRun, ranks: dict, thetas: dict, history: 
     order = {lc.name: i for i, lc in enumerate(report.layers)}
     specs.sort(key=lambda s: order[s.name])
     goal = {"ltc": {k: v for k, v in opts.to_dict().items() if k != "seed"},
-            "lam": last["lam"], "mu": last["mu"], "objective": opts.objective}
+            "lam": last["lam"], "mu": last["mu"], "objective": opts.objective,
+            "price": opts.price, "price_weights": run.weights}
     goal |= {g: getattr(opts, g) for g in ("target_macs", "target_params") if getattr(opts, g) is not None}
     plan = CompressionPlan(layers=(), method="auto", goal=json.loads(json.dumps(goal)),
                            params_before=report.total_params, params_after=report.total_params,
