@@ -15,15 +15,23 @@ at the speed its MAC count predicts.
 VGG-16, 28x28 inputs) and a 64->64 3x3 conv at 32x32 (TT-rank 8, modes 8x8), each against its
 dense nn.Conv2d at batch 1 and 64 (8 for the 32x32 conv), one process, medians of interleaved
 rounds of thread CPU time (less sensitive to other processes than wall time). "ratio" =
-speed-up / MAC reduction (1.0: as fast as its MACs predict); "before" runs the merged
-spatial + first-core step always as a conv (``im2col_pixels = 0``, the previous forward),
-"after" as the layer chooses. ``--profile`` prints torch.profiler's top ops per layer.
+speed-up / MAC reduction (1.0: as fast as its MACs predict); "before" rebuilds the kernels it
+derives from the cores on every call and im2cols with ``F.unfold`` (``eager_cache = False``:
+the previous forward, except that it already reads the cores without ParameterList indexing),
+"after" is the layer as shipped (inference cache; small inputs take ``small_forward``, its
+im2col a cached gather). ``--before conv`` makes "before" the older forward that runs the merged spatial +
+first-core step always as a conv (``im2col_pixels = 0`` too). ``--profile`` prints
+torch.profiler's top ops per layer.
 
     python benchmarks/bench_tt.py --part conv --threads 1
     python benchmarks/bench_tt.py --part conv --threads 1 --targets 0.3 --rounds 3   # quick
+    python benchmarks/bench_tt.py --part conv --threads 1 --rounds 5   # the issue-19 reports' run
+
+The load average is printed before and after (timings are only comparable within one run).
 """
 import argparse
 import copy
+import os
 import statistics
 import time
 import warnings
@@ -121,14 +129,17 @@ def profile_top(layer: nn.Module, x: torch.Tensor, rows: int = 6) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def conv_part(targets: list[float], rounds: int, profile: bool) -> None:
+def conv_part(targets: list[float], rounds: int, profile: bool, before_kind: str = "uncached",
+              batches: tuple[int, ...] = (1, 64)) -> None:
     head = (f"{'layer':16s} {'TT-ranks':12s} {'in':11s} {'batch':>5s} {'MACs /':>7s} {'dense ms':>9s} "
             f"{'before ms':>9s} {'after ms':>9s} {'ratio before':>12s} {'ratio after':>11s}")
     print(head + "\n" + "-" * len(head))
     for name, dense, tt, shape in conv_cases(targets):
         before = copy.deepcopy(tt)
-        before.im2col_pixels = 0  # the previous forward: the merged step always as a conv
-        for b in (1, 64 if shape[-1] < 32 else 8):
+        before.eager_cache = False  # kernels rebuilt per call, F.unfold
+        if before_kind == "conv":
+            before.im2col_pixels = 0  # the merged step always as a conv
+        for b in sorted({bb if shape[-1] < 32 else min(bb, 8) for bb in batches}):
             x = torch.randn(b, *shape)
             with torch.inference_mode():
                 ref = dense(x)
@@ -152,6 +163,10 @@ def main() -> None:
                    help="conv part: target_params of the VGG-16 TT plans")
     p.add_argument("--rounds", type=int, default=7, help="conv part: interleaved rounds")
     p.add_argument("--profile", action="store_true", help="conv part: torch.profiler top ops")
+    p.add_argument("--before", choices=["uncached", "conv"], default="uncached",
+                   help="conv part: the 'before' forward (see the module doc)")
+    p.add_argument("--conv-batches", type=int, nargs="+", default=[1, 64],
+                   help="conv part: batch sizes (the 32x32 conv runs at most 8)")
     p.add_argument("--ranks", type=int, nargs="+", default=[64, 16, 8])
     p.add_argument("--batches", type=int, nargs="+", default=[8, 64, 512])
     p.add_argument("--repeats", type=int, default=11)
@@ -162,7 +177,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.part in ("conv", "all"):
-        conv_part(args.targets, args.rounds, args.profile)
+        print(f"load {open('/proc/loadavg').read().split()[:3]}" if os.path.exists("/proc/loadavg") else "")
+        conv_part(args.targets, args.rounds, args.profile, args.before, tuple(args.conv_batches))
+        if os.path.exists("/proc/loadavg"):
+            print(f"load {open('/proc/loadavg').read().split()[:3]}")
     if args.part == "conv":
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, Linear {N}x{N}, "

@@ -19,7 +19,10 @@ two adjacent axes and no activation is ever permuted:
     3. the state is (B, T, P) in NCHW order: bias (and a folded BatchNorm's ``out_scale``).
 
 Parameters: ``spatial`` (G r_0, 1, kh, kw), ``cores[k]`` (G, r_out, m_k, n_k, r_in) (stored in
-the matmul's layout). MACs per sample: :func:`tt_conv_cost`.
+the matmul's layout). MACs per sample: :func:`tt_conv_cost` (the arithmetic lives in
+:mod:`._ttconv_math`). In eager inference the kernels the first step derives from the cores
+are cached (never stale, never in ``state_dict`` or exported graphs) and small inputs take a
+forward with the fewest ops: :mod:`._ttconv_fast` (``eager_cache = False`` turns both off).
 """
 from dataclasses import replace
 from math import prod
@@ -30,55 +33,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..tensor import rel_error, tt_svd
-from ._conv import ConvGeometry, assign_, conv_out_size, pad_by_slices
-from ._tt_common import chain_caps, check_modes, clip_ranks, init_variance, nearest_ranks, tt_init_
+from ._conv import ConvGeometry, assign_, pad_by_slices
+from ._ttconv_fast import CACHE, INDEX, derived, drop_cache, small_forward
+from ._ttconv_math import (_bonds, _load_cores, _positions, conv_tt_caps, kernel_tt_tensors,
+                           merges_first_core, tt_conv_cost, tt_conv_kernel)
+from ._tt_common import check_modes, clip_ranks, init_variance, nearest_ranks, tt_init_
 from .base import FactorizedLayer, Rank, check_affine, check_module_finite, dense_bias_
 
 _Int2 = Union[int, Sequence[int]]
 
-IM2COL_PIXELS = 64  # batch x H' W' up to which the merged step is im2col + bmm (_merged_conv)
-
-
-def conv_tt_caps(kernel: Sequence[int], in_modes: Sequence[int], out_modes: Sequence[int]) -> list[int]:
-    """Exact TT-ranks (r_0..r_{d-1}) of a generic kernel with these modes: bond j joins the
-    spatial mode and the last j channel pairs to the rest."""
-    pairs = [m * n for m, n in zip(out_modes, in_modes)]
-    return chain_caps([prod(kernel)] + pairs[::-1])
-
-
-def _bonds(ranks: Sequence[int], k: int, d: int) -> tuple[int, int]:
-    """(r_in, r_out) of the core of channel mode k (0-based): r_in towards the spatial core."""
-    return ranks[d - 1 - k], (ranks[d - k] if k > 0 else 1)
-
-
-def merges_first_core(geo: ConvGeometry, in_modes: Sequence[int], out_modes: Sequence[int],
-                      ranks: Sequence[int]) -> bool:
-    """Whether the spatial core and the first channel core run as ONE small conv (kernel
-    (m_d r_1, n_d, kh, kw) on n_d-channel slices of the input): when that needs fewer MACs than
-    the depthwise conv (S r_0 kh kw per pixel) plus the first matmul."""
-    d, k2 = len(in_modes), prod(geo.kernel)
-    a = geo.groups * prod(in_modes[:d - 1])
-    r_out = _bonds(ranks, d - 1, d)[1]
-    merged = a * out_modes[-1] * r_out * in_modes[-1] * k2
-    split = geo.in_channels * ranks[0] * k2 + a * in_modes[-1] * ranks[0] * out_modes[-1] * r_out
-    return merged < split
-
-
-def tt_conv_cost(geo: ConvGeometry, in_modes: Sequence[int], out_modes: Sequence[int],
-                 ranks: Sequence[int], positions: int) -> tuple[int, int]:
-    """(params, MACs per sample) of a TTConv2d at ``ranks`` with ``positions`` = H' W' output
-    pixels (a folded ``out_scale`` adds T params, see ``num_params``)."""
-    g, n, m, d = geo.groups, list(in_modes), list(out_modes), len(in_modes)
-    k2 = prod(geo.kernel)
-    merged = merges_first_core(geo, in_modes, out_modes, ranks)
-    params = g * ranks[0] * k2
-    macs = 0 if merged else geo.in_channels * ranks[0] * k2 * positions
-    for k in range(d):
-        r_in, r_out = _bonds(ranks, k, d)
-        params += g * r_out * m[k] * n[k] * r_in
-        per_pixel = r_out * m[k] * n[k] * (k2 if merged and k == d - 1 else r_in)
-        macs += g * prod(n[:k]) * prod(m[k + 1:]) * positions * per_pixel
-    return params + (geo.out_channels if geo.bias else 0), macs
+IM2COL_PIXELS = 64  # batch x H' W' up to which the merged step is im2col + bmm (small_forward, _merged_conv)
 
 
 class TTConv2d(FactorizedLayer):
@@ -142,6 +106,7 @@ class TTConv2d(FactorizedLayer):
         self.k_out = [m[k] * _bonds(self.rank, k, dd)[1] for k in self.order]
         self.merged = merges_first_core(geo, self.in_modes, self.out_modes, self.rank)
         self.im2col_pixels = IM2COL_PIXELS
+        self.eager_cache = True  # False: no inference cache, no small-input path (_ttconv_fast)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -156,22 +121,24 @@ class TTConv2d(FactorizedLayer):
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """(B, S, H, W) -> (B, T, H', W'), NCHW-contiguous."""
+        if not torch.jit.is_scripting() and self.eager_cache and self.merged and self.groups == 1:
+            y = self._small_eager(x)
+            if y is not None:
+                return y
         bsz, g = x.shape[0], self.groups
         if self.explicit_pad:
             if torch.jit.is_tracing() and self.pad_mode != "circular":
                 x = pad_by_slices(x, self.pad, self.pad_mode)
             else:
                 x = F.pad(x, self.pad, self.pad_mode)
-        r0, kh, kw = self.spatial.shape[0] // g, self.spatial.shape[2], self.spatial.shape[3]
-        cores = [c for c in self.cores]
         if self.merged:  # spatial core + first channel core as one conv (merges_first_core)
-            z, start = self._merged_conv(x, cores[self.order[0]], r0), 1
+            z, start = self._merged_conv(x), 1
         else:  # depthwise: r_0 filters per input channel
-            sg = self.in_channels // g
-            ws = self.spatial.view(g, 1, r0, kh, kw).expand(g, sg, r0, kh, kw).reshape(-1, 1, kh, kw)
+            ws = self._kernel(False)
             z, start = F.conv2d(x, ws, None, self.stride, self.conv_padding, self.dilation, self.in_channels), 0
         ho, wo = z.shape[2], z.shape[3]
         p = ho * wo
+        cores = self._core_list()
         for j in range(start, len(self.order)):
             core = cores[self.order[j]]
             # one bmm over (B, G, A_j) batches; the weight broadcast over B and A_j (a stride-0
@@ -179,25 +146,67 @@ class TTConv2d(FactorizedLayer):
             zz = z.reshape(bsz, g, -1, self.k_in[j], self.cols[j] * p)
             w = core.view(1, g, 1, self.k_out[j], self.k_in[j]).expand(bsz, g, zz.shape[2], -1, -1)
             z = torch.bmm(w.reshape(-1, self.k_out[j], self.k_in[j]), zz.reshape(-1, self.k_in[j], self.cols[j] * p))
-        z = z.reshape(bsz, self.out_channels, p)
+        return self._affine(z.reshape(bsz, self.out_channels, p)).reshape(bsz, self.out_channels, ho, wo)
+
+    def _core_list(self) -> list[Tensor]:
+        if torch.jit.is_scripting():
+            return [c for c in self.cores]
+        return self._core_list_eager()
+
+    @torch.jit.unused
+    def _core_list_eager(self) -> list[Tensor]:
+        return list(self.cores._parameters.values())  # without ParameterList's slow indexing
+
+    def _affine(self, z: Tensor) -> Tensor:
+        """(B, T, P) + bias (times ``out_scale`` first, in the same pass, once folded)."""
         bias, scale = self.bias, self.out_scale
         if bias is not None:
             if scale is not None:
-                z = torch.addcmul(bias.view(1, -1, 1), z, scale.view(1, -1, 1))
-            else:
-                z = z + bias.view(1, -1, 1)
-        return z.reshape(bsz, self.out_channels, ho, wo)
+                return torch.addcmul(bias.view(1, -1, 1), z, scale.view(1, -1, 1))
+            return z + bias.view(1, -1, 1)
+        return z
 
-    def _merged_conv(self, x: Tensor, core: Tensor, r0: int) -> Tensor:
+    @torch.jit.unused
+    def _small_eager(self, x: Tensor) -> Optional[Tensor]:
+        """:func:`._ttconv_fast.small_forward` (None: not a small input)."""
+        return small_forward(self, x)
+
+    def _build_kernel(self, merged: bool) -> Tensor:
+        """Batch-independent weights of the first step, from the cores (not in the per-sample
+        MACs): merged -> the kernel (G, r_1 m_d, n_d, kh, kw) = sum over r_0 of the last
+        channel core x K; else the depthwise filters (S r_0, 1, kh, kw), K per input channel."""
+        g, r0 = self.groups, self.rank[0]
+        kh, kw = self.spatial.shape[2], self.spatial.shape[3]
+        if merged:
+            core = self._core_list()[-1]
+            n_d = core.shape[3]
+            return (core.reshape(g, self.k_out[0], n_d, r0, 1, 1) * self.spatial.view(g, 1, 1, r0, kh, kw)).sum(3)
+        sg = self.in_channels // g
+        return self.spatial.view(g, 1, r0, kh, kw).expand(g, sg, r0, kh, kw).reshape(-1, 1, kh, kw)
+
+    def _kernel(self, merged: bool) -> Tensor:
+        if torch.jit.is_scripting() or not self.eager_cache:
+            return self._build_kernel(merged)
+        return self._cached_kernel(merged)
+
+    @torch.jit.unused
+    def _cached_kernel(self, merged: bool) -> Tensor:
+        """:meth:`_build_kernel`, from the inference cache when no autograd graph is needed
+        (see :mod:`._ttconv_fast`)."""
+        spatial = self._parameters["spatial"]
+        sources = [spatial, self._core_list_eager()[-1]] if merged else [spatial]
+        return derived(self, "merged" if merged else "depthwise", sources, lambda: self._build_kernel(merged))
+
+    def _merged_conv(self, x: Tensor) -> Tensor:
         """Spatial core and the core of the last channel mode as one conv on the input seen as
-        (B G A, n_d, H, W) slices: kernel (r_1 m_d, n_d, kh, kw) = sum over r_0 of core x K,
-        built per call (batch-independent; not in the per-sample MACs) -> (B, G A r_1 m_d, H', W').
-        A small conv (8 <= H' W', batch x H' W' <= ``im2col_pixels``) runs as im2col (a copy)
-        + one bmm over the slices: the same MACs without the conv primitive's fixed cost (under
-        8 pixels the bmm's rows are too short to pay). Traced graphs (ONNX) keep the conv."""
+        (B G A, n_d, H, W) slices, kernel :meth:`_build_kernel` -> (B, G A r_1 m_d, H', W').
+        A small conv (8 <= H' W', batch x H' W' <= ``im2col_pixels``) runs as im2col + one bmm
+        over the slices: the same MACs without the conv primitive's fixed cost (under 8 pixels
+        the bmm's rows are too short to pay; eager mode with one group takes
+        :func:`._ttconv_fast.small_forward` instead). Traced graphs (ONNX) keep the conv."""
         g, kh, kw = self.groups, self.spatial.shape[2], self.spatial.shape[3]
-        n_d, out = core.shape[3], self.k_out[0]
-        ker = (core.reshape(g, out, n_d, r0, 1, 1) * self.spatial.view(g, 1, 1, r0, kh, kw)).sum(3)
+        n_d, out = self.in_modes[-1], self.k_out[0]
+        ker = self._kernel(True)
         b, h, w = x.shape[0], x.shape[2], x.shape[3]
         ho = (h + 2 * self.conv_padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         wo = (w + 2 * self.conv_padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
@@ -214,6 +223,22 @@ class TTConv2d(FactorizedLayer):
         a = self.rows[0]  # the slices as conv groups, each group's kernel repeated A times
         ker = ker.unsqueeze(1).expand(g, a, out, n_d, kh, kw).reshape(g * a * out, n_d, kh, kw)
         return F.conv2d(x, ker, None, self.stride, self.conv_padding, self.dilation, g * a)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles and deep copies leave the inference caches out."""
+        state = self.__dict__.copy()
+        state.pop(CACHE, None)
+        state.pop(INDEX, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("im2col_pixels", IM2COL_PIXELS)  # pickled by older versions
+        self.__dict__.setdefault("eager_cache", True)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "TTConv2d":
+        drop_cache(self, plans=True)  # .to() / .double() / ...: free the entries (they would miss anyway)
+        return super()._apply(fn, *args, **kwargs)
 
     def fold_output_affine(self, scale: Tensor, shift: Tensor) -> None:
         """``y -> scale * y + shift`` per output channel (``scale``, ``shift``: (T,)): the bias
@@ -355,58 +380,6 @@ class TTConv2d(FactorizedLayer):
         s += f", groups={g.groups}" if g.groups != 1 else ""
         s += f", padding_mode={g.padding_mode!r}" if g.padding_mode != "zeros" else ""
         return s + ("" if self.bias is not None else ", bias=False")
-
-
-def _positions(geo: ConvGeometry, spatial: Sequence[int]) -> int:
-    return prod(conv_out_size(n, k, s, dl, p)
-                for n, k, s, dl, p in zip(spatial, geo.kernel, geo.stride, geo.dilation, geo.pads))
-
-
-def kernel_tt_tensors(w: Tensor, groups: int, in_modes: Sequence[int], out_modes: Sequence[int]) -> list[Tensor]:
-    """Each group's kernel (T_g, S_g, kh, kw) of ``w`` (T, S/G, kh, kw) as the tensor the TT
-    of :class:`TTConv2d` factorises, in chain order: (kh kw, m_d n_d, ..., m_1 n_1)."""
-    d, k2 = len(in_modes), prod(w.shape[2:])
-    perm = [2 * d] + [i for k in reversed(range(d)) for i in (k, d + k)]
-    sizes = [k2] + [m * n for m, n in zip(out_modes, in_modes)][::-1]
-    return [wg.reshape(*out_modes, *in_modes, k2).permute(perm).reshape(sizes)
-            for wg in w.chunk(groups, dim=0)]
-
-
-def _load_cores(layer: TTConv2d, per_group: Sequence[Sequence[Tensor]]) -> None:
-    """Copy per-group TT cores in chain order ((1, kh kw, r_0), (r_0, m_d n_d, r_1), ...,
-    (r_{d-1}, m_1 n_1, 1)) into ``layer``, zero-padded to its ranks."""
-    kh, kw = layer.geometry.kernel
-    d = len(layer.cores)
-    with torch.no_grad():
-        layer.spatial.zero_()
-        for p in layer.cores:
-            p.zero_()
-        spatial = layer.spatial.view(layer.groups, layer.rank[0], kh, kw)
-        for g, cores in enumerate(per_group):
-            c0 = cores[0][0]  # (kh kw, r_0')
-            spatial[g, :c0.shape[1]] = c0.t().reshape(-1, kh, kw).to(spatial.dtype)
-            for j, c in enumerate(cores[1:]):
-                k = d - 1 - j
-                p, m, n = layer.cores[k], layer.out_modes[k], layer.in_modes[k]
-                c = c.reshape(c.shape[0], m, n, c.shape[2]).permute(3, 1, 2, 0)  # (r_out, m, n, r_in)
-                p[g, :c.shape[0], :, :, :c.shape[3]] = c.to(p.dtype)
-
-
-def tt_conv_kernel(layer: TTConv2d) -> Tensor:
-    """Reference only (tests, ``approx_error``): the dense kernel (T, S/G, kh, kw) of ``layer``."""
-    g, d = layer.groups, len(layer.cores)
-    kh, kw = layer.geometry.kernel
-    blocks = []
-    for gi in range(g):
-        out = layer.spatial.detach().view(g, -1, kh * kw)[gi].t()  # (kh kw, r_0)
-        for k in reversed(range(d)):  # chain order; each core as (r_in, m, n, r_out)
-            core = layer.cores[k].detach()[gi].permute(3, 1, 2, 0)
-            out = torch.tensordot(out, core, dims=([out.dim() - 1], [0]))
-        out = out.reshape([kh * kw] + [s for k in reversed(range(d))
-                                       for s in (layer.out_modes[k], layer.in_modes[k])])
-        perm = ([1 + 2 * (d - 1 - k) for k in range(d)] + [2 + 2 * (d - 1 - k) for k in range(d)] + [0])
-        blocks.append(out.permute(perm).reshape(layer.out_channels // g, layer.in_channels // g, kh, kw))
-    return torch.cat(blocks)
 
 
 __all__ = ["TTConv2d", "conv_tt_caps", "kernel_tt_tensors", "merges_first_core", "tt_conv_cost", "tt_conv_kernel"]
