@@ -7,15 +7,20 @@ and the universal-perturbation attack rate (top active input direction vs a rand
 same norm) of the dense and the compressed models.
 
 RON on Tucker-2 at a fraction f: Tucker-2 (``oneshot``) at sqrt(f), then RON at sqrt(f) of
-that model's MACs. ASNet's cut is the latest one that fits the fraction (rank 20, degree 2).
-On ResNet-20 (``--model resnet20``) RON starts inside the residual stages (blocks reduced
-jointly, see ``tensorslim.methods._ron_residual``) at its default start layer;
-``ron@<layer>`` in ``--methods`` runs RON from ``<layer>`` on (skipped where the dense layers
-before it already exceed the fraction).
+that model's MACs. RON picks its start itself (a few candidates scored by the logit error on
+held-out calibration samples; the start and the scores are in the JSON rows); on ResNet-20
+(``--model resnet20``) the start lies inside the residual stages (blocks reduced jointly, see
+``tensorslim.methods._ron_residual``). ``ron@<layer>`` in ``--methods`` runs RON from
+``<layer>`` on (skipped where the dense layers before it already exceed the fraction).
+ASNet's cut is the latest one that fits the fraction (rank 20, degree 2); where even the
+earliest cut does not fit, the row is ASNet at the earliest cut (``"nearest": true``), the
+nearest MACs it reaches. The fine-tune budget (steps, batch, data, distillation) is the same
+for every method; the rate is ``fine_tune``'s default except for the RON models
+(``--ron-lr``, RON's own default: its reduced part is a chain of Linears without BatchNorm).
 
 Full size (the default flags): 1024 calibration images, 2048 ASNet fitting samples,
 300 fine-tune steps of batch 128, the whole official test set. A reduced run that fits a
-shared CPU (the numbers in the report come from it):
+shared CPU (VGG-16):
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_activations.py \
         --calib 384 --fit-samples 1024 --finetune-steps 40 --batch 64 --test-samples 1000 \
@@ -23,18 +28,20 @@ shared CPU (the numbers in the report come from it):
 
 (the training subset is then the first 1024 images of the seeded split, fine-tuning sees
 40 x 64 of them, accuracies are on the first 1000 official test images). The reduced
-ResNet-20 run (no ASNet, no attack):
+ResNet-20 run (512 calibration / fitting / fine-tuning images, attacks at every fraction):
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_activations.py --model resnet20 \
-        --methods ron ron@layers.1.0 tucker ron+tucker --fractions 0.5 0.25 --calib 512 \
+        --methods ron asnet tucker ron+tucker --fractions 0.5 0.25 0.125 --calib 512 \
         --fit-samples 512 --finetune-steps 40 --batch 64 --test-samples 1000 \
-        --attack-samples 0 --rounds 11 --repeats 3 --out benchmarks/results/activations_resnet20
+        --attack-samples 256 --attack-fraction 0.5 0.25 0.125 --rounds 11 --repeats 3 \
+        --out benchmarks/results/activations_resnet20
 
 Latencies (batch 1 and batch 64 of random inputs, ``--threads`` threads, fine-tuned models)
 are interleaved in one process: every round times each model (median of ``--repeats``
 calls) back to back; the speed-up is the median over ``--rounds`` rounds of the per-round
 ratio dense / model, so load shared by all models cancels. ``--attack-samples 0`` skips the
-universal-perturbation attack.
+universal-perturbation attack; ``--attack-fraction`` names the fractions whose fine-tuned
+models are attacked (the dense model always is).
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ import torch
 
 import tensorslim as ts
 from tensorslim.analysis import universal_attack
+from tensorslim.methods._ron_tail import starts
 from tensorslim.methods.asnet import asnet
 from tensorslim.methods.ron import ron
 from tensorslim.train import evaluate, fine_tune
@@ -67,16 +75,31 @@ def _take(loader, n):
 
 
 def _compress(name, dense, x, frac, cal, fit):
+    """(model, notes): notes name RON's start (and the scores of the starts it tried) or
+    ASNet's cut."""
     if name == "ron" or name.startswith("ron@"):  # ron@<start layer>: RON from that layer on
         start = name.partition("@")[2] or None
-        return ron(dense, x, calibration=cal, target_macs=frac, start_layer=start, progress=False).model
+        r = ron(dense, x, calibration=cal, target_macs=frac, start_layer=start, progress=False)
+        return r.model, _ron_notes(r)
     if name == "asnet":
-        return asnet(dense, x, train_loader=fit, target_macs=frac, progress=False).model
+        try:
+            r, nearest = asnet(dense, x, train_loader=fit, target_macs=frac, progress=False), False
+        except ValueError as e:  # the earliest cut's dense prefix + head exceed the fraction
+            if "not reachable" not in str(e):
+                raise
+            first = starts(dense, "asnet", blocks=True)[0]
+            r, nearest = asnet(dense, x, train_loader=fit, cut=first, progress=False), True
+        return r.model, {"cut": r.history["cut"], "rank": r.history["rank"], "nearest": nearest}
     tucker_frac = frac if name == "tucker" else math.sqrt(frac)
     tucker = ts.methods.oneshot(dense, "tucker", x, target_macs=tucker_frac, progress=False).model.eval()
     if name == "tucker":
-        return tucker
-    return ron(tucker, x, calibration=cal, target_macs=math.sqrt(frac), progress=False).model
+        return tucker, {}
+    r = ron(tucker, x, calibration=cal, target_macs=math.sqrt(frac), progress=False)
+    return r.model, _ron_notes(r)
+
+
+def _ron_notes(r):
+    return {"start": r.history["start"], "start_scores": r.history["start_scores"]}
 
 
 def _interleaved(models, x, rounds, repeats):
@@ -111,7 +134,9 @@ def main() -> None:
     p.add_argument("--test-samples", type=int, default=10000)
     p.add_argument("--attack-samples", type=int, default=1024)
     p.add_argument("--attack-eps", type=float, default=0.1)
-    p.add_argument("--attack-fraction", type=float, default=0.25)
+    p.add_argument("--attack-fraction", type=float, nargs="+", default=[0.25])
+    p.add_argument("--ron-lr", type=float, default=0.002,
+                   help="fine-tune rate of the RON models (ron's own default; others: fine_tune's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--repeats", type=int, default=5)
@@ -136,15 +161,17 @@ def main() -> None:
         for name in a.methods:
             t = time.time()
             try:
-                m = _compress(name, dense, x, frac, cal, fit).eval()
+                m, notes = _compress(name, dense, x, frac, cal, fit)
+                m.eval()
             except ValueError as e:  # e.g. a fixed RON start whose dense prefix exceeds the target
                 print(f"skipped {name} at {frac}: {e}", flush=True)
                 continue
             row = {"method": name, "fraction": frac, "macs": ts.count(m, x[:1]).total_macs,
-                   "acc": evaluate(m, test)["accuracy"]}
+                   "acc": evaluate(m, test)["accuracy"], **notes}
             tuned = copy.deepcopy(m)
             if a.finetune_steps:
-                fine_tune(tuned, loaders.train, steps=a.finetune_steps, teacher=dense, progress=False)
+                lr = {"lr": a.ron_lr} if name.startswith("ron") else {}
+                fine_tune(tuned, loaders.train, steps=a.finetune_steps, teacher=dense, progress=False, **lr)
             row["acc_ft"] = evaluate(tuned.eval(), test)["accuracy"]
             row["seconds"] = round(time.time() - t, 1)
             rows.append(row)
@@ -157,35 +184,47 @@ def main() -> None:
             row[f"lat_{key}"], row[f"speedup_{key}"] = ms, speed
     print("load average before timing:", load, flush=True)
     attacks = _attacks(dense, models, a, fit, test) if a.attack_samples else {}
+    for r in rows:
+        r["attack"] = attacks.get(_key(r["method"], r["fraction"]))
     _report(rows, attacks, a, load)
 
 
+def _key(name, frac):
+    return "dense" if name == "dense" else f"{name}@{frac}"
+
+
 def _attacks(dense, models, a, fit, test):
+    """Universal-perturbation rates of the dense model and the fine-tuned models at the
+    ``--attack-fraction`` fractions, keyed like the timing table (``method@fraction``)."""
     out = {}
-    for name, m in [("dense", dense)] + [(n, m) for (n, f), m in models.items() if f == a.attack_fraction]:
+    for (name, frac), m in [(("dense", 1.0), dense)] + [
+            (k, m) for k, m in models.items() if k[1] in a.attack_fraction]:
         r = universal_attack(m, fit, eps=a.attack_eps, eval_loader=test, max_samples=a.attack_samples)
-        out[name] = {"active": r.active_rate, "random": r.random_rate, "norm": r.norm}
-        print(name, out[name], flush=True)
+        out[_key(name, frac)] = {"active": r.active_rate, "random": r.random_rate, "norm": r.norm,
+                                 "samples": r.samples}
+        print(_key(name, frac), out[_key(name, frac)], flush=True)
     return out
 
 
 def _report(rows, attacks, a, load) -> None:
     dense = rows[0]
-    lines = ["| method | target | MACs (x fewer) | acc | acc after fine-tune | latency b1 (speed-up) "
-             "| latency b64 (speed-up) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | target | start / cut | MACs (x fewer) | acc | acc after fine-tune "
+             "| latency b1 (speed-up) | latency b64 (speed-up) | attack: active / random |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ft = "" if r["acc_ft"] is None else f"{100 * r['acc_ft']:.2f}"
-        lines.append(f"| {r['method']} | {r['fraction']} | {r['macs']:,} ({dense['macs'] / r['macs']:.2f}x) "
+        att = "" if not r.get("attack") else \
+            f"{100 * r['attack']['active']:.1f}% / {100 * r['attack']['random']:.1f}%"
+        lines.append(f"| {r['method']} | {r['fraction']} | {r.get('start') or r.get('cut') or ''} "
+                     f"| {r['macs']:,} ({dense['macs'] / r['macs']:.2f}x) "
                      f"| {100 * r['acc']:.2f} | {ft} | {r['lat_b1']:.2f} ms ({r['speedup_b1']:.2f}x) "
-                     f"| {r['lat_b64']:.2f} ms ({r['speedup_b64']:.2f}x) |")
+                     f"| {r['lat_b64']:.2f} ms ({r['speedup_b64']:.2f}x) | {att} |")
     lines += ["", f"{a.model}; latency: {a.threads} thread(s), median of {a.rounds} interleaved rounds "
               f"(speed-up: median per-round ratio dense / model); load average before timing: {load}"]
-    if not attacks:
-        return _write(lines, rows, attacks, a)
-    lines += ["", f"universal perturbation, ||delta|| = {a.attack_eps} x mean ||x||, models at "
-              f"{a.attack_fraction} of the MACs (fine-tuned):", "| model | active direction | random |",
-              "|---|---|---|"]
-    lines += [f"| {k} | {100 * v['active']:.1f}% | {100 * v['random']:.1f}% |" for k, v in attacks.items()]
+    if attacks:
+        lines += [f"attack: universal perturbation, ||delta|| = {a.attack_eps} x mean ||x||, share of "
+                  f"correctly classified test samples it flips, top active input direction / a random "
+                  f"one (fine-tuned models at fractions {a.attack_fraction})"]
     _write(lines, rows, attacks, a)
 
 

@@ -218,3 +218,25 @@ def test_real_fashion_mnist_half_the_macs():
     assert res.plan.macs_after == ts.count(res.model, cal[0][:1]).total_macs
     dense, small = evaluate(m, test)["accuracy"], evaluate(res.model, test)["accuracy"]
     assert small >= dense - 0.04, (dense, small)
+
+
+@pytest.mark.parametrize("net", ["vgg", "resnet"])
+def test_default_start_has_the_least_held_out_error(net):
+    # each candidate is scored by the reduced network fitted on the first 3/4 of the
+    # calibration samples; brute force: RON from that start on those samples alone, its
+    # relative logit error on the last 1/4; the winner is then refitted on all samples
+    m, x = (_vgg() if net == "vgg" else _resnet()), _inputs()
+    res = ron(m, x[:2], calibration=[x[:150], x[150:]], target_macs=0.5, progress=False)
+    scores, n_fit = res.history["start_scores"], 300 - res.history["holdout_samples"]
+    assert n_fit == 225 and len([v for v in scores.values() if v is not None]) >= 2
+    for start, score in scores.items():
+        if score is None:
+            continue
+        alone = ron(m, x[:2], calibration=[x[:n_fit]], target_macs=0.5, start_layer=start,
+                    progress=False)
+        with torch.no_grad():
+            assert score == pytest.approx(_rel(alone.model(x[n_fit:]), m(x[n_fit:])), rel=1e-9)
+    assert res.history["start"] == min((s for s in scores if scores[s] is not None), key=scores.get)
+    fixed = ron(m, x[:2], calibration=[x], target_macs=0.5, start_layer=res.history["start"],
+                progress=False)
+    assert fixed.history["start_scores"] is None and fixed.plan == res.plan

@@ -7,10 +7,14 @@ kept: every module from the start on becomes ``nn.Identity`` and the classifier 
 / ``fc``) becomes the new tail, which therefore receives ``flatten(z)`` of the cut activation
 ``z`` (B, C, H, W). The tails are small dense modules (``nn.Linear``, ``nn.ReLU``, a row
 :class:`Gather` and a :class:`GroupMax`), so :func:`tensorslim.count` counts them exactly.
+
+For RON also: the dense activations of the steps (:func:`activations`), step shapes, the
+given-ranks parser and the MAC-budget helpers (one kept-energy share for every activation).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import math
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +26,8 @@ from ..surgery import set_submodule
 from ._ron_residual import block_steps
 
 __all__ = ["Gather", "GroupMax", "starts", "tail_units", "tail_macs", "cut_input", "install_cut",
-           "linear_steps", "pool_windows"]
+           "linear_steps", "pool_windows", "rank_for", "rows_for", "reduced_macs", "energy_for_budget", "activations",
+           "given_ranks", "group_size", "unflat_shape"]
 
 
 class Gather(nn.Module):
@@ -199,3 +204,103 @@ def pool_windows(pool: nn.MaxPool2d, shape: Sequence[int], who: str) -> torch.Te
     first = (c * H + i * s[0]) * W + j * s[1]
     flat = torch.where(inside, (c * H + rows) * W + cols, first)
     return flat.reshape(C * Ho * Wo, k[0] * k[1])
+
+
+def activations(steps: list[dict], z0: torch.Tensor) -> tuple[list[torch.Tensor], list]:
+    """Flattened activations z_0..z_K (N, D_k) and each step's pre-pool shape; a step with a
+    ``skip`` adds its shortcut of the previous step's input (a residual block's output)."""
+    raw, pre_shapes, z = [z0], [], z0
+    with torch.no_grad():
+        for k, st in enumerate(steps):
+            for m in st["modules"]:
+                z = m(z)
+            if st["skip"] is not None:
+                short = raw[k - 1]
+                for m in st["skip"]:
+                    short = m(short)
+                z = z + short
+            pre_shapes.append(tuple(z.shape[1:]))
+            z = torch.relu(z) if st["act"] else z
+            z = st["pool"](z) if st["pool"] is not None else z
+            raw.append(z)
+    return [r.flatten(1) for r in raw], pre_shapes
+
+
+def given_ranks(ranks: Any, names: list[str], caps: list[int]) -> list[int]:
+    """Per reduced activation rank from ``ranks`` (int, fraction in (0, 1], sequence or
+    mapping name -> int; ``"full"`` is handled by the caller), clipped to what exists."""
+    if isinstance(ranks, Mapping):
+        unknown = sorted(set(ranks) - set(names))
+        if unknown:
+            raise ValueError(f"ron: ranks names {unknown} are not reduced activations; known: {names}")
+        vals = [ranks.get(n, cap) for n, cap in zip(names, caps)]
+    elif isinstance(ranks, Sequence) and not isinstance(ranks, str):
+        if len(ranks) != len(names):
+            raise ValueError(f"ron: ranks must give {len(names)} values ({names}), got {len(ranks)}")
+        vals = list(ranks)
+    else:
+        vals = [ranks] * len(names)
+    out = []
+    for v, cap in zip(vals, caps):
+        if isinstance(v, float) and 0 < v <= 1:
+            v = max(1, round(v * cap))
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"ron: ranks must be 'full', a positive int, a fraction in (0, 1], a "
+                             f"list or a mapping of those; got {v!r}")
+        out.append(min(v, cap))
+    return out
+
+
+def group_size(step: dict) -> int:
+    """Members per max-pool window (1 without a pool)."""
+    if step["pool"] is None:
+        return 1
+    k = step["pool"].kernel_size
+    return math.prod(k) if isinstance(k, tuple) else k * k
+
+
+def unflat_shape(step: dict, pre: tuple) -> tuple:
+    """The shape of a step's output (after its pool), i.e. the next step's input shape."""
+    if step["pool"] is None:
+        return pre
+    return tuple(step["pool"](torch.zeros(1, *pre)).shape[1:])
+
+
+# RON's MAC budget: ranks from one kept-energy share of every activation's singular values.
+
+def rank_for(sv: torch.Tensor, t: float) -> int:
+    """The smallest rank whose squared singular values ``sv`` keep a share >= ``t``."""
+    energy = torch.cumsum(sv.double() ** 2, 0)
+    energy = energy / energy[-1].clamp_min(1e-300)
+    return min(int(torch.searchsorted(energy, torch.tensor([t], dtype=energy.dtype))[0]) + 1,
+               len(sv))
+
+
+def rows_for(r: int, dim: int, oversample: float) -> int:
+    """Sampled rows P = ceil(oversample * r), at least r, at most ``dim``."""
+    return min(dim, max(r, math.ceil(oversample * r)))
+
+
+def reduced_macs(rows: list[int], groups: list[int], out_dim: int, skips: Sequence[int] = ()) -> int:
+    """MACs of the reduced layers: step k maps P_k rows to g_{k+1} P_{k+1}; a step in
+    ``skips`` also maps the previous step's input (P_{k-1} rows) to its output."""
+    outs = [g * p for g, p in zip(groups[1:], rows[1:])] + [out_dim]
+    return sum(o * p for o, p in zip(outs, rows)) + sum(outs[k] * rows[k - 1] for k in skips)
+
+
+def energy_for_budget(svs, dims, groups, out_dim, oversample, budget, skips) -> tuple[float, list[int]]:
+    """The largest kept-energy share t whose ranks fit ``budget`` MACs (bisection), and those
+    ranks; t = -1 when rank 1 everywhere already exceeds the budget."""
+    def macs(t):
+        rs = [rank_for(sv, t) for sv in svs]
+        return reduced_macs([rows_for(r, d, oversample) for r, d in zip(rs, dims)], groups, out_dim,
+                            skips), rs
+
+    low, ranks = macs(0.0)
+    if low > budget:
+        return -1.0, ranks
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if macs(mid)[0] <= budget else (lo, mid)
+    return lo, macs(lo)[1]

@@ -21,7 +21,9 @@ Residual blocks are approximated jointly (:mod:`._ron_residual`): a ResNet Basic
 sampled output rows are computed from the sampled rows of both branches,
 ``s_out = relu(W_2 s_h + W_sc s_in + b)``, so RON can start at any block
 (``start_layer="layers.<s>.<b>"``). Scope: the layers before ``start_layer`` stay as they are
-(the talk applies RON where it pays: the later blocks and the head). The plan records everything as one ``Edit``
+(the talk applies RON where it pays: the later blocks and the head). Under a MAC target
+without ``start_layer``, a few candidate starts are each reduced from part of the calibration
+samples and the one with the smallest logit error on the held-out rest is kept (:func:`ron`). The plan records everything as one ``Edit``
 (``ron_tail``: per reduced layer the kept dimension, rows, sampled positions and MACs), which
 :func:`tensorslim.load` replays to the right shapes; the reduced weights depend on the
 calibration data, so replaying the plan on a dense model with weights is refused.
@@ -29,9 +31,9 @@ calibration data, so replaying the plan on a dense model with weights is refused
 from __future__ import annotations
 
 import copy
-import math
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -48,7 +50,9 @@ from .registry import Pipeline, register_pipeline
 __all__ = ["RONResult", "ron"]
 
 OP = "ron_tail"
-START_SHARE = 0.5  # default start: the latest cut whose dense prefix costs <= this share of the budget
+START_SHARE = 0.5  # reference start: the latest cut whose dense prefix costs <= this share of the budget
+START_OFFSETS = (0, 1, 2)  # default candidates under a MAC target: the reference start and later ones
+HOLDOUT = 0.25  # share of the calibration samples that scores the candidate starts
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,9 @@ class RONResult:
     ``energy`` (kept share of every activation's squared singular values, when chosen from
     ``target_macs``), ``ranks``/``rows`` per reduced layer, ``calib_samples`` and
     ``calib_rel_error`` (||logits - dense logits|| / ||dense logits|| on the calibration
-    inputs), plus the fine-tuning record when ``finetune_steps > 0``."""
+    inputs), ``start_scores`` (candidate start -> held-out relative logit error, None where the
+    target is not reachable from it; None when the start was not chosen by score) and
+    ``holdout_samples``, plus the fine-tuning record when ``finetune_steps > 0``."""
 
     model: nn.Module
     plan: CompressionPlan
@@ -124,95 +130,27 @@ def _inputs(calibration: Any):
         yield b[0] if isinstance(b, (tuple, list)) else b
 
 
-def _activations(steps: list[dict], z0: torch.Tensor) -> tuple[list[torch.Tensor], list]:
-    """Flattened activations z_0..z_K (N, D_k) and each step's pre-pool shape; a step with a
-    ``skip`` adds its shortcut of the previous step's input (a residual block's output)."""
-    raw, pre_shapes, z = [z0], [], z0
-    with torch.no_grad():
-        for k, st in enumerate(steps):
-            for m in st["modules"]:
-                z = m(z)
-            if st["skip"] is not None:
-                short = raw[k - 1]
-                for m in st["skip"]:
-                    short = m(short)
-                z = z + short
-            pre_shapes.append(tuple(z.shape[1:]))
-            z = torch.relu(z) if st["act"] else z
-            z = st["pool"](z) if st["pool"] is not None else z
-            raw.append(z)
-    return [r.flatten(1) for r in raw], pre_shapes
-
-
-def _rank_for(sv: torch.Tensor, t: float) -> int:
-    energy = torch.cumsum(sv.double() ** 2, 0)
-    energy = energy / energy[-1].clamp_min(1e-300)
-    return min(int(torch.searchsorted(energy, torch.tensor([t], dtype=energy.dtype))[0]) + 1,
-               len(sv))
-
-
-def _given_ranks(ranks: Any, names: list[str], caps: list[int]) -> list[int]:
-    """Per reduced activation rank from ``ranks`` (int, fraction in (0, 1], sequence or
-    mapping name -> int; ``"full"`` is handled by the caller), clipped to what exists."""
-    if isinstance(ranks, Mapping):
-        unknown = sorted(set(ranks) - set(names))
-        if unknown:
-            raise ValueError(f"ron: ranks names {unknown} are not reduced activations; known: {names}")
-        vals = [ranks.get(n, cap) for n, cap in zip(names, caps)]
-    elif isinstance(ranks, Sequence) and not isinstance(ranks, str):
-        if len(ranks) != len(names):
-            raise ValueError(f"ron: ranks must give {len(names)} values ({names}), got {len(ranks)}")
-        vals = list(ranks)
-    else:
-        vals = [ranks] * len(names)
-    out = []
-    for v, cap in zip(vals, caps):
-        if isinstance(v, float) and 0 < v <= 1:
-            v = max(1, round(v * cap))
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"ron: ranks must be 'full', a positive int, a fraction in (0, 1], a "
-                             f"list or a mapping of those; got {v!r}")
-        out.append(min(v, cap))
-    return out
-
-
-def _rows(r: int, dim: int, oversample: float) -> int:
-    return min(dim, max(r, math.ceil(oversample * r)))
-
-
-def _tail_macs(rows: list[int], groups: list[int], out_dim: int, skips: Sequence[int] = ()) -> int:
-    """MACs of the reduced layers: step k maps P_k rows to g_{k+1} P_{k+1}; a step in
-    ``skips`` also maps the previous step's input (P_{k-1} rows) to its output."""
-    outs = [g * p for g, p in zip(groups[1:], rows[1:])] + [out_dim]
-    return sum(o * p for o, p in zip(outs, rows)) + sum(outs[k] * rows[k - 1] for k in skips)
-
-
-def _energy_for_budget(svs, dims, groups, out_dim, oversample, budget, skips) -> tuple[float, list[int]]:
-    """The largest kept-energy share t whose ranks fit ``budget`` MACs (bisection)."""
-    def macs(t):
-        rs = [_rank_for(sv, t) for sv in svs]
-        return _tail_macs([_rows(r, d, oversample) for r, d in zip(rs, dims)], groups, out_dim,
-                          skips), rs
-
-    low, ranks = macs(0.0)
-    if low > budget:
-        return -1.0, ranks
-    lo, hi = 0.0, 1.0
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if macs(mid)[0] <= budget else (lo, mid)
-    return lo, macs(lo)[1]
-
-
-def _default_start(model: nn.Module, dense_macs: Mapping[str, int], budget: float) -> str:
+def _share_start(model: nn.Module, dense_macs: Mapping[str, int], budget: float) -> str:
+    """The latest start whose dense prefix costs at most ``START_SHARE`` of ``budget``."""
     names = tail_lib.starts(model, "ron", blocks=True, first_block=True)
     total = sum(dense_macs.values())
     best = names[0]
     for name in names:
-        prefix = total - tail_lib.tail_macs(model, name, dense_macs)
-        if prefix <= START_SHARE * budget:
+        if total - tail_lib.tail_macs(model, name, dense_macs) <= START_SHARE * budget:
             best = name
     return best
+
+
+def _start_candidates(model: nn.Module, dense_macs: Mapping[str, int], budget: float) -> list[str]:
+    """The starts tried by default under a MAC target, in forward order: the
+    ``START_SHARE`` start moved by each of ``START_OFFSETS``, where the dense prefix leaves
+    part of the budget for the reduced layers."""
+    names = tail_lib.starts(model, "ron", blocks=True, first_block=True)
+    total = sum(dense_macs.values())
+    i = names.index(_share_start(model, dense_macs, budget))
+    picked = sorted({i + o for o in START_OFFSETS if 0 <= i + o < len(names)})
+    ok = [names[j] for j in picked if total - tail_lib.tail_macs(model, names[j], dense_macs) < budget]
+    return ok or [names[i]]
 
 
 def _reduced_weights(steps, in_shapes, U_prev, sel, windows):
@@ -250,11 +188,15 @@ def ron(model: nn.Module, example_inputs: Any, *, calibration: Any,
     activation) and ``layers.<s>.<b>`` (its output)).
     ``oversample``: rows P_k = ceil(oversample * r_k). ``start_layer``: the first replaced
     module, ``features.<i>`` (a VGG conv), ``layers.<s>.<b>`` (a ResNet block: every block from
-    there on is reduced jointly over both branches) or ``pool`` (default: the latest whose
-    dense prefix costs at most half the MAC budget). ``finetune_steps > 0`` fine-tunes the result on
-    ``train_loader`` (distilling from the dense model) with ``finetune_lr`` and ``seed`` (the
-    reduction itself makes no random choices). The reduced part is a chain of Linear layers
-    without BatchNorm, so its default rate is below ``fine_tune``'s (README: RON on ResNet-20).
+    there on is reduced jointly over both branches) or ``pool``. Default with ``ranks``: the
+    latest start whose dense prefix costs at most half the MACs; with ``target_macs``: of the
+    candidates (that start, moved by :data:`START_OFFSETS`), the one whose reduced network,
+    built from the first ``1 - HOLDOUT`` of the calibration samples, has the smallest relative
+    logit error on the rest (``history["start_scores"]``); the chosen start is then rebuilt from
+    all samples. ``finetune_steps > 0`` fine-tunes the result on ``train_loader`` (distilling
+    from the dense model) with ``finetune_lr`` and ``seed`` (the reduction itself makes no
+    random choices). The reduced part is a chain of Linear layers without BatchNorm, so its
+    default rate is below ``fine_tune``'s (README: RON on ResNet-20).
     """
     _check(target_macs, ranks, oversample, max_samples)
     dense = copy.deepcopy(model).eval()
@@ -262,28 +204,85 @@ def ron(model: nn.Module, example_inputs: Any, *, calibration: Any,
     before = count(dense, x1)
     dense_macs = {l.name: l.macs for l in before.layers}
     budget = (target_macs or 1.0) * before.total_macs
-    start = tail_lib.check_start(dense, start_layer, "ron", blocks=True, first_block=True) \
-        if start_layer is not None else _default_start(dense, dense_macs, budget)
-    steps = tail_lib.linear_steps(tail_lib.tail_units(dense, start), "ron")
+    if start_layer is not None:
+        cands = [tail_lib.check_start(dense, start_layer, "ron", blocks=True, first_block=True)]
+    elif target_macs is None:
+        cands = [_share_start(dense, dense_macs, budget)]
+    else:
+        cands = _start_candidates(dense, dense_macs, budget)
     bar = (lambda it: tqdm(it, desc="ron calibration", leave=False)) if progress else None
-    z0 = tail_lib.cut_input(dense, start, _inputs(calibration), max_samples, bar)
-    zs, pre_shapes = _activations(steps, z0)
-    in_shapes = [tuple(z0.shape[1:])] + [_unflat_shape(st, pre) for st, pre in zip(steps, pre_shapes)]
-    dims = [z.shape[1] for z in zs[:-1]]
-    groups = [1] + [_group(st) for st in steps[:-1]]
-    names = ["input"] + [st["label"] for st in steps[:-1]]
-    skips = [k for k, st in enumerate(steps) if st["skip"] is not None]
-    tail_dense = tail_lib.tail_macs(dense, start, dense_macs)
-    energy, bases, rank_list = _bases(zs[:-1], dims, groups, zs[-1].shape[1], ranks, names, oversample,
-                                      budget - (before.total_macs - tail_dense), progress, skips)
-    rows_n = [_rows(r, d, oversample) for r, d in zip(rank_list, dims)]
-    sel = [torch.arange(d) if ranks == "full" else rect_maxvol(V, p) for V, p, d in zip(bases, rows_n, dims)]
-    U = [V @ torch.linalg.pinv(V[s]) for V, s in zip(bases, sel)]
+    z0 = tail_lib.cut_input(dense, cands[0], _inputs(calibration), max_samples, bar)
+    prep = _prepare(dense, cands[0], z0)
+    fit = functools.partial(_fit, prep, dense, dense_macs, ranks=ranks, oversample=oversample,
+                            budget=budget, total=before.total_macs, progress=progress)
+    start, scores = cands[0], None
+    n = z0.shape[0]
+    n_fit = n - max(1, round(HOLDOUT * n))
+    if len(cands) > 1 and n_fit >= 1:
+        scores = _score_starts(fit, prep, cands, n_fit)
+        prep["svd"].clear()  # the held-out split's bases are not needed any more
+        start = min((c for c in cands if scores[c] is not None), key=scores.get, default=cands[-1])
+    tail, args, info = fit(start, slice(None))
+    student = copy.deepcopy(model)
+    tail_lib.install_cut(student, start, tail)
+    student.eval()
+    zs = prep["zs"][_offset(prep, dense, start):]
+    info.update(start=start, start_scores=scores, holdout_samples=None if scores is None else n - n_fit)
+    return _finish(model, student, x1, before, args, info, zs, tail,
+                   dict(target_macs=target_macs, ranks=ranks), train_loader, finetune_steps,
+                   finetune_lr, progress, seed)
+
+
+def _prepare(dense: nn.Module, start: str, z0: torch.Tensor) -> dict[str, Any]:
+    """Everything the reduction from ``start`` (or a later start) needs: the steps, the dense
+    activations (N, D_k) on the calibration inputs, shapes, pool windows and an SVD cache."""
+    steps = tail_lib.linear_steps(tail_lib.tail_units(dense, start), "ron")
+    zs, pre_shapes = tail_lib.activations(steps, z0)
+    in_shapes = [tuple(z0.shape[1:])] + [tail_lib.unflat_shape(st, pre) for st, pre in zip(steps, pre_shapes)]
     windows = [tail_lib.pool_windows(st["pool"], pre, "ron") if st["pool"] is not None else None
                for st, pre in zip(steps, pre_shapes)]
+    return {"steps": steps, "zs": zs, "in_shapes": in_shapes, "windows": windows, "svd": {}}
+
+
+def _offset(prep: dict, dense: nn.Module, start: str) -> int:
+    """Index of ``start``'s first step among the prepared steps (a later start's steps are a
+    suffix of an earlier one's)."""
+    n = len(tail_lib.linear_steps(tail_lib.tail_units(dense, start), "ron"))
+    return len(prep["steps"]) - n
+
+
+def _svds(prep: dict, o: int, part: slice, progress: bool) -> list[torch.Tensor]:
+    """Singular values and right vectors ``(S, Vh)`` of the activations z_o..z_{K-1} on the
+    samples ``part``, cached per activation and part."""
+    key = (part.start, part.stop)
+    out = []
+    for j in tqdm(range(o, len(prep["zs"]) - 1), desc="ron bases", disable=not progress, leave=False):
+        if (j, key) not in prep["svd"]:
+            _, sv, vh = torch.linalg.svd(prep["zs"][j][part], full_matrices=False)
+            prep["svd"][(j, key)] = (sv, vh)
+        out.append(prep["svd"][(j, key)])
+    return out
+
+
+def _fit(prep, dense, dense_macs, start, part, *, ranks, oversample, budget, total, progress):
+    """The reduced tail from ``start`` fitted on the calibration samples ``part``: (tail
+    module with weights, edit args, history entries)."""
+    o = _offset(prep, dense, start)
+    steps, zs = prep["steps"][o:], prep["zs"][o:]
+    dims = [z.shape[1] for z in zs[:-1]]
+    groups = [1] + [tail_lib.group_size(st) for st in steps[:-1]]
+    names = ["input"] + [st["label"] for st in steps[:-1]]
+    skips = [k for k, st in enumerate(steps) if st["skip"] is not None]
+    left = budget - (total - tail_lib.tail_macs(dense, start, dense_macs))
+    svds = None if ranks == "full" else _svds(prep, o, part, progress)
+    energy, bases, rank_list = _bases(svds, dims, groups, zs[-1].shape[1], ranks, names, oversample,
+                                      left, skips, zs[0].dtype)
+    rows_n = [tail_lib.rows_for(r, d, oversample) for r, d in zip(rank_list, dims)]
+    sel = [torch.arange(d) if ranks == "full" else rect_maxvol(V, p) for V, p, d in zip(bases, rows_n, dims)]
+    U = [V @ torch.linalg.pinv(V[s]) for V, s in zip(bases, sel)]
     sel_out = sel[1:] + [torch.arange(zs[-1].shape[1])]
-    weights = _reduced_weights(steps, in_shapes, U, sel_out, windows)
-    args = _edit_args(start, steps, z0, sel, rank_list, dims, groups, weights, dense_macs)
+    weights = _reduced_weights(steps, prep["in_shapes"][o:], U, sel_out, prep["windows"][o:])
+    args = _edit_args(start, steps, prep["in_shapes"][o], sel, rank_list, dims, groups, weights, dense_macs)
     tail = _build_tail(args).to(zs[0].dtype)
     with torch.no_grad():
         for (lin, skip), (w, b, ws) in zip(_step_linears(tail), weights):
@@ -291,12 +290,32 @@ def ron(model: nn.Module, example_inputs: Any, *, calibration: Any,
             lin.bias.copy_(b)
             if skip is not None:
                 skip.weight.copy_(ws)
-    student = copy.deepcopy(model)
-    tail_lib.install_cut(student, start, tail)
-    student.eval()
-    return _finish(model, student, x1, before, args, start, energy, rank_list, rows_n, zs, tail,
-                   dict(target_macs=target_macs, ranks=ranks), train_loader, finetune_steps,
-                   finetune_lr, progress, seed)
+    return tail, args, {"energy": energy, "ranks": rank_list, "rows": rows_n, "offset": o}
+
+
+def _score_starts(fit, prep: dict, cands: list[str], n_fit: int) -> dict[str, float | None]:
+    """Per candidate start, the relative logit error on the held-out calibration samples
+    (from ``n_fit`` on) of the reduced network fitted on the others (None: not reachable)."""
+    scores: dict[str, float | None] = {}
+    first_err = None
+    for c in cands:
+        try:
+            tail, _, info = fit(c, slice(0, n_fit))
+        except ValueError as e:  # the target does not fit after this start's dense prefix
+            scores[c], first_err = None, first_err or e
+            continue
+        zs = prep["zs"]
+        scores[c] = _rel_error(tail, zs[info["offset"]][n_fit:], zs[-1][n_fit:])
+    if all(v is None for v in scores.values()):
+        raise first_err
+    return scores
+
+
+def _rel_error(tail: nn.Module, z_in: torch.Tensor, target: torch.Tensor) -> float:
+    """||tail(z_in) - target|| / ||target||."""
+    with torch.no_grad():
+        approx = tail(z_in.to(next(tail.parameters()).dtype))
+    return float(torch.linalg.norm(approx - target) / torch.linalg.norm(target).clamp_min(1e-30))
 
 
 def _step_linears(tail: nn.Sequential) -> list[tuple[nn.Linear, nn.Linear | None]]:
@@ -310,42 +329,28 @@ def _step_linears(tail: nn.Sequential) -> list[tuple[nn.Linear, nn.Linear | None
     return out
 
 
-def _group(step: dict) -> int:
-    """Members per max-pool window (1 without a pool)."""
-    if step["pool"] is None:
-        return 1
-    k = step["pool"].kernel_size
-    return math.prod(k) if isinstance(k, tuple) else k * k
-
-
-def _unflat_shape(step: dict, pre: tuple) -> tuple:
-    """The shape of a step's output (after its pool), i.e. the next step's input shape."""
-    if step["pool"] is None:
-        return pre
-    return tuple(step["pool"](torch.zeros(1, *pre)).shape[1:])
-
-
-def _bases(zs, dims, groups, out_dim, ranks, names, oversample, budget, progress, skips):
-    """Energy share, bases V_k (D_k, r_k) and ranks for every reduced activation."""
+def _bases(svds, dims, groups, out_dim, ranks, names, oversample, budget, skips, dtype):
+    """Energy share, bases V_k (D_k, r_k) and ranks for every reduced activation, from the
+    activations' ``svds`` ((S, Vh) each; None for ``ranks="full"``)."""
     if ranks == "full":
-        return 1.0, [torch.eye(d, dtype=z.dtype) for z, d in zip(zs, dims)], list(dims)
-    svd = [torch.linalg.svd(z, full_matrices=False) for z in tqdm(zs, desc="ron bases", disable=not progress, leave=False)]
-    svs = [s for _, s, _ in svd]
+        return 1.0, [torch.eye(d, dtype=dtype) for d in dims], list(dims)
+    svs = [sv for sv, _ in svds]
     if ranks is None:
-        energy, rank_list = _energy_for_budget(svs, dims, groups, out_dim, oversample, budget, skips)
+        energy, rank_list = tail_lib.energy_for_budget(svs, dims, groups, out_dim, oversample, budget, skips)
         if energy < 0:
-            low = _tail_macs([_rows(1, d, oversample) for d in dims], groups, out_dim, skips)
+            low = tail_lib.reduced_macs([tail_lib.rows_for(1, d, oversample) for d in dims], groups,
+                                        out_dim, skips)
             raise ValueError(f"ron: the MAC target is not reachable from this start_layer: rank 1 "
                              f"everywhere already costs {low} MACs in the reduced part, over the "
                              f"{budget:.0f} left after the dense layers before the cut; choose an "
                              f"earlier start_layer or a larger target_macs")
     else:
         energy = None
-        rank_list = _given_ranks(ranks, names, [len(s) for s in svs])
-    return energy, [vh[:r].T.contiguous() for (_, _, vh), r in zip(svd, rank_list)], rank_list
+        rank_list = tail_lib.given_ranks(ranks, names, [len(sv) for sv in svs])
+    return energy, [vh[:r].T.contiguous() for (_, vh), r in zip(svds, rank_list)], rank_list
 
 
-def _edit_args(start, steps, z0, sel, rank_list, dims, groups, weights, dense_macs) -> dict:
+def _edit_args(start, steps, in_shape, sel, rank_list, dims, groups, weights, dense_macs) -> dict:
     layers = []
     for k, st in enumerate(steps):
         w, _, ws = weights[k]
@@ -359,17 +364,15 @@ def _edit_args(start, steps, z0, sel, rank_list, dims, groups, weights, dense_ma
                        "skip_features": 0 if ws is None else int(ws.shape[1]),
                        "macs_before": int(sum(dense_macs.get(n, 0) for n in st["names"])),
                        "macs_after": int(w.numel() + (0 if ws is None else ws.numel()))})
-    return {"start": start, "input_shape": list(z0.shape[1:]), "dim": dims[0], "rank": rank_list[0],
+    return {"start": start, "input_shape": list(in_shape), "dim": dims[0], "rank": rank_list[0],
             "sampled": sel[0].tolist(), "layers": layers}
 
 
-def _finish(model, student, x1, before, args, start, energy, rank_list, rows_n, zs, tail, goal,
-            train_loader, finetune_steps, finetune_lr, progress, seed) -> RONResult:
-    with torch.no_grad():
-        approx = tail(zs[0].to(next(tail.parameters()).dtype))
-    err = float(torch.linalg.norm(approx - zs[-1]) / torch.linalg.norm(zs[-1]).clamp_min(1e-30))
-    history: dict[str, Any] = {"start": start, "energy": energy, "ranks": rank_list, "rows": rows_n,
-                               "calib_samples": int(zs[0].shape[0]), "calib_rel_error": err}
+def _finish(model, student, x1, before, args, info, zs, tail, goal, train_loader,
+            finetune_steps, finetune_lr, progress, seed) -> RONResult:
+    history: dict[str, Any] = {k: info[k] for k in ("start", "energy", "ranks", "rows")}
+    history.update(calib_samples=int(zs[0].shape[0]), calib_rel_error=_rel_error(tail, zs[0], zs[-1]),
+                   start_scores=info["start_scores"], holdout_samples=info["holdout_samples"])
     if finetune_steps:
         if train_loader is None:
             raise ValueError("ron: finetune_steps > 0 needs a train_loader (labelled batches)")
