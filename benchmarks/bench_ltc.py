@@ -43,6 +43,20 @@ the earlier runs; ``relative``, ``fisher``, ``measured``: see
 ``tensorslim.methods._ltc_price``); the price runs of the issue note used the same scaled-down
 settings with ``--methods ltc --prices relative`` and wrote ``compare4x_price_{model}.json``
 (the other methods' rows at those settings are in ``compare4x_{model}.json``).
+
+The ResNet-20 follow-ups use the same scaled-down settings (200 steps, 2,000 test images,
+``--parts compare --steps 200 --mu0 0.02 --test-subset 2000``): ``--targets 0.125 --methods
+ltc,oneshot,musco --lc-steps 5 --steps-per-lc 30 --mu-growth 3.3`` -> ``compare8x_resnet20.json``;
+``--methods vbmf`` (same LC settings) -> ``compare_vbmf_resnet20.json`` (pure EVBMF ranks and
+LTC at their MACs), with ``--vbmf-factor 0.8`` -> ``compare_f08_vbmf_resnet20.json``; the schedule
+variant ``--methods ltc --lc-steps 4 --steps-per-lc 25`` (100 penalised W-steps, 100 free
+fine-tuning steps) at ``--mu-growth 4.92`` (the same final mu as 5 x 3.3) ->
+``compare{4x,8x}_schedule_resnet20.json`` (targets 0.25, 0.125), at ``--mu-growth 3.3`` ->
+``compare4x_schedule_g33_resnet20.json``; with ``--seed 1`` the default and the variant schedule
+-> ``compare4x_schedule_ref5x30_seed1_resnet20.json``, ``compare4x_schedule_seed1_resnet20.json``.
+The ``*_ltcranks_*.json`` files hold the diagnostic "an LTC run's ranks applied one-shot + 200
+distilled steps" (what ``ltc_ranks`` does, here taken from the saved ranks of the run named in
+their ``source`` instead of re-running LTC).
 """
 from __future__ import annotations
 
@@ -153,8 +167,11 @@ def part_compare(c: Ctx) -> list[dict]:
             rows.append(run_oneshot(c, f"LTC's ranks, one-shot + KD {x} (diagnostic)",
                                     plan=c.ltc_runs[target].plan))
     if "vbmf" in methods:
-        plan = ts.make_plan(c.dense, "tucker", c.x1, rank_rule="vbmf", vbmf_factor=1.0)
-        rows.append(run_oneshot(c, f"VBMF-Tucker ({1 / plan.macs_ratio:.2f}x)", plan=plan))
+        f = a.vbmf_factor  # 1.0: the pure EVBMF ranks; < 1: MUSCO's softening R - f (R - R_vbmf)
+        plan = ts.make_plan(c.dense, "tucker", c.x1, rank_rule="vbmf", vbmf_factor=f)
+        name = "VBMF-Tucker" if f == 1.0 else f"VBMF-Tucker (factor {f:g})"
+        rows.append(run_oneshot(c, f"{name} ({1 / plan.macs_ratio:.2f}x)", plan=plan))
+        rows[-1]["ranks"] = c.oneshot_ranks
         rows.append(run_ltc(c, plan.macs_ratio, f"LTC at the VBMF MACs ({1 / plan.macs_ratio:.2f}x)"))
     return rows
 
@@ -269,6 +286,8 @@ def main() -> None:
     p.add_argument("--prices", default="relative",
                    help="LTC C-step rank prices to run (comma list: weight, relative, fisher, measured)")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    p.add_argument("--vbmf-factor", type=float, default=1.0,
+                   help="vbmf method: 1.0 = pure EVBMF ranks; f < 1 keeps R - f (R - R_vbmf)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--test-subset", type=int, default=0, help="0: the full official test set")
     p.add_argument("--lams", default="0.01,0.1,0.3,1,3,10,30")
