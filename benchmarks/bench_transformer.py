@@ -19,11 +19,25 @@ ranks measured once beforehand, no embedding replacement):
       --variants whiten/relative whiten/fisher whiten/measured whiten/relative@uniform
 ``--limits 383 383 383`` turns the latency guard off; ``--rank-rule uniform`` spreads the
 budget evenly instead of by output error.
+
+A variant ``V/ERROR+SEQ[:DAMPING]`` compresses with the same plan as ``V/ERROR`` but fits the
+layers sequentially on the partially compressed model (``SEQ`` = inputs | outputs, see
+``tensorslim._calib_sequential``). ``--whole F`` plans F of ALL parameters with the first
+variant: the word table's lookups are measured like the Linears (``calibrate(layers=[table])``)
+and ``min_error`` prices it against them (needs the planner to price measured tables).
+``--fit-batches N`` fits the layers on N batches of each kind (plans from --calib-batches).
+Session-6 reduced runs (1 thread, 4 calibration batches of each kind, sensitivities on 3 of
+them, cached between runs with ``--cache``; no latency, no distillation, no embedding rows):
+  python benchmarks/bench_transformer.py --threads 1 --calib-batches 4 --calib-mix --keep 0.5 \
+      --latency-reps 0 --distill-steps 0 --embedding --limits 128 256 256 --cache /tmp/h20_cal.pt \
+      --variants whiten/measured whiten/measured+inputs whiten/measured+outputs:0.01
+  ... --keep --whole 0.5 --variants whiten/measured+outputs:0.1
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 from dataclasses import replace
 
@@ -33,7 +47,8 @@ from scipy.stats import pearsonr, spearmanr
 
 import tensorslim as ts
 from tensorslim.app.hf import distill_embeddings, embed, example_inputs, load_hf, sentence_embedding, text_batches
-from tensorslim.calibration import DEFAULT_ERROR, calibrate, with_error
+from tensorslim.calibration import (DEFAULT_DAMPING, DEFAULT_ERROR, calibrate, collect_input_stats,
+                                    with_error)
 from tensorslim.layers import LowRankLinear
 from tensorslim.plan import LayerSpec
 
@@ -57,6 +72,8 @@ def scores(model, tok, pairs, lee, human) -> tuple[float, float]:
     words = sorted({w for a, b, _ in pairs for w in (a, b)})
     e = dict(zip(words, embed(model, tok, words, max_length=16)))
     ws = spearmanr([float(e[a] @ e[b]) for a, b, _ in pairs], [s for *_, s in pairs]).statistic
+    if not lee:
+        return float(ws), float("nan")
     d = embed(model, tok, lee, max_length=256)
     iu = np.triu_indices(len(lee), 1)
     return float(ws), float(pearsonr((d @ d.T).numpy()[iu], human[iu]).statistic)
@@ -75,7 +92,9 @@ def latency_ms(model, inputs, reps: int) -> float:
 
 def interleaved_ms(dense, model, inputs, reps: int) -> tuple[float, float]:
     """(dense ms, model ms): medians of alternating runs, so load from other processes hits
-    both alike (the ratio is what a busy machine can still measure)."""
+    both alike (the ratio is what a busy machine can still measure); NaN with ``reps`` 0."""
+    if reps < 1:
+        return float("nan"), float("nan")
     d, m = [], []
     for _ in range(reps):
         d.append(latency_ms(dense, inputs, 1))
@@ -139,7 +158,7 @@ def plan_for(model, example, keep: float, lin_total: int, fixed: int, cal, limit
     for _ in range(6):
         total = fixed + lin_total
         plan = ts.make_plan(model, "svd", example, target_params=(fixed + goal * lin_total) / total,
-                            exclude=["pooler*"], calibration=cal, rank_rule=rule)
+                            exclude=["pooler*", "embeddings*"], calibration=cal, rank_rule=rule)
         specs = []
         for s in plan.layers:
             lim = limits.get(tuple(s.weight_shape[::-1]), 0) if s.compressed else None
@@ -157,30 +176,95 @@ def plan_for(model, example, keep: float, lin_total: int, fixed: int, cal, limit
     return plan, kept
 
 
-def calibrations(dense, batches, names, sensitivity_batches: int) -> dict:
-    """Per variant name ``V[/ERROR][@RULE]`` (``plain`` = no calibration): its Calibration, the
-    input statistics collected once per V and reused for every ERROR (default DEFAULT_ERROR;
-    ``fisher`` / ``measured`` on the sentence embeddings, as ``tensorslim compress --hf-model``);
-    prints the seconds each sensitivity took."""
+def parse_variant(name: str) -> tuple[str, str, str, float]:
+    """``V[/ERROR][+SEQ[:DAMPING]][@RULE]`` -> (``V[/ERROR]``, RULE, SEQ or "off", DAMPING)."""
+    head, _, rule = name.partition("@")
+    head, _, seq = head.partition("+")
+    mode, _, damp = seq.partition(":")
+    return head, rule, mode or "off", float(damp) if damp else DEFAULT_DAMPING
+
+
+def calibrations(dense, batches, names, sensitivity_batches: int, cache: str | None = None) -> dict:
+    """Per calibration head ``V[/ERROR]`` of the variant names (``plain`` = no calibration):
+    its Calibration, the input statistics collected once per V and reused for every ERROR
+    (default DEFAULT_ERROR; ``fisher`` / ``measured`` on the sentence embeddings, as
+    ``tensorslim compress --hf-model``); prints the seconds each sensitivity took. ``cache``:
+    a file the calibrations are loaded from / saved to (same batches assumed)."""
+    import os
+
     base, out = {}, {}
+    if cache and os.path.exists(cache):
+        out = torch.load(cache, weights_only=False)
+        print(f"calibrations loaded from {cache}: {sorted(out)}")
+        for cal in out.values():  # saved by an older Calibration: the fields added since get defaults
+            for f in dataclasses.fields(cal) if cal is not None else ():
+                if not hasattr(cal, f.name):
+                    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    object.__setattr__(cal, f.name, default)
     for name in names:
-        head = name.partition("@")[0]
+        head = parse_variant(name)[0]
         if head == "plain":
-            out[name] = None
+            out[head] = None
+            continue
+        if head in out:
             continue
         v, _, e = head.partition("/")
         if v not in base:
             base[v] = calibrate(dense, batches, variant=v, error="relative")
         t = time.perf_counter()
-        out[name] = with_error(base[v], dense, batches, e or DEFAULT_ERROR, sensitivity_batches=sensitivity_batches,
+        out[head] = with_error(base[v], dense, batches, e or DEFAULT_ERROR, sensitivity_batches=sensitivity_batches,
                                output=sentence_embedding)
-        print(f"{name}: error {out[name].error}, sensitivity {time.perf_counter() - t:.1f} s", flush=True)
+        print(f"{head}: error {out[head].error}, sensitivity {time.perf_counter() - t:.1f} s", flush=True)
+        if cache:
+            torch.save(out, cache)
     return out
+
+
+def compressed(dense, plan, cal, mode: str, damping: float, batches):
+    """``dense`` (copied) compressed by ``plan`` with ``cal``: fitted on the dense model's
+    inputs (``mode`` off) or sequentially (inputs | outputs, ``damping``)."""
+    model = copy.deepcopy(dense)
+    if mode == "off":
+        return ts.compress(model, plan, calibration=cal, progress=False)
+    seq = replace(cal, sequential=mode, damping=damping, inputs=tuple(batches))
+    return ts.compress(model, plan, calibration=seq, progress=True)
+
+
+def whole_model(dense, example, frac: float, cal, batches, mode: str = "off", damping: float = DEFAULT_DAMPING,
+                table: str = "embeddings.word_embeddings"):
+    """(plan, compressed model, note) keeping ``frac`` of ALL parameters: the word table's
+    lookups are counted and its truncation measured on the sentence embeddings (as the
+    Linears' are) and added to ``cal`` (unless ``cal`` has them already), so ``min_error``
+    prices table and Linears on one scale; fitted as ``mode`` says (off | inputs | outputs)."""
+    t = time.perf_counter()
+    both = cal
+    if table not in getattr(cal, "tokens", {}):
+        tab = calibrate(dense, batches, layers=[table], error=cal.error, sensitivity_batches=3, output=sentence_embedding)
+        both = replace(cal, tokens=tab.tokens, measured={**cal.measured, **tab.measured})
+    plan = ts.make_plan(dense, "svd", example, target_params=frac, exclude=["pooler*"], calibration=both)
+    model = compressed(dense, plan, both, mode, damping, batches)
+    spec = {s.name: s for s in plan.layers}[table]
+    lin = [s for s in plan.layers if s.layer_type == "Linear"]
+    return plan, model, (f"table rank {spec.rank if spec.compressed else 'dense'} ({spec.reason or 'priced'}); "
+                         f"{sum(s.params_after for s in lin) / sum(s.params_before for s in lin):.3f} of Linear "
+                         f"params; {time.perf_counter() - t:.0f} s; goal {plan.goal.get('calibration')}"), both
+
+
+def calib_batches(tok, background, n: int, mix: bool, tokens: int) -> list:
+    """``n`` lee_background batches of 16 documents; with ``mix`` also ``n`` of 32 sentences
+    and ``n`` of 128 single words of the same unlabeled corpus (short inputs too)."""
+    batches = text_batches(tok, background, batch=16, max_length=tokens, limit=n)
+    if mix:
+        sentences = [x.strip() for d in background for x in d.split(". ") if len(x.split()) > 3]
+        words = list(dict.fromkeys(w.strip('.,;:"()').lower() for d in background for w in d.split()))
+        batches = batches + text_batches(tok, sentences[::7], batch=32, max_length=64, limit=n) \
+            + text_batches(tok, [w for w in words if w.isalpha()], batch=128, max_length=16, limit=n)
+    return batches
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--keep", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--keep", type=float, nargs="*", default=[0.25, 0.5, 0.75])
     ap.add_argument("--variants", nargs="+", default=["plain", "whiten", "asvd"],
                     help="V[/ERROR][@RULE]: V plain | whiten | asvd; ERROR what min_error allocates by "
                          "(relative | output | fisher | measured; default the library's); RULE a rank rule")
@@ -200,6 +284,13 @@ def main() -> None:
     ap.add_argument("--limits", type=int, nargs=3, default=None,
                     help="break-even ranks of MiniLM's (384,384) (384,1536) (1536,384) Linears, "
                          "instead of measuring them")
+    ap.add_argument("--fit-batches", type=int, default=0,
+                    help="fit the layers on this many batches of each kind (plans still from --calib-batches)")
+    ap.add_argument("--cache", default=None, help="file to load / save the calibrations (same batches)")
+    ap.add_argument("--no-lee", action="store_true", help="WordSim353 only (Lee reported as NaN)")
+    ap.add_argument("--whole", type=float, nargs="*", default=[],
+                    help="also plan these fractions of ALL params (word table priced by its measured effect) "
+                         "with the first variant's calibration and fit")
     ap.add_argument("--embedding", nargs="*", default=["lowrank", "tt"],
                     help="whole-model rows: replace the word embedding (frequency-weighted low rank, TT)")
     args = ap.parse_args()
@@ -220,20 +311,36 @@ def main() -> None:
                         args.latency_reps) if not args.limits else dict(zip(
                             [(384, 384), (384, 1536), (1536, 384)], args.limits))
     print("break-even ranks (N, M) -> r:", limits)
-    batches = text_batches(tok, background, batch=16, max_length=args.tokens, limit=args.calib_batches)
-    if args.calib_mix:  # short inputs too: sentences and single words of the same unlabeled corpus
-        sentences = [x.strip() for d in background for x in d.split(". ") if len(x.split()) > 3]
-        words = list(dict.fromkeys(w.strip('.,;:"()').lower() for d in background for w in d.split()))
-        batches = batches + text_batches(tok, sentences[::7], batch=32, max_length=64, limit=args.calib_batches) \
-            + text_batches(tok, [w for w in words if w.isalpha()], batch=128, max_length=16, limit=args.calib_batches)
-    cals = calibrations(dense, batches, args.variants, args.sensitivity_batches)
+    batches = calib_batches(tok, background, args.calib_batches, args.calib_mix, args.tokens)
+    fit = calib_batches(tok, background, args.fit_batches, args.calib_mix, args.tokens) if args.fit_batches else batches
+    cals = calibrations(dense, batches, args.variants, args.sensitivity_batches, args.cache)
+    if args.no_lee:
+        lee = []
     base = scores(dense, tok, pairs, lee, human)
     rows = [("dense", 1.0, 1.0, *base, 1.0, f"{report.total_params:,} params")]
+    for frac in args.whole:  # whole-model targets: the word table priced against the Linears
+        head, _, mode, damping = parse_variant(args.variants[0])
+        plan, model, note, both = whole_model(dense, ex, frac, cals[head], batches, mode, damping)
+        if args.cache and both is not cals[head]:
+            cals[head] = both
+            torch.save(cals, args.cache)
+        rows.append((f"{args.variants[0]} whole model", frac, plan.params_after / report.total_params,
+                     *scores(model, tok, pairs, lee, human), float("nan"), note))
+        print(rows[-1], flush=True)
+    plans = {}
     for keep in args.keep:
         for v in args.variants:
-            rule = v.partition("@")[2] or args.rank_rule
-            plan, kept = plan_for(dense, ex, keep, lin_total, fixed, cals[v], limits, rule)
-            model = ts.compress(copy.deepcopy(dense), plan, calibration=cals[v], progress=False)
+            head, rule, mode, damping = parse_variant(v)
+            rule = rule or args.rank_rule
+            if (head, rule, keep) not in plans:  # one plan per calibration: sequential fits share it
+                plans[head, rule, keep] = plan_for(dense, ex, keep, lin_total, fixed, cals[head], limits, rule)
+            plan, kept = plans[head, rule, keep]
+            t0 = time.perf_counter()
+            cal = cals[head]
+            if fit is not batches and mode == "off":  # the same plan, the layers fitted on more batches
+                cal = replace(cal, stats=collect_input_stats(dense, fit, layers=list(cal.stats)))
+            model = compressed(dense, plan, cal, mode, damping, fit)
+            print(f"{v}: compressed in {time.perf_counter() - t0:.1f} s", flush=True)
             t_d, t_m = interleaved_ms(dense, model, lat_in, args.latency_reps)
             n_dense = sum(1 for s in plan.layers if not s.compressed and s.name.startswith("encoder."))
             rows.append((v, keep, kept, *scores(model, tok, pairs, lee, human), t_d / t_m,

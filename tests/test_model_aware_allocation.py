@@ -168,7 +168,7 @@ def test_layers_the_calibration_never_reaches_are_refused_for_absolute_errors():
     with pytest.raises(ValueError, match=r"needs every SVD Linear to be reached.*\['b'\]"):
         ts.make_plan(m, "svd", torch.randn(4, 16), target_params=0.5, calibration=small)
     plan = ts.make_plan(m, "svd", torch.randn(4, 16), target_params=0.5,
-                        calibration=calibrate(m, small, error="relative"))
+                        calibration=calibrate(m, small, error="relative", sequential="off"))
     assert plan.goal["calibration"] == {"variant": "whiten", "error": "relative", "batches": 2, "layers": 1}
 
 
@@ -208,3 +208,74 @@ def test_a_plan_with_convs_prices_everything_by_relative_error_and_measures_noth
     linears = [s for s in plan.layers if s.layer_type == "Linear" and s.compressed]
     assert len(linears) == 2 and all("relative output error" in s.reason for s in linears)
     assert {s.name: s.compressed for s in plan.layers}["2"]  # a conv competes on the same scale
+
+
+class _Lookup(nn.Module):
+    """A token table, then a Linear: (input_ids, attention_mask) -> (B, L, 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(30, 8).double()
+        with torch.no_grad():  # a decaying spectrum
+            u, _, v = torch.linalg.svd(torch.randn(30, 8, dtype=torch.float64), full_matrices=False)
+            self.emb.weight.copy_((u * torch.logspace(0, -1, 8, dtype=torch.float64)) @ v)
+        self.out = nn.Linear(8, 4).double()
+
+    def forward(self, input_ids, attention_mask):
+        return self.out(torch.tanh(self.emb(input_ids)))
+
+
+def _token_batches():
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for k in range(3):
+        ids = torch.randint(0, 30, (4, 6), generator=g) % (10 + 10 * k)  # skewed counts
+        mask = torch.ones(4, 6, dtype=torch.long)
+        mask[k, 3:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+@torch.no_grad()
+def test_embedding_curve_is_the_lookup_weighted_error_of_each_truncation():
+    from tensorslim._calib_embedding import collect_token_counts, embedding_curve
+    from tensorslim.layers import LowRankEmbedding
+
+    model, batches = _Lookup(), _token_batches()
+    ran = []
+    h = model.out.register_forward_pre_hook(lambda *_: ran.append(1))
+    counts = collect_token_counts(model, batches, ["emb", "out"])["emb"]
+    h.remove()
+    assert ran == []  # the passes stop after the lookup
+    ref = sum(torch.bincount(b["input_ids"][b["attention_mask"].bool()], minlength=30) for b in batches)
+    assert torch.equal(counts, ref.double())
+    curve = embedding_curve(model.emb.weight, counts)
+    w = model.emb.weight.double()
+    for r in range(1, 8):
+        low = LowRankEmbedding.from_dense(model.emb, r)(torch.arange(30))  # every row of the table
+        brute = float((counts[:, None] * (w - low).square()).sum())
+        assert float(curve[r]) == pytest.approx(brute, rel=1e-9, abs=1e-12)
+    assert float(curve[0]) == pytest.approx(float((counts[:, None] * w.square()).sum()), rel=1e-12)
+    assert float(curve[8]) == 0.0
+
+
+@torch.no_grad()
+def test_measured_embedding_curve_is_the_model_output_change_at_the_probed_ranks():
+    from tensorslim.layers import LowRankEmbedding
+
+    model, batches = _Lookup(), _token_batches()
+    cal = calibrate(model, batches, layers=["emb", "out"], error="measured", sensitivity_batches=3)
+    assert set(cal.tokens) == {"emb"} and set(cal.stats) == {"out"}
+    ranks, _ = cal.measured["emb"]
+    curve = cal.error_curve("emb", model.emb.weight)
+    for r in ranks.tolist():
+        trial = copy.deepcopy(model)
+        trial.emb = LowRankEmbedding.from_dense(model.emb, r)
+        brute = 0.0
+        for b in batches:
+            keep = b["attention_mask"].bool()
+            brute += float((trial(**b) - model(**b))[keep].square().sum())
+        assert float(curve[r]) == pytest.approx(brute, rel=1e-9)
+    # the relative error has no curve for a table (the planner falls back to its weight proxy)
+    assert with_error(cal, model, batches, "relative").error_curve("emb", model.emb.weight) is None

@@ -197,9 +197,11 @@ def test_a_planned_table_followed_by_a_batchnorm_fuses_exactly():
         assert float((fused(x) - compressed(x)).abs().max()) < 1e-12
 
 
-def test_calibrated_plans_keep_tables_dense_unless_the_error_is_relative():
+def test_calibrated_plans_price_tables_by_their_measured_lookups_or_keep_them_dense():
     # measured output errors (absolute) and a table's relative weight error are not on one
-    # scale: with them the table stays dense, saying why; with the relative error it competes
+    # scale: a plan from raw batches measures the table's lookups too and prices it like the
+    # Linears; a Calibration made without the table keeps it dense, saying why; with the
+    # relative error it competes by its weight error
     from tensorslim.calibration import calibrate
     from tensorslim.planning.min_error import UNPRICED
 
@@ -208,7 +210,9 @@ def test_calibrated_plans_keep_tables_dense_unless_the_error_is_relative():
     plan = ts.make_plan(dense, "svd", x, target_params=0.7, calibration=batches)
     spec = {s.name: s for s in plan.layers}
     assert plan.goal["calibration"]["error"] == "measured"
-    assert not spec[WORD].compressed and spec[WORD].reason == UNPRICED
+    assert spec[WORD].reason != UNPRICED and plan.goal["calibration"]["layers"] == 16  # 13 Linears, 3 tables
+    no_table = ts.make_plan(dense, "svd", x, target_params=0.7, calibration=calibrate(dense, batches))
+    assert {s.name: s for s in no_table.layers}[WORD].reason == UNPRICED
     assert sum(s.compressed for s in plan.layers if s.layer_type == "Linear") >= 1
     assert abs(plan.params_after / plan.params_before - 0.7) < 0.02
     rel = ts.make_plan(dense, "svd", x, target_params=0.7,

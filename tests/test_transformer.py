@@ -44,7 +44,9 @@ def test_bert_plan_compress_save_load_onnx(tmp_path):
     dense, batches = _bert(), _batches()
     example = (batches[0]["input_ids"], batches[0]["attention_mask"])
     plan = ts.make_plan(dense, "svd", example, target_params=0.85, calibration=batches)
-    assert plan.goal["calibration"] == {"variant": "whiten", "error": "measured", "batches": 4, "layers": 13}
+    # 13 Linear layers and the 3 tables (their lookups measured), fitted sequentially
+    assert plan.goal["calibration"] == {"variant": "whiten", "error": "measured", "batches": 4, "layers": 16,
+                                        "sequential": "outputs"}
     assert ts.plan.CompressionPlan.from_json(plan.to_json()).goal["calibration"]["error"] == "measured"
     assert plan.compressed and all("output error" in s.reason for s in plan.compressed)
     assert abs(plan.params_after / plan.params_before - 0.85) < 0.02

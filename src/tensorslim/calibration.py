@@ -20,6 +20,16 @@ that channel, from random probes: the linearised change of the model's outputs) 
 change when only this layer is truncated, measured at a few ranks and interpolated). The last
 two see what a layer's error does downstream (e.g. whether it is added into a large residual
 stream); the first two do not.
+
+``sequential`` (:data:`SEQUENTIAL`) chooses what the layers are fitted on when compressing:
+``"off"`` the dense model's inputs (statistics collected once), ``"inputs"`` / ``"outputs"``
+the inputs of the partially compressed model, layer after layer, the latter matching the
+dense layer's outputs by a closed-form least-squares update (``tensorslim._calib_sequential``;
+the Calibration keeps its batches in ``inputs`` for that). Rank allocation is unchanged.
+
+Embedding tables named in ``layers`` are priced too (``output`` and ``measured`` errors): by
+their lookups' error, weighted by how often each token is looked up (``tokens``), rescaled by
+the measured change of the model's outputs (``tensorslim._calib_embedding``).
 """
 from __future__ import annotations
 
@@ -30,15 +40,18 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._calib_embedding import collect_token_counts, embedding_curve, named_embeddings
+from ._calib_sequential import DEFAULT_DAMPING, SEQUENTIAL, sequential_layers
 from .batches import OutputFn, batch_mask, named_linears, run_batch
 
 VARIANTS = ("whiten", "asvd")
 ERRORS = ("relative", "output", "fisher", "measured")
 DEFAULT_ERROR = "measured"  # what calibrate() and make_plan(calibration=batches) allocate by
+DEFAULT_SEQUENTIAL = "outputs"  # how calibrate() / compress(calibration=batches) fit the layers
 
 __all__ = ["InputStats", "Calibration", "run_batch", "collect_input_stats", "calibrate",
            "as_calibration", "fisher_row_weights", "with_error", "VARIANTS",
-           "ERRORS", "DEFAULT_ERROR"]
+           "ERRORS", "DEFAULT_ERROR", "SEQUENTIAL", "DEFAULT_SEQUENTIAL", "sequential_layers"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,7 +89,10 @@ class Calibration:
     how many calibration batches were seen. ``error``: what rank allocation minimises (see the
     module docstring); ``row_energy`` (``fisher``: name -> (M,) mean squared model-output
     gradient per output channel and row) and ``measured`` (``measured``: name -> (ranks,
-    model-output change per layer input row)) hold what it needs, from :func:`calibrate`."""
+    model-output change per layer input row)) hold what it needs, from :func:`calibrate`.
+    ``sequential`` (:data:`SEQUENTIAL`), ``damping`` and ``inputs`` (the calibration batches):
+    how compression fits the layers (module docstring). ``tokens``: embedding name -> (V,)
+    lookups per row over the calibration batches."""
 
     stats: Mapping[str, InputStats]
     variant: str = "whiten"
@@ -86,6 +102,10 @@ class Calibration:
     error: str = "relative"
     row_energy: Mapping[str, Tensor] = field(default_factory=dict)
     measured: Mapping[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    sequential: str = "off"
+    damping: float = DEFAULT_DAMPING
+    inputs: Sequence[Any] = field(default=(), repr=False)
+    tokens: Mapping[str, Tensor] = field(default_factory=dict, repr=False)
     pending: Callable[[], "Calibration"] | None = field(default=None, repr=False)
     _done: dict = field(default_factory=dict, repr=False)
 
@@ -104,6 +124,13 @@ class Calibration:
             raise ValueError(f"Calibration: unknown variant {self.variant!r}; known: {', '.join(VARIANTS)}")
         if self.error not in ERRORS:
             raise ValueError(f"Calibration: unknown error {self.error!r}; known: {', '.join(ERRORS)}")
+        if self.sequential not in SEQUENTIAL:
+            raise ValueError(f"Calibration: unknown sequential {self.sequential!r}; known: {', '.join(SEQUENTIAL)}")
+        if self.sequential != "off" and not self.inputs:
+            raise ValueError(f"Calibration: sequential={self.sequential!r} needs the calibration batches in inputs=")
+        d = self.damping
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not d >= 0:
+            raise ValueError(f"Calibration: damping must be a number >= 0, got {d!r}")
 
     def layer_options(self, name: str) -> dict[str, Any]:
         """Keyword arguments for ``LowRankLinear.from_dense`` of layer ``name`` ({} if unseen):
@@ -125,6 +152,8 @@ class Calibration:
 
         if self.pending is not None:
             return self.resolved().error_curve(name, weight)
+        if name in self.tokens:
+            return self._table_curve(name, weight)
         st = self.stats.get(name)
         if st is None or st.samples == 0:
             return None
@@ -140,6 +169,22 @@ class Calibration:
         if self.error == "measured":
             ranks, change = self.measured[name]
             curve = _rescaled(curve, ranks, change * st.samples)
+        return curve
+
+
+    def _table_curve(self, name: str, weight: Tensor) -> Tensor | None:
+        """An embedding table's lookup error per rank (``output``), rescaled by the measured
+        model-output change (``measured``); None for the other errors or an unused table."""
+        counts = self.tokens[name]
+        lookups = float(counts.sum())
+        if lookups == 0 or self.error not in ("output", "measured"):
+            return None
+        curve = embedding_curve(weight, counts)
+        if self.error == "measured":
+            if name not in self.measured:
+                return None
+            ranks, change = self.measured[name]
+            curve = _rescaled(curve, ranks, change * lookups)
         return curve
 
 
@@ -219,25 +264,36 @@ def collect_input_stats(model: nn.Module, calibration: Iterable[Any], *, layers:
 def calibrate(model: nn.Module, calibration: Iterable[Any], *, variant: str = "whiten", alpha: float = 0.5,
               layers: Sequence[str] | None = None, max_batches: int | None = None, error: str = DEFAULT_ERROR,
               sensitivity_batches: int = 3, probes: int = 2, output: OutputFn | None = None,
+              sequential: str = DEFAULT_SEQUENTIAL, damping: float = DEFAULT_DAMPING,
               progress: bool = False) -> Calibration:
     """:func:`collect_input_stats` wrapped as a :class:`Calibration` of ``variant`` that
-    allocates ranks by ``error`` (:data:`ERRORS`); ``fisher`` and ``measured`` also run
+    allocates ranks by ``error`` (:data:`ERRORS`; ``nn.Embedding`` tables named in ``layers``
+    get their lookup counts instead); ``fisher`` and ``measured`` also run
     :func:`~tensorslim.sensitivity.output_sensitivity` (``probes`` random probes) /
     :func:`~tensorslim.sensitivity.measure_truncation` on
     ``sensitivity_batches`` batches spread evenly over the calibration batches, on the model's
     outputs or on ``output(model_output, batch)`` (what the model is used for, e.g. pooled
-    sentence embeddings)."""
+    sentence embeddings). ``sequential`` / ``damping``: how compression fits the layers
+    (:data:`SEQUENTIAL`; the batches are kept in the Calibration for it)."""
     if variant not in VARIANTS:
         raise ValueError(f"calibrate: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     if error not in ERRORS:
         raise ValueError(f"calibrate: unknown error {error!r}; known: {', '.join(ERRORS)}")
+    if sequential not in SEQUENTIAL:
+        raise ValueError(f"calibrate: unknown sequential {sequential!r}; known: {', '.join(SEQUENTIAL)}")
     for key, v in (("sensitivity_batches", sensitivity_batches), ("probes", probes)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"calibrate: {key} must be an int >= 1, got {v!r}")
     batches = list(calibration) if not isinstance(calibration, (list, tuple)) else calibration
-    stats = collect_input_stats(model, batches, layers=layers, max_batches=max_batches, progress=progress)
     n = len(batches) if max_batches is None else min(len(batches), max_batches)
-    return with_error(Calibration(stats, variant, alpha, n), model, batches[:n], error, output=output,
+    tables = list(named_embeddings(model, layers or []))
+    linears = None if layers is None else [x for x in layers if x not in tables]
+    stats = collect_input_stats(model, batches, layers=linears, max_batches=max_batches, progress=progress) \
+        if linears is None or linears else {}
+    tokens = collect_token_counts(model, batches[:n], tables)
+    cal = Calibration(stats, variant, alpha, n, sequential=sequential, damping=damping, inputs=tuple(batches[:n]),
+                      tokens=tokens)
+    return with_error(cal, model, batches[:n], error, output=output,
                       sensitivity_batches=sensitivity_batches, probes=probes, progress=progress)
 
 
@@ -258,7 +314,7 @@ def with_error(cal: Calibration, model: nn.Module, batches: Sequence[Any], error
         cal = replace(cal, row_energy=output_sensitivity(model, few, layers=list(cal.stats), probes=probes,
                                                          output=output))
     elif error == "measured":
-        ranks = {name: probe_ranks(model.get_submodule(name)) for name in cal.stats}
+        ranks = {name: probe_ranks(model.get_submodule(name)) for name in (*cal.stats, *cal.tokens)}
         cal = replace(cal, measured=measure_truncation(model, few, ranks, cal.layer_options, output=output,
                                                        progress=progress))
     return cal
@@ -273,7 +329,8 @@ def as_calibration(model: nn.Module, calibration: Any, layers: Sequence[str] | N
     if calibration is None or isinstance(calibration, Calibration):
         return calibration
     batches = list(calibration) if not isinstance(calibration, (Tensor, Mapping)) else calibration
-    cal = calibrate(model, batches, layers=layers, error="relative", progress=progress)
+    cal = calibrate(model, batches, layers=layers, error="relative", sequential=DEFAULT_SEQUENTIAL,
+                    progress=progress)
     if DEFAULT_ERROR == "relative":
         return cal
     return replace(cal, error=DEFAULT_ERROR, _done={},

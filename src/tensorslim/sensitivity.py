@@ -14,12 +14,16 @@ from tqdm.auto import tqdm
 from .batches import OutputFn, batch_mask, named_linears, run_batch
 
 
-def probe_ranks(lin: nn.Linear) -> list[int]:
+def probe_ranks(lin: nn.Module) -> list[int]:
     """Ranks at 1/4, 1/2 and 3/4 of the rank at which a factorised Linear has as many
-    parameters as the dense one (where allocations choose)."""
-    m, n = lin.out_features, lin.in_features
+    parameters as the dense one (where allocations choose); for an ``nn.Embedding`` (cut
+    deep when a whole-model target prices it) also 1/16 and 1/8 of it."""
+    if isinstance(lin, nn.Embedding):
+        m, n, fracs = lin.num_embeddings, lin.embedding_dim, (1 / 16, 1 / 8, 0.25, 0.5, 0.75)
+    else:
+        m, n, fracs = lin.out_features, lin.in_features, (0.25, 0.5, 0.75)
     even = m * n / (m + n)
-    return sorted({min(max(1, round(f * even)), min(m, n) - 1) for f in (0.25, 0.5, 0.75)} - {0})
+    return sorted({min(max(1, round(f * even)), min(m, n) - 1) for f in fracs} - {0})
 
 
 def _outputs(model: nn.Module, batch: Any, device: Any, output: OutputFn | None) -> list[Tensor]:
@@ -45,7 +49,10 @@ def _row_weight(t: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _rows(t: Tensor, mask: Tensor | None) -> int:
-    """Rows of a (..., C) layer tensor, padded positions left out."""
+    """Rows of a (..., C) layer tensor, or lookups of an integer index tensor (one row
+    each), padded positions left out."""
+    if not t.is_floating_point():
+        return int(mask.sum()) if mask is not None and tuple(t.shape) == tuple(mask.shape) else t.numel()
     if mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
         return int(mask.sum())
     return t.numel() // max(t.shape[-1], 1)
@@ -97,9 +104,10 @@ def measure_truncation(model: nn.Module, calibration: Sequence[Any], ranks: Mapp
     """Per Linear named in ``ranks``: (ranks, change) where change[j] is the squared change of
     the model's outputs (all floating outputs, padding masked, summed over ``calibration``)
     when only that layer is replaced by its rank-ranks[j] ``LowRankLinear`` (built with
-    ``options(name)``, e.g. :meth:`Calibration.layer_options`), per row of the layer's input;
+    ``options(name)``, e.g. :meth:`Calibration.layer_options`; an ``nn.Embedding``: its
+    truncated-SVD ``LowRankEmbedding``), per row of the layer's input (per lookup);
     ``output(model_output, batch)``: the outputs that count instead of the model's."""
-    from .layers import LowRankLinear
+    from .layers import LowRankEmbedding, LowRankLinear
 
     was_training = model.training
     model.eval()
@@ -111,8 +119,8 @@ def measure_truncation(model: nn.Module, calibration: Sequence[Any], ranks: Mapp
         for name in tqdm(list(ranks), desc="truncation sensitivity", disable=not progress):
             lin, rows, change = model.get_submodule(name), [0], []
             for r in ranks[name]:
-                low = LowRankLinear.from_dense(lin, int(r), **options(name)).to(device=device,
-                                                                                  dtype=lin.weight.dtype)
+                cls = LowRankEmbedding if isinstance(lin, nn.Embedding) else LowRankLinear
+                low = cls.from_dense(lin, int(r), **options(name)).to(device=device, dtype=lin.weight.dtype)
                 total, rows[0] = 0.0, 0
                 for b, ref in zip(calibration, refs):
                     mask = batch_mask(b)

@@ -159,7 +159,9 @@ def compress(
     ``calibration``: model inputs (an iterable of batches: tensors, tuples of positional
     tensors or dicts of keyword tensors) or a ready :class:`tensorslim.calibration.Calibration`;
     the SVD Linear layers are then decomposed data-aware (least error of their outputs on the
-    inputs the dense model feeds them: SVD-LLM whitening, or ASVD as the Calibration says).
+    inputs the dense model feeds them: SVD-LLM whitening, or ASVD as the Calibration says);
+    with the Calibration's ``sequential`` mode (default ``"outputs"``) layer after layer on
+    the inputs of the partially compressed model (:mod:`tensorslim._calib_sequential`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module, got {type(model).__name__}")
@@ -169,7 +171,11 @@ def compress(
     modules = dict(model.named_modules())
     _check_fits(model, plan, modules)
     specs = plan.compressed
-    data = _calibration_options(model, specs, modules, calibration, progress) if decompose else {}
+    data, seq = _calibration_options(model, specs, modules, calibration, progress) if decompose else ({}, None)
+    if seq is not None:  # fitted layer after layer on the partially compressed model
+        new = seq(specs)
+        replace_modules(model, {modules[n]: layer for n, layer in new.items()})
+        return model
     new = {}
     from time import perf_counter
 
@@ -189,18 +195,23 @@ def compress(
 
 
 def _calibration_options(model: nn.Module, specs: Iterable[LayerSpec], modules: Mapping[str, nn.Module],
-                         calibration: Any, progress: bool) -> dict[str, dict[str, Any]]:
+                         calibration: Any, progress: bool) -> tuple[dict[str, dict[str, Any]], Any]:
     """Per SVD Linear of the plan: the data-aware ``from_dense`` keywords (collected on the
-    still-dense ``model``); {} without calibration."""
+    still-dense ``model``; {} without calibration), and for a sequential Calibration instead
+    a function specs -> built layers (else None)."""
     if calibration is None:
-        return {}
-    from .calibration import as_calibration
+        return {}, None
+    from .calibration import as_calibration, sequential_layers
 
     names = [s.name for s in specs if s.method == "svd" and isinstance(modules[s.name], nn.Linear)]
     if not names:
-        return {}
+        return {}, None
     cal = as_calibration(model, calibration, layers=names, progress=progress)
-    return {n: cal.layer_options(n) for n in names}
+    if cal.sequential != "off":
+        return {}, lambda todo: sequential_layers(model, todo, list(cal.inputs), cal.sequential, build=build_layer,
+                                                  variant=cal.variant, alpha=cal.alpha, damping=cal.damping,
+                                                  progress=progress)
+    return {n: cal.layer_options(n) for n in names}, None
 
 
 def layer_errors(model: nn.Module, plan: CompressionPlan) -> dict[str, float]:

@@ -33,13 +33,15 @@ def data_context(ctx: PlanContext, layers: Sequence[PlannedLayer], calibration: 
     changed). An absolute output error and a relative weight error are not comparable, so:
     with other planned layers than SVD Linears and embeddings (convs) the relative output
     error is used; an SVD Linear the data does not reach is an error; embedding tables are
-    kept dense (:data:`UNPRICED`)."""
+    priced by their measured lookups when the calibration has them, else kept dense
+    (:data:`UNPRICED`)."""
     from ..calibration import as_calibration
 
     names = [l.name for l in layers if l.method == "svd" and isinstance(l.module, nn.Linear)]
+    tables = [l.name for l in layers if isinstance(l.module, nn.Embedding)]
     if not names:
         return ctx, {"layers": 0}
-    cal = as_calibration(ctx.model, calibration, layers=names)
+    cal = as_calibration(ctx.model, calibration, layers=names + tables)
     others = [l.name for l in layers if l.name not in names and not isinstance(l.module, nn.Embedding)]
     note = None
     if others and cal.error != "relative":
@@ -50,16 +52,16 @@ def data_context(ctx: PlanContext, layers: Sequence[PlannedLayer], calibration: 
                 "curve and are priced by their relative weight error")
         cal = replace(cal, error="relative", pending=None, _done={})
     curves = {}
-    for l in layers:
-        if l.name in names and (c := cal.error_curve(l.name, l.module.weight)) is not None:
+    for l in layers:  # tables get a curve when the calibration measured their lookups
+        if (l.name in names or l.name in tables) and (c := cal.error_curve(l.name, l.module.weight)) is not None:
             curves[l.name] = c
     fields_ = {f.name: getattr(ctx, f.name) for f in dc_fields(PlanContext)}
-    if curves and len(curves) < len(names) and cal.error != "relative":
-        missing = sorted(set(names) - set(curves))
+    missing = sorted(set(names) - set(curves))
+    if curves and missing and cal.error != "relative":
         raise ValueError(f"calibration: the {cal.error!r} error needs every SVD Linear to be reached by the "
                          f"calibration batches, but {missing[:6]} were not; exclude them or use error='relative'")
     record = {"variant": cal.variant, "error": cal.error, "batches": cal.batches, "layers": len(curves),
-              **({"note": note} if note else {})}
+              **({"sequential": cal.sequential} if cal.sequential != "off" else {}), **({"note": note} if note else {})}
     return DataPlanContext(**fields_, output_errors=curves, error_kind=cal.error), record
 
 
@@ -75,14 +77,15 @@ def _proxies(l: PlannedLayer, ranks: list, ctx: PlanContext) -> list[float]:
 
 
 UNPRICED = ("kept dense: with calibration min_error prices layers by their measured effect on the "
-            "output, which is measured for Linear layers only (plan without calibration, or with "
-            "error='relative', to let an embedding table compete)")
+            "output, which the calibration did not measure for this table (plan with raw calibration "
+            "batches, or calibrate(..., layers=[... and this table]), or error='relative', to let it compete)")
 
 
 def _unpriced(l: PlannedLayer, ctx: PlanContext) -> bool:
     """An embedding table in a plan calibrated by an absolute error: its weight-error proxy is
     not on the scale of the Linear layers' output errors, so it cannot take part."""
-    return (isinstance(l.module, nn.Embedding) and bool(getattr(ctx, "output_errors", None))
+    errors = getattr(ctx, "output_errors", None)
+    return (isinstance(l.module, nn.Embedding) and bool(errors) and l.name not in errors
             and getattr(ctx, "error_kind", "relative") != "relative")
 
 
