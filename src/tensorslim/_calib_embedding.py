@@ -21,11 +21,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .batches import batch_mask, run_batch
-
-
-class _Stop(Exception):
-    """Ends a pass once every embedding has been looked up."""
+from .batches import StopPass, batch_mask, run_batch
 
 
 def named_embeddings(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Embedding]:
@@ -55,7 +51,7 @@ def collect_token_counts(model: nn.Module, calibration: Iterable[Any], names: Se
             counts[name] += torch.bincount(ids.reshape(-1).cpu(), minlength=counts[name].numel()).double()
             seen.add(name)
         if len(seen) == len(mods):
-            raise _Stop
+            raise StopPass
 
     hooks = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, m in mods.items()]
     p = next(model.parameters(), None)
@@ -67,7 +63,7 @@ def collect_token_counts(model: nn.Module, calibration: Iterable[Any], names: Se
             mask[0] = batch_mask(batch)
             try:
                 run_batch(model, batch, p.device if p is not None else None)
-            except _Stop:
+            except StopPass:
                 pass
     finally:
         for h in hooks:

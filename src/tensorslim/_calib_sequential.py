@@ -31,15 +31,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .batches import batch_mask, run_batch
+from .batches import StopPass, batch_mask, run_batch, unpadded
 
 SEQUENTIAL = ("off", "inputs", "outputs")
 DEFAULT_DAMPING = 0.1  # the "outputs" fit's pull towards the dense weight, x mean(diag A)
 Build = Callable[..., nn.Module]  # (module, spec, data=...) -> the plan's layer: surgery.build_layer
-
-
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass once the layers of interest have run."""
 
 
 class PairStats:
@@ -76,8 +72,7 @@ class PairStats:
 
 
 def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
-    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        x = x[mask.to(x.device)]
+    x = unpadded(x, mask)
     return x.detach().reshape(-1, x.shape[-1]).double()
 
 
@@ -194,13 +189,13 @@ def _capture(model: nn.Module, batch: Any, mods: Mapping[str, nn.Module], calls:
     def hook(_m, args, name):
         got[name].append(args[0].detach())
         if all(len(got[n]) >= calls[n] for n in mods):
-            raise _Stop
+            raise StopPass
 
     hooks = [m.register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, m in mods.items()]
     try:
         with torch.no_grad():
             run_batch(model, batch, device)
-    except _Stop:
+    except StopPass:
         pass
     finally:
         for h in hooks:

@@ -26,6 +26,18 @@ def run_batch(model: nn.Module, batch: Any, device: torch.device | None = None) 
                     f"keyword tensors (a tokenizer's output), got {type(batch).__name__}")
 
 
+class StopPass(Exception):
+    """Raised from a forward hook to end a pass once the layers of interest have run."""
+
+
+def unpadded(t: Tensor, mask: Tensor | None) -> Tensor:
+    """A (B, L, C) activation's rows at real tokens ((N, C); ``mask`` (B, L) True), or ``t``
+    unchanged when there is no mask or it does not match ``t``'s first two dims."""
+    if mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+        return t[mask.to(t.device)]
+    return t
+
+
 def batch_mask(batch: Any) -> Tensor | None:
     """A tokenizer batch's (B, L) attention mask as booleans (True: a real token), else None."""
     if isinstance(batch, Mapping):

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ._calib_embedding import collect_token_counts, embedding_curve, named_embeddings
 from ._calib_sequential import DEFAULT_DAMPING, SEQUENTIAL, sequential_layers
-from .batches import OutputFn, batch_mask, named_linears, run_batch
+from .batches import OutputFn, batch_mask, named_linears, run_batch, unpadded
 
 VARIANTS = ("whiten", "asvd")
 ERRORS = ("relative", "output", "fisher", "measured")
@@ -171,7 +171,6 @@ class Calibration:
             curve = _rescaled(curve, ranks, change * st.samples)
         return curve
 
-
     def _table_curve(self, name: str, weight: Tensor) -> Tensor | None:
         """An embedding table's lookup error per rank (``output``), rescaled by the measured
         model-output change (``measured``); None for the other errors or an unused table."""
@@ -212,8 +211,7 @@ class _Acc:
         self.samples = 0
 
     def add(self, x: Tensor, mask: Tensor | None) -> None:
-        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            x = x[mask.to(x.device)]
+        x = unpadded(x, mask)
         rows = x.detach().reshape(-1, x.shape[-1]).double()
         self.gram.addmm_(rows.T, rows)
         self.total += rows.sum(0)
@@ -329,8 +327,7 @@ def as_calibration(model: nn.Module, calibration: Any, layers: Sequence[str] | N
     if calibration is None or isinstance(calibration, Calibration):
         return calibration
     batches = list(calibration) if not isinstance(calibration, (Tensor, Mapping)) else calibration
-    cal = calibrate(model, batches, layers=layers, error="relative", sequential=DEFAULT_SEQUENTIAL,
-                    progress=progress)
+    cal = calibrate(model, batches, layers=layers, error="relative", progress=progress)
     if DEFAULT_ERROR == "relative":
         return cal
     return replace(cal, error=DEFAULT_ERROR, _done={},

@@ -44,14 +44,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .batches import batch_mask, run_batch
+from .batches import StopPass, batch_mask, run_batch, unpadded
 
 
 DEFAULT_STEPS = 16  # calibration batches used by oneshot / compress / demo (batch 128: 2048 images)
-
-
-class _Stop(Exception):
-    """Raised by a capture hook: the rest of the forward pass is not needed."""
 
 
 @dataclass(frozen=True)
@@ -102,14 +98,8 @@ def _rows(t: Tensor, module: nn.Module, mask: Tensor | None = None) -> Tensor:
     """Activations -> (samples, C): a conv's (B, C, *spatial) or a Linear's (*, C), the rows of
     a (B, L, C) Linear activation at padded positions (``mask`` False) left out."""
     if isinstance(module, nn.Linear) or t.dim() <= 2:
-        return _unpadded(t, mask).reshape(-1, t.shape[-1])
+        return unpadded(t, mask).reshape(-1, t.shape[-1])
     return t.movedim(1, -1).reshape(-1, t.shape[1])
-
-
-def _unpadded(t: Tensor, mask: Tensor | None) -> Tensor:
-    if mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
-        return t[mask.to(t.device)]
-    return t
 
 
 def _capture(model: nn.Module, module: nn.Module, x: Any, *, output: bool) -> Tensor:
@@ -119,16 +109,16 @@ def _capture(model: nn.Module, module: nn.Module, x: Any, *, output: bool) -> Te
 
     def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
         got.append(args[0].detach())
-        raise _Stop
+        raise StopPass
 
     def post(_m: nn.Module, _args: tuple[Any, ...], out: Tensor) -> None:
         got.append(out.detach())
-        raise _Stop
+        raise StopPass
 
     handle = module.register_forward_hook(post) if output else module.register_forward_pre_hook(pre)
     try:
         run_batch(model, x)
-    except _Stop:
+    except StopPass:
         pass
     finally:
         handle.remove()

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..batches import StopPass
 from ..layers.base import FactorizedLayer
 from ..models.resnet import BasicBlock, ResNet
 from ..models.vgg import VGG
@@ -120,7 +121,7 @@ def cut_input(model: nn.Module, start: str, batches: Any, limit: int | None = No
 
     def hook(_m, args):
         got.append(args[0].detach())
-        raise _Stop
+        raise StopPass
 
     handle = unit.register_forward_pre_hook(hook)
     n = 0
@@ -129,7 +130,7 @@ def cut_input(model: nn.Module, start: str, batches: Any, limit: int | None = No
             for x in (progress_bar(batches) if progress_bar else batches):
                 try:
                     model(x)
-                except _Stop:
+                except StopPass:
                     pass
                 n += got[-1].shape[0]
                 if limit is not None and n >= limit:
@@ -140,10 +141,6 @@ def cut_input(model: nn.Module, start: str, batches: Any, limit: int | None = No
         raise ValueError("the calibration data yielded no batches")
     z = torch.cat(got)
     return z[:limit] if limit is not None else z
-
-
-class _Stop(Exception):
-    """Raised by the hook to skip the rest of the forward once the cut input is known."""
 
 
 def install_cut(model: nn.Module, start: str, tail: nn.Module) -> None:
