@@ -19,7 +19,8 @@ speed-up / MAC reduction (1.0: as fast as its MACs predict); "before" rebuilds t
 derives from the cores on every call and im2cols with ``F.unfold`` (``eager_cache = False``:
 the previous forward, except that it already reads the cores without ParameterList indexing),
 "after" is the layer as shipped (inference cache; small inputs take ``small_forward``, its
-im2col a cached gather). ``--before conv`` makes "before" the older forward that runs the merged spatial +
+im2col a cached gather; under glibc's allocator, ``--allocator system``, large batches run in
+slices of about ``chunk_bytes`` of state). ``--before conv`` makes "before" the older forward that runs the merged spatial +
 first-core step always as a conv (``im2col_pixels = 0`` too). ``--profile`` prints
 torch.profiler's top ops per layer.
 

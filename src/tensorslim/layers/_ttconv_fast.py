@@ -14,7 +14,16 @@
   parameters or buffers: never in ``state_dict``); ``TTConv2d`` leaves them out of pickles.
 * :func:`small_forward`: the whole forward of a small input with the fewest ops, its im2col
   one ``index_select`` with an index cached per input shape.
+* :func:`batch_chunk`: a large batch runs in slices whose contraction state stays near
+  ``chunk_bytes``. The state of one sample can be many times its input (r_1 m_d channels per
+  slice of n_d input channels); whole-batch states of tens of MB leave the cache, and glibc's
+  allocator returns such blocks to the kernel on free (its mmap and trim thresholds), so each
+  call pays page faults on fresh zeroed pages. Slices reuse the same heap blocks and stay in
+  cache. The slices run the same matmuls, so the MACs are unchanged. ``chunk_bytes = None``
+  (the default) slices only under glibc's allocator: TCMalloc and jemalloc keep freed blocks
+  for reuse, and there whole batches ran as fast or faster.
 """
+from functools import lru_cache
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -22,10 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from ..runtime import allocator
 from ._conv import conv_out_size
 
 CACHE = "_tt_cache"  # keys of the caches in a module's __dict__: derived tensors, small-input plan
 INDEX = "_tt_small"
+CHUNK_BYTES = 4 << 20  # the contraction state of one batch slice under glibc's allocator
 
 
 _PLAIN = (Tensor, nn.Parameter)
@@ -162,3 +173,36 @@ def _small_plan(layer: nn.Module, x: Tensor) -> tuple[Optional[Tensor], Optional
         index = _unfold_index(shape, kernel, layer.dilation, layer.conv_padding, layer.stride).to(x.device)
         zero = x.new_zeros(1) if any(layer.conv_padding) else None
     return index, zero, ho, wo, nk
+
+
+@lru_cache(maxsize=1)
+def auto_chunk_bytes() -> int:
+    """``chunk_bytes = None``'s value in this process: :data:`CHUNK_BYTES` under glibc's
+    allocator, 0 (no slicing) under TCMalloc or jemalloc."""
+    return CHUNK_BYTES if allocator() == "system" else 0
+
+
+def batch_chunk(layer: nn.Module, x: Tensor) -> int:
+    """Samples per slice for ``layer``'s eager inference on ``x`` so that the largest
+    contraction state of a slice is about ``layer.chunk_bytes`` (None: :func:`auto_chunk_bytes`);
+    0 (the whole batch at once) while tracing, compiling, exporting, under a dispatch mode,
+    when an autograd graph is needed, or when the whole batch's state is under twice the
+    budget. Slices are equal to within one sample."""
+    budget = auto_chunk_bytes() if layer.chunk_bytes is None else int(layer.chunk_bytes)
+    if budget <= 0 or not cache_allowed([layer._parameters["spatial"], *layer.cores._parameters.values()]):
+        return 0
+    if (x.requires_grad and torch.is_grad_enabled()) or x.dim() != 4 or x.shape[0] < 2:
+        return 0
+    h = x.shape[2] + (layer.pad[2] + layer.pad[3] if layer.explicit_pad else 0)
+    w = x.shape[3] + (layer.pad[0] + layer.pad[1] if layer.explicit_pad else 0)
+    ho, wo = (conv_out_size(n, k, s, dl, (pd, pd)) for n, k, s, dl, pd in
+              zip((h, w), layer.geometry.kernel, layer.stride, layer.dilation, layer.conv_padding))
+    width = max(r * k * c for r, k, c in zip(layer.rows, layer.k_out, layer.cols))
+    if not layer.merged:  # the depthwise step's output: r_0 channels per input channel
+        width = max(width, layer.in_channels * layer.rank[0] // layer.groups)
+    per_sample = layer.groups * width * max(ho * wo, 0) * x.element_size()
+    b = x.shape[0]
+    if per_sample == 0 or b * per_sample <= 2 * budget:
+        return 0
+    slices = -(-b * per_sample // budget)
+    return -(-b // slices)

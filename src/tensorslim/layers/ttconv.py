@@ -22,7 +22,8 @@ Parameters: ``spatial`` (G r_0, 1, kh, kw), ``cores[k]`` (G, r_out, m_k, n_k, r_
 the matmul's layout). MACs per sample: :func:`tt_conv_cost` (the arithmetic lives in
 :mod:`._ttconv_math`). In eager inference the kernels the first step derives from the cores
 are cached (never stale, never in ``state_dict`` or exported graphs) and small inputs take a
-forward with the fewest ops: :mod:`._ttconv_fast` (``eager_cache = False`` turns both off).
+forward with the fewest ops, and large batches run in slices (``chunk_bytes``): :mod:`._ttconv_fast`
+(``eager_cache = False`` turns all three off).
 """
 from dataclasses import replace
 from math import prod
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 
 from ..tensor import rel_error, tt_svd
 from ._conv import ConvGeometry, assign_, pad_by_slices
-from ._ttconv_fast import CACHE, INDEX, derived, drop_cache, small_forward
+from ._ttconv_fast import CACHE, INDEX, batch_chunk, derived, drop_cache, small_forward
 from ._ttconv_math import (_bonds, _load_cores, _positions, conv_tt_caps, kernel_tt_tensors,
                            merges_first_core, tt_conv_cost, tt_conv_kernel)
 from ._tt_common import check_modes, clip_ranks, init_variance, nearest_ranks, tt_init_
@@ -106,6 +107,8 @@ class TTConv2d(FactorizedLayer):
         self.k_out = [m[k] * _bonds(self.rank, k, dd)[1] for k in self.order]
         self.merged = merges_first_core(geo, self.in_modes, self.out_modes, self.rank)
         self.im2col_pixels = IM2COL_PIXELS
+        # eager inference: batch slices of about this many state bytes (None: auto, 0: off)
+        self.chunk_bytes = None
         self.eager_cache = True  # False: no inference cache, no small-input path (_ttconv_fast)
         self.reset_parameters()
 
@@ -121,10 +124,24 @@ class TTConv2d(FactorizedLayer):
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """(B, S, H, W) -> (B, T, H', W'), NCHW-contiguous."""
-        if not torch.jit.is_scripting() and self.eager_cache and self.merged and self.groups == 1:
-            y = self._small_eager(x)
-            if y is not None:
-                return y
+        if not torch.jit.is_scripting() and self.eager_cache:
+            if self.merged and self.groups == 1:
+                y = self._small_eager(x)
+                if y is not None:
+                    return y
+            chunk = self._batch_chunk(x)
+            if 0 < chunk < x.shape[0]:
+                return torch.cat([self._contract(xc) for xc in x.split(chunk)])
+        return self._contract(x)
+
+    @torch.jit.unused
+    def _batch_chunk(self, x: Tensor) -> int:
+        """:func:`._ttconv_fast.batch_chunk` (0: the whole batch at once)."""
+        return batch_chunk(self, x)
+
+    def _contract(self, x: Tensor) -> Tensor:
+        """The generic forward: the first step as a conv (or im2col + bmm), then one bmm per
+        channel core."""
         bsz, g = x.shape[0], self.groups
         if self.explicit_pad:
             if torch.jit.is_tracing() and self.pad_mode != "circular":
@@ -235,6 +252,7 @@ class TTConv2d(FactorizedLayer):
         super().__setstate__(state)
         self.__dict__.setdefault("im2col_pixels", IM2COL_PIXELS)  # pickled by older versions
         self.__dict__.setdefault("eager_cache", True)
+        self.__dict__.setdefault("chunk_bytes", None)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "TTConv2d":
         drop_cache(self, plans=True)  # .to() / .double() / ...: free the entries (they would miss anyway)
