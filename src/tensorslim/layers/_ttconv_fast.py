@@ -153,6 +153,23 @@ def small_forward(layer: nn.Module, x: Tensor) -> Optional[Tensor]:
     return layer._affine(z.view(b, layer.out_channels, p)).view(b, layer.out_channels, ho, wo)
 
 
+def _padded_shape(layer: nn.Module, x: Tensor) -> list[int]:
+    """``x``'s shape once ``layer.pad`` (F.pad's order: W sides, then H sides) grew it, when the
+    layer pads explicitly."""
+    shape = list(x.shape)
+    if layer.explicit_pad:
+        shape[2] += layer.pad[2] + layer.pad[3]
+        shape[3] += layer.pad[0] + layer.pad[1]
+    return shape
+
+
+def _out_size(layer: nn.Module, shape: Sequence[int]) -> tuple[int, int]:
+    """(H', W') of the layer's conv on a (padded) input of ``shape``."""
+    ho, wo = (conv_out_size(n, k, s, dl, (pd, pd)) for n, k, s, dl, pd in
+              zip(shape[2:], layer.geometry.kernel, layer.stride, layer.dilation, layer.conv_padding))
+    return ho, wo
+
+
 def _small_plan(layer: nn.Module, x: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], int, int, int]:
     """(index, zero or None, H', W', n_d kh kw) of :func:`small_forward` for inputs like ``x``
     (index None: the input is not small). ``layer.pad`` (F.pad's order: W sides, then H sides)
@@ -161,12 +178,8 @@ def _small_plan(layer: nn.Module, x: Tensor) -> tuple[Optional[Tensor], Optional
     nk = layer.in_modes[-1] * kernel[0] * kernel[1]
     if x.dim() != 4 or not (layer.merged and layer.groups == 1):
         return None, None, 0, 0, nk
-    shape = list(x.shape)
-    if layer.explicit_pad:
-        shape[2] += layer.pad[2] + layer.pad[3]
-        shape[3] += layer.pad[0] + layer.pad[1]
-    ho, wo = (conv_out_size(n, k, s, dl, (pd, pd)) for n, k, s, dl, pd in
-              zip(shape[2:], kernel, layer.stride, layer.dilation, layer.conv_padding))
+    shape = _padded_shape(layer, x)
+    ho, wo = _out_size(layer, shape)
     if not (ho > 0 and wo > 0 and 8 <= ho * wo and shape[0] * ho * wo <= layer.im2col_pixels):
         return None, None, ho, wo, nk
     with torch.inference_mode(False), torch.no_grad():
@@ -193,10 +206,7 @@ def batch_chunk(layer: nn.Module, x: Tensor) -> int:
         return 0
     if (x.requires_grad and torch.is_grad_enabled()) or x.dim() != 4 or x.shape[0] < 2:
         return 0
-    h = x.shape[2] + (layer.pad[2] + layer.pad[3] if layer.explicit_pad else 0)
-    w = x.shape[3] + (layer.pad[0] + layer.pad[1] if layer.explicit_pad else 0)
-    ho, wo = (conv_out_size(n, k, s, dl, (pd, pd)) for n, k, s, dl, pd in
-              zip((h, w), layer.geometry.kernel, layer.stride, layer.dilation, layer.conv_padding))
+    ho, wo = _out_size(layer, _padded_shape(layer, x))
     width = max(r * k * c for r, k, c in zip(layer.rows, layer.k_out, layer.cols))
     if not layer.merged:  # the depthwise step's output: r_0 channels per input channel
         width = max(width, layer.in_channels * layer.rank[0] // layer.groups)
