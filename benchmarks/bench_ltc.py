@@ -57,6 +57,22 @@ fine-tuning steps) at ``--mu-growth 4.92`` (the same final mu as 5 x 3.3) ->
 The ``*_ltcranks_*.json`` files hold the diagnostic "an LTC run's ranks applied one-shot + 200
 distilled steps" (what ``ltc_ranks`` does, here taken from the saved ranks of the run named in
 their ``source`` instead of re-running LTC).
+
+Every run above used ``pairs="all", rank_error="exact"`` (the LTC defaults then; ``--pairs all
+--rank-error exact`` today). The rank-drift study (session 7) ran LTC alone with the settings
+above (5 x 30 + 50, 2,000 test images) from a small script calling ``ltc`` as ``run_ltc`` does,
+and saved the per-LC-step history: ``drift_*.json`` (``kw``: the settings changed; ``reprice``
+and ``freeze_ranks_after`` were trial options that were not kept). The full-test-set rows
+(``--test-subset 0``, 200 steps, the new defaults ``pairs="proportional", rank_error="bound"``):
+
+    python benchmarks/bench_ltc.py --model M --parts compare --targets 0.125,0.25 \
+        --methods oneshot,musco --steps 200 --test-subset 0 --out .../full_baselines_M.json
+    python benchmarks/bench_ltc.py --model M --parts compare --targets 0.125,0.25 --methods ltc \
+        --steps 200 --lc-steps 5 --steps-per-lc 30 --mu0 0.02 --mu-growth 3.3 --test-subset 0 \
+        --out .../full_ltc_M.json
+    (the same with --methods vbmf and no --targets -> full_vbmf_M.json; with --targets 0.125
+    --pairs all --rank-error exact -> full_ltc_old_allexact_M.json, the earlier C-step)
+``full_ltcranks_resnet20_8x.json``: the diagnostic above for the 8x row of full_ltc_resnet20.json.
 """
 from __future__ import annotations
 
@@ -115,7 +131,8 @@ def run_ltc(c: Ctx, target: float, label: str, wstep_distill: bool = True,
     res = ltc(c.dense, c.x1, train_loader=c.loaders.train, target_macs=target, lc_steps=a.lc_steps,
               steps_per_lc_step=a.steps_per_lc, mu0=a.mu0, mu_growth=a.mu_growth, lr=a.ltc_lr,
               finetune_steps=a.steps - w_steps, finetune_lr=a.lr, seed=a.seed,
-              wstep_distill=wstep_distill, price=price, progress=False)
+              wstep_distill=wstep_distill, price=price, pairs=a.pairs, rank_error=a.rank_error,
+              progress=False)
     if wstep_distill:
         c.ltc_runs.setdefault(target, res)
     hist = res.history
@@ -125,7 +142,9 @@ def run_ltc(c: Ctx, target: float, label: str, wstep_distill: bool = True,
                  sgd_step_s=round(sgd, 4), cstep_over_lc_step=round(cstep / (sgd * a.steps_per_lc), 4),
                  final_rel_dist=round(res.history[-1]["rel_dist"], 4), price=price,
                  price_weights=res.initial.get("price_weights"), ranks=res.history[-1]["ranks"],
-                 initial_ranks=res.initial["ranks"])
+                 initial_ranks=res.initial["ranks"], pairs=a.pairs, rank_error=a.rank_error,
+                 history=[{k: h[k] for k in ("step", "mu", "lam", "ranks", "cost_ratio", "rel_dist")}
+                          for h in hist])
 
 
 def run_oneshot(c: Ctx, label: str, **goal) -> dict:
@@ -285,6 +304,8 @@ def main() -> None:
     p.add_argument("--ltc-lr", type=float, default=0.01)
     p.add_argument("--prices", default="relative",
                    help="LTC C-step rank prices to run (comma list: weight, relative, fisher, measured)")
+    p.add_argument("--pairs", default="proportional", help="LTC Tucker-2 candidates: proportional, all")
+    p.add_argument("--rank-error", default="bound", help="LTC rank-choice error: bound, exact")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     p.add_argument("--vbmf-factor", type=float, default=1.0,
                    help="vbmf method: 1.0 = pure EVBMF ranks; f < 1 keeps R - f (R - R_vbmf)")

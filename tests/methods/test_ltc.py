@@ -149,7 +149,8 @@ def test_w_step_distils_from_the_dense_model():
 
     opts = LTCOptions(**{k: v for k, v in base.items() if k != "progress"})
     work, teacher = _toy(), _toy().eval()
-    ranks, thetas, _ = core.c_step([core.price(l, "macs", ts.count(work, X[:1]).total_macs)
+    ranks, thetas, _ = core.c_step([core.price(l, "macs", ts.count(work, X[:1]).total_macs,
+                                               opts.pairs, opts.rank_error)
                                     for l in _layers(work)], work, {}, opts.mu(0), None,
                                    _toy_budget(work, 0.4))
     for name, theta in thetas.items():
@@ -396,7 +397,10 @@ def test_the_price_is_recorded_in_the_plan_and_the_result(toy_run):
     assert toy_run.plan.goal["price_weights"] == weights
     net = _toy()
     total = ts.count(net, X[:1]).total_macs
-    layers = [core.price(l, "macs", total) for l in _layers(net)]
+    d = LTCOptions(lam=1.0)  # the default Tucker-2 candidates and rank error
+    assert (d.pairs, d.rank_error) == ("proportional", "bound")
+    assert (toy_run.plan.goal["pairs"], toy_run.plan.goal["rank_error"]) == ("proportional", "bound")
+    layers = [core.price(l, "macs", total, d.pairs, d.rank_error) for l in _layers(net)]
     assert weights == pytest.approx(pr.layer_weights("relative", net, layers, [], 1, 0.4), rel=1e-12)
     # the initial C-step is the weighted one at mu0 on the dense weights
     ranks = core.c_step(layers, net, {}, RUN["mu0"], None, _toy_budget(net, 0.4), weights)[0]

@@ -9,6 +9,18 @@ in (r_in, r_out) (two 1x1 convs and a core), so a large grid is filled from four
 pairs and checked against the priced corners (a cost model that is not bilinear is priced
 pair by pair). Costs are divided by the dense model's total, so ``lam`` prices a fraction
 of the whole model.
+
+Two choices shape a Tucker-2 layer's candidates (``LTCOptions.pairs`` / ``rank_error``):
+``pairs="proportional"`` keeps only the one-shot planner's pairs (``r_in / S = r_out / T``,
+:func:`tensorslim.planning.candidates.rank_space`; the others are priced as dense, which
+the rank choice never takes over the dense layer); ``rank_error="bound"`` chooses the rank
+on the truncated-HOSVD bound ``e_in(r_in) + e_out(r_out)`` (the planner's error proxy, an
+upper bound of the exact error) instead of the exact error of the projection. Theta is the
+projection at the chosen rank either way. The exact error of a flat channel spectrum falls
+about linearly with the cost (``1 - r_in r_out / (R_in R_out)`` against a cost dominated by
+``r_in r_out``), so a price decides between layers all or nothing; the bound falls linearly
+in each rank while the cost grows with their product (convex in the cost), which spreads
+the cut.
 """
 from __future__ import annotations
 
@@ -23,9 +35,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..planning.candidates import PlannedLayer, layer_cost, objective_index
+from ..planning.candidates import PlannedLayer, layer_cost, objective_index, rank_space
 from ..rank.lc import (bisect_lam, fill_budget, lc_rank, lc_rank_pair, matrix_errors,
-                       tucker2_errors, tucker2_spectrum)
+                       tucker2_bound_errors, tucker2_errors, tucker2_spectrum)
+
+PAIRS = ("all", "proportional")
+RANK_ERRORS = ("exact", "bound")
 
 _GRID_DIRECT = 64  # price every pair of grids up to this size (larger: bilinear fill, checked)
 
@@ -38,6 +53,7 @@ class LCLayer:
     planned: PlannedLayer
     cost: torch.Tensor  # (R,) for svd, (R_in, R_out) for tucker
     dense_cost: float
+    bound: bool = False  # Tucker-2 rank choice on the HOSVD bound (rank_error="bound")
 
     @property
     def name(self) -> str:
@@ -57,8 +73,24 @@ def _full_ranks(layer: PlannedLayer) -> tuple[int, ...]:
     return (min(s, t * k), min(t, s * k))
 
 
-def price(layer: PlannedLayer, objective: str, total: float) -> LCLayer:
-    """The candidate cost array of ``layer`` in units of ``total`` (the dense model's cost)."""
+def price(layer: PlannedLayer, objective: str, total: float, pairs: str = "all",
+          rank_error: str = "exact") -> LCLayer:
+    """The candidate cost array of ``layer`` in units of ``total`` (the dense model's cost);
+    ``pairs`` / ``rank_error``: see the module doc."""
+    out = _price(layer, objective, total)
+    if not out.tucker:
+        return out
+    if pairs == "proportional":
+        keep = torch.zeros_like(out.cost, dtype=torch.bool)
+        for a, b in rank_space(layer):
+            if a <= keep.shape[0] and b <= keep.shape[1]:
+                keep[a - 1, b - 1] = True
+        out.cost = torch.where(keep, out.cost, out.cost.new_full((), out.dense_cost))
+    out.bound = rank_error == "bound"
+    return out
+
+
+def _price(layer: PlannedLayer, objective: str, total: float) -> LCLayer:
     obj = objective_index(objective)
     full = _full_ranks(layer)
     dense = float((layer.params, layer.macs)[obj]) / total
@@ -98,7 +130,8 @@ class Spectrum:
 def spectrum(layer: LCLayer, v: torch.Tensor) -> Spectrum:
     if layer.tucker:
         spec = tucker2_spectrum(v)
-        return Spectrum(tucker2_errors(spec.energy, spec.norm2), spec)
+        errors = tucker2_bound_errors if layer.bound else tucker2_errors
+        return Spectrum(errors(spec.energy, spec.norm2), spec)
     u, s, vh = torch.linalg.svd(v.detach().double().reshape(v.shape[0], -1), full_matrices=False)
     return Spectrum(matrix_errors(s), (u, s, vh))
 

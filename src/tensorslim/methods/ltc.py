@@ -14,7 +14,9 @@ is solved with the augmented Lagrangian
    distilled from the dense model as the fine-tuning of one-shot methods is); C-step: per layer,
    the rank minimising ``lam C(r) + mu/2 ||v - Pi_r(v)||^2``, ``v = W - phi/mu``
    (:mod:`tensorslim.rank.lc`: Tucker-2 HOSVD of the two channel unfoldings for convs with a
-   spatial kernel, SVD for Linear and 1x1 convs), ``Theta = Pi_r(v)``, the error of layer k
+   spatial kernel, SVD for Linear and 1x1 convs; by default a Tucker-2 rank is chosen among the
+   one-shot planner's proportional pairs on the truncated-HOSVD error bound, ``pairs`` /
+   ``rank_error``, :mod:`tensorslim.methods._ltc_core`), ``Theta = Pi_r(v)``, the error of layer k
    weighted by a per-layer scale ``s_k`` set once from the dense model (``price``, default
    ``relative``: ``1 / ||W_k||^2``; :mod:`tensorslim.methods._ltc_price`, which derives it as
    the exact C-step of a per-layer price ``lam / s_k``); then
@@ -90,7 +92,11 @@ class LTCOptions:
     ``exclude``: glob patterns of the layers to compress / keep dense. ``price``: the
     per-layer scale of the squared error in the C-step's rank choice (``weight``,
     ``relative``, ``fisher``, ``measured``: :mod:`tensorslim.methods._ltc_price`; the last
-    two from ``price_batches`` training batches of the dense model)."""
+    two from ``price_batches`` training batches of the dense model). ``pairs`` (``proportional``:
+    the one-shot planner's pairs ``r_in / S = r_out / T``; ``all``) and ``rank_error``
+    (``bound``: the truncated-HOSVD bound ``e_in + e_out``; ``exact``: the projection's
+    error): the Tucker-2 candidates and the error the rank choice sees
+    (:mod:`tensorslim.methods._ltc_core`)."""
 
     lam: float | None = None
     target_macs: float | None = None
@@ -117,6 +123,8 @@ class LTCOptions:
     exclude: tuple[str, ...] | None = None
     price: str = "relative"
     price_batches: int = 4
+    pairs: str = "proportional"
+    rank_error: str = "bound"
 
     def __post_init__(self) -> None:
         goals = [g for g in ("lam", "target_macs", "target_params") if getattr(self, g) is not None]
@@ -150,6 +158,10 @@ class LTCOptions:
         check_int("bn_steps", self.bn_steps, 0, where=w, none_ok=True)
         check_int("seed", self.seed, 0, where=w)
         check_int("price_batches", self.price_batches, 1, where=w)
+        for name, known in (("pairs", core.PAIRS), ("rank_error", core.RANK_ERRORS)):
+            if getattr(self, name) not in known:
+                raise ValueError(f"ltc: {name} must be one of {', '.join(known)}, "
+                                 f"got {getattr(self, name)!r}")
         if self.price not in PRICES:
             raise ValueError(f"ltc: price must be one of {', '.join(PRICES)}, got {self.price!r}")
         for name in ("lagrangian", "distill", "wstep_distill"):
@@ -271,7 +283,7 @@ def _setup(model: nn.Module, example_inputs: Any, opts: LTCOptions, state_dir: A
              for l in todo if getattr(l.module, "groups", 1) != 1]
     todo = [l for l in todo if getattr(l.module, "groups", 1) == 1]
     total = float(report.total_params if opts.objective == "params" else report.total_macs)
-    layers = [core.price(l, opts.objective, total) for l in todo]
+    layers = [core.price(l, opts.objective, total, opts.pairs, opts.rank_error) for l in todo]
     config = {**opts.to_dict(), "example_shape": [list(t.shape) for t in x1 if isinstance(t, torch.Tensor)]}
     folder = Path(state_dir) if state_dir is not None else None
     fp = core.fingerprint(model) if folder is not None else ""
@@ -377,7 +389,8 @@ def _finish(dense: nn.Module, run: _LTCRun, ranks: dict, thetas: dict, history: 
     specs.sort(key=lambda s: order[s.name])
     goal = {"ltc": {k: v for k, v in opts.to_dict().items() if k != "seed"},
             "lam": last["lam"], "mu": last["mu"], "objective": opts.objective,
-            "price": opts.price, "price_weights": run.weights}
+            "price": opts.price, "price_weights": run.weights, "pairs": opts.pairs,
+            "rank_error": opts.rank_error}
     goal |= {g: getattr(opts, g) for g in ("target_macs", "target_params") if getattr(opts, g) is not None}
     plan = CompressionPlan(layers=(), method="auto", goal=json.loads(json.dumps(goal)),
                            params_before=report.total_params, params_after=report.total_params,

@@ -38,7 +38,8 @@ import torch
 from ..tensor._common import small_linalg_threads
 
 __all__ = ["matrix_errors", "Tucker2Spectrum", "tucker2_spectrum", "tucker2_errors",
-           "lc_objective", "lc_rank", "lc_rank_pair", "bisect_lam", "fill_budget"]
+           "tucker2_bound_errors", "lc_objective", "lc_rank", "lc_rank_pair", "bisect_lam",
+           "fill_budget"]
 
 
 def matrix_errors(s: torch.Tensor) -> torch.Tensor:
@@ -97,6 +98,18 @@ def tucker2_errors(energy: torch.Tensor, norm2: float) -> torch.Tensor:
     """``err[r_in - 1, r_out - 1] = norm2 - sum_{j < r_in, i < r_out} energy[j, i]`` (>= 0)."""
     captured = energy.double().cumsum(0).cumsum(1)
     return (norm2 - captured).clamp_min(0.0)
+
+
+def tucker2_bound_errors(energy: torch.Tensor, norm2: float) -> torch.Tensor:
+    """``err[r_in - 1, r_out - 1] = e_in(r_in) + e_out(r_out)``: the truncated-HOSVD error
+    bound (De Lathauwer et al. 2000), the energy of the mode-1 unfolding beyond ``r_in`` plus
+    that of the mode-0 unfolding beyond ``r_out`` (both from the full core's ``energy``,
+    whose row / column sums are the squared singular values of the two unfoldings). It is at
+    least the exact error of :func:`tucker2_errors` and additive in the two ranks."""
+    e = energy.double()
+    e_in = (norm2 - e.sum(1).cumsum(0)).clamp_min(0.0)  # (R_in,)
+    e_out = (norm2 - e.sum(0).cumsum(0)).clamp_min(0.0)  # (R_out,)
+    return e_in[:, None] + e_out[None, :]
 
 
 def lc_objective(cost: torch.Tensor, err: torch.Tensor, lam: float, mu: float) -> torch.Tensor:
