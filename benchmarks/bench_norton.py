@@ -9,8 +9,12 @@ with / without pruning.
     OMP_NUM_THREADS=1 python benchmarks/bench_norton.py --part ablation --steps 300
     OMP_NUM_THREADS=1 python benchmarks/bench_norton.py --part latency --channels 256
 
+    OMP_NUM_THREADS=1 python benchmarks/bench_norton.py --part compare --target 0.23 --steps 300 \
+        --subset 20000 --test 10000 --refit 4 --only refit reconstruct --json out.json
+
 Reduced runs (CPU budget): ``--subset`` training images, ``--test`` test images, ``--steps``
-fine-tune steps (the reference fine-tunes 400 epochs), ``--n-iter`` CP-ALS sweeps.
+fine-tune steps (the reference fine-tunes 400 epochs), ``--n-iter`` CP-ALS sweeps. ``--json``
+writes the rows and the exact command (benchmarks/results/norton/ keeps the runs).
 """
 from __future__ import annotations
 
@@ -79,10 +83,43 @@ def _recovered(pruned, model, loader, steps):
     return recover(pruned, model, cfg, train_loader=loader, progress=False).model
 
 
+def _unbalanced(model):
+    """``model`` with every FilterCPConv2d's factors put back in the convention used before
+    the factors were balanced (unit channel and width columns, the CP weight in the height
+    factor): the same kernels, a different parameterisation for fine-tuning."""
+    from tensorslim.layers import FilterCPConv2d
+
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, FilterCPConv2d) and not mod.clustered:
+                a, b, c = mod.project_in.weight, mod.depth_h.weight, mod.depth_w.weight
+                na, nc = a.flatten(1).norm(dim=1), c.flatten(1).norm(dim=1)
+                a.div_(na.clamp_min(1e-30).view(-1, 1, 1, 1))
+                c.div_(nc.clamp_min(1e-30).view(-1, 1, 1, 1))
+                b.mul_((na * nc).view(-1, 1, 1, 1))
+    return model
+
+
+def _json_rows(path, meta, rows) -> None:
+    import json
+    import os
+    import sys
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    cmd = "OMP_NUM_THREADS=1 python " + " ".join(sys.argv)
+    with open(path, "w") as f:
+        json.dump({"command": cmd, **meta, "rows": rows}, f, indent=1)
+
+
 def compare(model_name: str, target: float, steps: int, subset: int, ntest: int, n_iter: int,
-            only) -> None:
+            only, json_path=None, refit: int = 0) -> None:
     """One row per method at ``target`` x dense MACs, same recovery (BN re-calibration +
-    ``steps`` distilled fine-tune steps at lr 0.01, batch 64)."""
+    ``steps`` distilled fine-tune steps at lr 0.01, batch 64). Two NORTON reference rows:
+    the factors in the unbalanced convention (everything else equal) and rank 2 without
+    pruning (its own MACs, above the target: the best any pruning split at rank 2 can
+    start from). ``refit`` > 0 adds the rows with the data-aware refit on that many batches
+    (NORTON's channel-factor refit, ``reconstruct_steps`` for Tucker-2 / CP-EPC; BatchNorm
+    re-calibration then off, the house default after a refit); L1 / Torch-Pruning have none."""
     import tensorslim as ts
     from tensorslim.data import TensorBatchLoader, make_loaders
     from tensorslim.methods.ccpd import ccpd
@@ -95,7 +132,8 @@ def compare(model_name: str, target: float, steps: int, subset: int, ntest: int,
     model = ts.models.load_pretrained(model_name).eval()
     x = torch.randn(1, 1, 28, 28)
     dense = ts.count(model, x).total_macs
-    print(f"dense accuracy {evaluate(model, test)['accuracy']:.4f} ({ntest} test images)")
+    dense_acc = evaluate(model, test)["accuracy"]
+    print(f"dense accuracy {dense_acc:.4f} ({ntest} test images)")
     common = dict(train_loader=loaders.train, finetune_steps=steps, progress=False)
     runs = {
         "NORTON R=2": lambda: norton(model, x, rank=2, target_macs=target, n_iter=n_iter, **common).model,
@@ -106,9 +144,23 @@ def compare(model_name: str, target: float, steps: int, subset: int, ntest: int,
                                        loaders.train, steps),
         "Torch-Pruning magnitude": lambda: _recovered(_tp_prune(model, x, target), model,
                                                       loaders.train, steps),
+        "NORTON R=2, unbalanced factors": lambda: _recovered(_unbalanced(norton(
+            model, x, rank=2, target_macs=target, n_iter=n_iter, progress=False).model), model,
+            loaders.train, steps),
+        "NORTON R=2, no pruning": lambda: norton(model, x, rank=2, n_iter=n_iter, **common).model,
     }
+    if refit:  # the data-aware refit on `refit` batches for every method that has one
+        runs = {
+            f"NORTON R=2 + refit {refit}": lambda: norton(
+                model, x, rank=2, target_macs=target, n_iter=n_iter, refit_steps=refit, **common).model,
+            f"Tucker-2 + reconstruct {refit}": lambda: ts.methods.oneshot(
+                model, "tucker", x, target_macs=target, reconstruct_steps=refit, **common).model,
+            f"CP-EPC + reconstruct {refit}": lambda: ts.methods.oneshot(
+                model, "cp", x, target_macs=target, cp_epc=True, reconstruct_steps=refit, **common).model,
+            **runs}
     print(f"| method (target {target}) | MACs kept | accuracy after {steps} steps | time (s) |")
     print("|---|---|---|---|")
+    rows = []
     for name, fn in runs.items():
         if only and not any(o.lower() in name.lower() for o in only):
             continue
@@ -117,10 +169,16 @@ def compare(model_name: str, target: float, steps: int, subset: int, ntest: int,
             m = fn().eval()
         except Exception as e:  # noqa: BLE001 - a benchmark row reports the failure
             print(f"| {name} | - | failed: {type(e).__name__}: {str(e)[:100]} | - |", flush=True)
+            rows.append({"method": name, "error": f"{type(e).__name__}: {e}"})
             continue
         macs = ts.count(m, x).total_macs / dense
-        print(f"| {name} | {macs:.3f} | {evaluate(m, test)['accuracy']:.4f} | "
-              f"{time.perf_counter() - t0:.0f} |", flush=True)
+        acc, sec = evaluate(m, test)["accuracy"], time.perf_counter() - t0
+        print(f"| {name} | {macs:.3f} | {acc:.4f} | {sec:.0f} |", flush=True)
+        rows.append({"method": name, "macs_kept": round(macs, 4), "accuracy": acc, "time_s": round(sec)})
+        if json_path:
+            _json_rows(json_path, {"model": model_name, "target": target, "steps": steps,
+                                   "subset": subset, "test": ntest, "n_iter": n_iter, "refit": refit,
+                                   "dense_accuracy": dense_acc}, rows)
 
 
 def ablation(model_name: str, steps: int, subset: int, ntest: int, ranks, n_iter: int,
@@ -192,12 +250,15 @@ def main() -> None:
     ap.add_argument("--n-iter", type=int, default=300)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 5, 8])
     ap.add_argument("--only", nargs="*", default=None, help="compare: run only these methods")
+    ap.add_argument("--refit", type=int, default=0, help="compare: add rows with the data-aware "
+                    "refit on this many batches (NORTON, Tucker-2, CP-EPC)")
+    ap.add_argument("--json", default=None, help="compare: write the rows (and the command) here")
     a = ap.parse_args()
     torch.set_num_threads(1)
     if a.part == "cp":
         bench_cp(a.channels, 2, a.n_iter)
     elif a.part == "compare":
-        compare(a.model, a.target, a.steps, a.subset, a.test, a.n_iter, a.only)
+        compare(a.model, a.target, a.steps, a.subset, a.test, a.n_iter, a.only, a.json, a.refit)
     elif a.part == "ablation":
         ablation(a.model, a.steps, a.subset, a.test, a.ranks, a.n_iter, a.prune)
     else:

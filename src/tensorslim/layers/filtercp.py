@@ -212,13 +212,7 @@ class FilterCPConv2d(FactorizedConv):
         y = self.project_in(x, cl)
         if self.clustered:
             y = y.index_select(1, self.expand)
-        y = self._pad(y, cl)
-        if self.fused_depthwise:  # one kh x kw depthwise conv: outer product of the factors
-            wd = self.depth_h.weight * self.depth_w.weight  # (RT,1,kh,1) * (RT,1,1,kw)
-            y = F.conv2d(y, wd, None, self.fused_stride, self.fused_padding, self.fused_dilation,
-                         wd.shape[0])
-        else:
-            y = self.depth_w(self.depth_h(y))
+        y = self._spatial(y, cl)
         b, h, w = y.shape[0], y.shape[2], y.shape[3]
         if cl:  # (B, H, W, T*R) in memory: sum the R adjacent values, stay channels-last
             y = y.permute(0, 2, 3, 1).reshape(b, h, w, self.out_channels, self.rank)
@@ -229,6 +223,48 @@ class FilterCPConv2d(FactorizedConv):
         if bias is not None:
             y = y + bias.view(1, -1, 1, 1)
         return y
+
+    def _spatial(self, y: Tensor, cl: bool) -> Tensor:
+        """The padding and depthwise stage(s) of ``forward`` on (B, R*T, H, W); for small
+        kernels one kh x kw depthwise conv whose kernel is the outer product of the factors."""
+        y = self._pad(y, cl)
+        if self.fused_depthwise:
+            wd = self.depth_h.weight * self.depth_w.weight  # (RT,1,kh,1) * (RT,1,1,kw)
+            return F.conv2d(y, wd, None, self.fused_stride, self.fused_padding,
+                            self.fused_dilation, wd.shape[0])
+        return self.depth_w(self.depth_h(y))
+
+    def term_responses(self, x: Tensor) -> Tensor:
+        """(B, S, H, W) -> (B, S, R*T, H', W'): every input channel s filtered by the spatial
+        kernel (height x width factor) of every term, channel ``o*R + r`` = term r of filter o.
+        Unclustered groups=1 layers only: the output is then
+        ``sum_{s, r} W[o*R + r, s] * resp[:, s, o*R + r] + bias`` with ``W`` the 1x1 weight
+        (linear in it: a data-aware refit of the channel factor is least squares)."""
+        if self.clustered or self.geometry.groups != 1:
+            raise ValueError(f"{type(self).__name__}.term_responses: needs an unclustered groups=1 "
+                             f"layer (clusters={self.clusters is not None}, groups={self.geometry.groups})")
+        b, s = x.shape[0], x.shape[1]
+        y = x.reshape(b * s, 1, *x.shape[2:]).expand(-1, self.rank * self.out_channels, -1, -1)
+        y = self._spatial(y.contiguous(), False)
+        return y.reshape(b, s, *y.shape[1:])
+
+    @torch.no_grad()
+    def rebalance_(self) -> None:
+        """Rescale the factors of every term (o, r) to equal column norms (the convention of
+        ``from_factors``; unclustered layers: all three, clustered: the two spatial ones).
+        The kernel is unchanged."""
+        a = self.project_in.weight.flatten(1).index_select(0, self.expand)  # (R*T, S/g)
+        h, w = self.depth_h.weight, self.depth_w.weight
+        na = a.norm(dim=1)
+        nb, nc = h.flatten(1).norm(dim=1), w.flatten(1).norm(dim=1)
+        eps = torch.finfo(h.dtype).tiny
+        if self.clustered:
+            g = (nb * nc).sqrt()
+        else:
+            g = (na * nb * nc).pow(1.0 / 3.0)
+            self.project_in.weight.mul_((g / na.clamp_min(eps)).view(-1, 1, 1, 1))
+        h.mul_((g / nb.clamp_min(eps)).view(-1, 1, 1, 1))
+        w.mul_((g / nc.clamp_min(eps)).view(-1, 1, 1, 1))
 
     def own_macs(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
         """MACs of the fused depthwise conv (run by ``forward``, not by a child module;
@@ -317,16 +353,29 @@ class FilterCPConv2d(FactorizedConv):
 
     @staticmethod
     def _assign(layer: "FilterCPConv2d", cp: Any, clusters: Optional[tuple[int, ...]]) -> None:
+        """Factors into the three convs, BALANCED: term (o, r) of weight w gets column norms
+        w^(1/3) in all three factors (shared channel factors with clusters keep unit norm and
+        the two spatial factors get w^(1/2) each). With the weight in one factor and unit
+        columns elsewhere, the gradients of fine-tuning are scaled very differently per
+        factor (the channel column has entries ~ 1/sqrt(S)); equal norms condition SGD the
+        same way for every factor. The kernel computed is the same either way."""
         a, b, c = cp.factors  # (T, S, R), (T, kh, R), (T, kw, R)
         t, s, r = a.shape
+        w = cp.weights.abs()  # (T, R); the sign stays in the first spatial factor
+        sign = torch.where(cp.weights < 0, -1.0, 1.0).to(b)
         if clusters is not None:  # the shared A of each cluster, from its first member
             k = max(clusters) + 1
             first = [clusters.index(i) for i in range(k)]
             a = a[first]
+            share = w.sqrt()
+        else:
+            share = w.pow(1.0 / 3.0)
+            a = a * share[:, None, :]
         assign_(layer.project_in.weight, a.transpose(1, 2).reshape(-1, s, 1, 1))
-        bh = (b * cp.weights[:, None, :]).transpose(1, 2).reshape(r * t, 1, -1, 1)
+        bh = (b * (sign * share)[:, None, :]).transpose(1, 2).reshape(r * t, 1, -1, 1)
         assign_(layer.depth_h.weight, bh)
-        assign_(layer.depth_w.weight, c.transpose(1, 2).reshape(r * t, 1, 1, -1))
+        cw = (c * share[:, None, :]).transpose(1, 2).reshape(r * t, 1, 1, -1)
+        assign_(layer.depth_w.weight, cw)
 
     def kernel(self) -> Tensor:
         """The dense kernel (T, S/g, kh, kw) the layer computes, float64 (for tests/recompress)."""

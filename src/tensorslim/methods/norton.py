@@ -9,7 +9,11 @@
    layer's inputs are sliced to match (plan ``Edit``s, replayed by ``ts.load``). A conv whose
    output meets a residual add (or anything else than one consumer) is kept unpruned, the
    reason in its ``LayerSpec.reason``.
-3. BatchNorm re-calibration and fine-tuning (``tensorslim.recover``, distilled from the dense
+3. Optionally (``refit_steps``) the channel factor of every decomposed layer is refitted by
+   least squares so that the layer's output matches the dense conv's on real inputs
+   (``_norton_refit``): the filter-wise CP is already near its best WEIGHT error, the output
+   error is what a data-aware fit lowers.
+4. BatchNorm re-calibration and fine-tuning (``tensorslim.recover``, distilled from the dense
    model).
 
 Pruning amount: ``prune`` = one rate for every prunable conv or ``{conv name: rate}``;
@@ -139,14 +143,24 @@ def _join(*parts: str) -> str:
 
 def finish(who: str, model: nn.Module, plan: CompressionPlan, train_loader: Any,
            finetune_steps: int, finetune_lr: float, distill: bool, bn_steps: Any,
-           progress: bool, history: dict) -> NortonResult:
-    """Build the compressed model from ``plan`` (edits replayed, layers decomposed) and recover."""
-    config = RecoverConfig(bn_steps=bn_steps if train_loader is not None else 0,
-                           finetune_steps=finetune_steps, lr=finetune_lr, distill=distill)
+           progress: bool, history: dict, refit_steps: int = 0) -> NortonResult:
+    """Build the compressed model from ``plan`` (edits replayed, layers decomposed), refit
+    the channel factors on ``refit_steps`` batches (then no BatchNorm re-calibration unless
+    ``bn_steps`` asks for it, as ``tensorslim.recover`` does after its refit) and recover."""
+    from ..reconstruct import _batches
+    from ._norton_refit import refit_channel_factors
+
     student = compress(copy.deepcopy(model), plan, progress=progress)
     plan = plan.with_errors(layer_errors(student, plan))
-    res = recover(student, model, config, train_loader=train_loader, progress=progress)
     history = dict(history)
+    if refit_steps and train_loader is not None:
+        keeps = {e.target: e.args["keep"] for e in plan.edits if e.op == fp.OP}
+        history["refit"] = refit_channel_factors(student, model, _batches(train_loader, refit_steps),
+                                                 keeps=keeps, progress=progress)
+        bn_steps = 0 if bn_steps is None else bn_steps
+    config = RecoverConfig(bn_steps=bn_steps if train_loader is not None else 0,
+                           finetune_steps=finetune_steps, lr=finetune_lr, distill=distill)
+    res = recover(student, model, config, train_loader=train_loader, progress=progress)
     history |= {k: res.history[k] for k in ("bn_batches",) if k in res.history}
     history |= res.history.get("finetune", {})
     return NortonResult(res.model, plan, history)
@@ -224,19 +238,25 @@ def norton(model: nn.Module, example_inputs: Any, *, rank: int = 2, prune: Any =
            target_macs: float | None = None, train_loader: Any = None, finetune_steps: int = 0,
            finetune_lr: float = 0.01, distill: bool = True, bn_steps: int | None = None,
            weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3), n_iter: int = 300,
-           progress: bool = True, seed: int = 0) -> NortonResult:
+           refit_steps: int = 0, progress: bool = True, seed: int = 0) -> NortonResult:
     """Compress a copy of ``model`` (left untouched) by NORTON (see the module docstring).
 
     ``rank``: CP rank R of every filter (clipped per layer to a filter's generic rank);
     ``prune``: a pruning rate in [0, 1] for every prunable conv, or ``{conv name: rate}``;
     ``target_macs``: fraction of the dense MACs to keep (exclusive with ``prune``);
     ``weights``: (alpha, beta, gamma) of the distance over the channel / height / width
-    factors; ``n_iter``: CP-ALS sweeps; then ``bn_steps`` BatchNorm re-calibration batches and
+    factors; ``n_iter``: CP-ALS sweeps; ``refit_steps``: batches of ``train_loader`` on which
+    every decomposed layer's channel factor is refitted to the dense layer's output
+    (``_norton_refit``; BatchNorm re-calibration then defaults to 0 batches); then
+    ``bn_steps`` BatchNorm re-calibration batches and
     ``finetune_steps`` fine-tune steps (lr ``finetune_lr``, distilled from the dense model
     when ``distill``) on ``train_loader``. Returns :class:`NortonResult`.
     ValueError / TypeError for bad arguments or an unreachable ``target_macs``.
     """
     check_common("norton", model, rank, target_macs, finetune_steps, train_loader)
+    check_int("refit_steps", refit_steps, 0, where="norton")
+    if refit_steps and train_loader is None:
+        raise ValueError(f"norton: refit_steps={refit_steps} > 0 needs a train_loader")
     if prune is not None and target_macs is not None:
         raise ValueError("norton: give prune (per-layer rates) or target_macs, not both")
     inputs = one_sample(example_inputs)
@@ -255,7 +275,8 @@ def norton(model: nn.Module, example_inputs: Any, *, rank: int = 2, prune: Any =
     for n, r in why.items():
         notes[n] = _join(r, notes.get(n, ""))
     goal = {"pipeline": "norton", "rank": rank, "prune": prune, "target_macs": target_macs,
-            "weights": tuple(float(w) for w in weights), "n_iter": n_iter}
+            "weights": tuple(float(w) for w in weights), "n_iter": n_iter,
+            "refit_steps": refit_steps}
     if target_macs is not None:
         rate, plan = _search(work, inputs, chains, scores, rank, names, notes, goal, target_macs,
                              progress)
@@ -267,7 +288,7 @@ def norton(model: nn.Module, example_inputs: Any, *, rank: int = 2, prune: Any =
         plan, _ = plan_for(work, inputs, _edits(chains, scores, keeps), rank, names, notes, goal)
     layers = {e.target: dict(e.args) for e in plan.edits}
     return finish("norton", model, plan, train_loader, finetune_steps, finetune_lr, distill,
-                  bn_steps, progress, {"layers": layers, "rate": rate})
+                  bn_steps, progress, {"layers": layers, "rate": rate}, refit_steps)
 
 
 def rank_goal(goal: Mapping[str, Any]) -> dict[str, Any]:
