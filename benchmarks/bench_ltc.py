@@ -35,8 +35,9 @@ The runs reported in the issue note were scaled down to the CPU budget (one shar
         --methods ltc,ltc_ce,oneshot,musco --steps 200 --lc-steps 5 --steps-per-lc 30 \\
         --mu0 0.02 --mu-growth 3.3 --test-subset 2000 --out benchmarks/results/ltc/compare4x_vgg16.json
     (the same with --model resnet20 --out benchmarks/results/ltc/compare4x_resnet20.json)
-    python benchmarks/bench_ltc.py --parts sweep --lams 30,50,75,100,150,200,300 \\
-        --test-subset 2000 --out benchmarks/results/ltc/sweep_vgg16.json
+    python benchmarks/bench_ltc.py --parts sweep --lams 30,50,75,100,150,200,300,500,800,1200 \\
+        --test-subset 0 --out benchmarks/results/ltc/sweep_vgg16.json   (the C-step on the dense
+        weights, projected, BN re-estimated, no training; full test set)
 
 ``--prices`` runs ``ltc`` once per C-step rank price (``weight``: plain weight-space error,
 the earlier runs; ``relative``, ``fisher``, ``measured``: see
@@ -274,7 +275,7 @@ def _plot(rows: list[dict], dense: torch.nn.Module) -> None:
                 for n, v in r["ranks"].items()]
         ax.plot(range(len(names)), vals, marker="o", label=f"lam={r['lam']:g}")
     ax.set_xticks(range(len(names)), names, rotation=60, fontsize=7)
-    ax.set_ylabel("rank / full rank (Tucker-2: sqrt(r_in r_out); 1 = dense)")
+    ax.set_ylabel("rank / full rank\n(Tucker-2: sqrt(r_in r_out); 1 = dense)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(OUT / "lam_ranks.png", dpi=120)
