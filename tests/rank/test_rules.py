@@ -44,6 +44,33 @@ def test_cp_proxy_between_bounds_and_decreasing():
     assert p[0] >= lower / 2
 
 
+def test_filtercp_proxy_is_the_energy_weighted_cp_proxy_of_each_filter():
+    """NORTON decomposes every filter on its own: the layer's proxy is each filter's cp proxy
+    weighted by its share of the energy; a filter that is exactly rank one in every
+    unfolding costs nothing once R reaches the filter's CP-rank bound."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 5, 3, 3, generator=g, dtype=torch.float64)
+    w[2] = torch.einsum("a,b,c->abc", *(torch.randn(n, generator=g, dtype=torch.float64) for n in (5, 3, 3)))
+    ranks = [1, 2, 4, 9, 15]
+    got = error_proxies(w, "filtercp", ranks)
+    share = (w ** 2).flatten(1).sum(1) / (w ** 2).sum()
+    want = [sum(float(share[o]) * error_proxies(w[o], "cp", [r])[0] for o in range(6)) for r in ranks]
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert all(a >= b for a, b in zip(got, got[1:])) and got[-1] == pytest.approx(0, abs=1e-12)  # 15 >= 5*3
+    assert error_proxies(w[2:3], "filtercp", [1])[0] < error_proxies(w[:1], "filtercp", [1])[0]
+    with pytest.raises(ValueError, match="filtercp decomposes conv filters"):
+        error_proxies(torch.randn(4, 3), "filtercp", [1])
+
+
+def test_make_plan_filtercp_meets_a_mac_target():
+    model = models.load_pretrained("vgg16").eval()
+    x = torch.randn(1, 1, 28, 28)
+    plan = ts.make_plan(model, "filtercp", x, target_macs=0.3)
+    comp = ts.compress(copy.deepcopy(model), plan, progress=False)
+    ratio = ts.count(comp, x).total_macs / ts.count(model, x).total_macs
+    assert 0.28 <= ratio <= 0.3 and {s.method for s in plan.layers if s.rank} == {"filtercp"}
+
+
 def test_grouped_proxy_sums_groups():
     w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     both = error_proxies(w, "svd", [4], groups=2)[0]

@@ -21,6 +21,8 @@ Error proxies (squared relative error ||W - W^||^2 / ||W||^2, from SVDs computed
   midpoint keeps decreasing with R beyond the largest mode, where the lower bound is 0.
 * ``tt`` max rank r: the sum over the d - 1 TT-SVD unfoldings of the dropped energy beyond r,
   the TT-SVD error bound (Oseledets 2011).
+* ``filtercp`` R (NORTON: a rank-R CP of every filter (S/g, *k) on its own): the ``cp`` proxy
+  of each filter, weighted by the filter's share of the energy (the filters' errors add).
 
 Grouped convs are decomposed per group, so every proxy is the energy-weighted sum over groups
 with the rank split evenly.
@@ -37,7 +39,7 @@ import torch
 __all__ = ["tail_energy", "error_proxies", "constant_rate_index", "min_error_allocation",
            "smallest_passing"]
 
-ERROR_METHODS = ("svd", "tucker", "cp", "tt")
+ERROR_METHODS = ("svd", "tucker", "cp", "tt", "filtercp")
 
 
 def tail_energy(m: torch.Tensor) -> torch.Tensor:
@@ -80,6 +82,36 @@ def _max_rank(dims: Sequence[int]) -> int:
     return min(prod(dims) // d for d in dims)
 
 
+def _batch_tails(t: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`tail_energy` of the mode-``n`` unfolding of every tensor of the batch ``t``
+    (B, *dims) -> (B, min(rows, cols) + 1)."""
+    d = t.shape[1 + n]
+    m = t.movedim(1 + n, 1).reshape(t.shape[0], d, -1)
+    s2 = torch.linalg.svdvals(m) ** 2
+    total = s2.sum(1, keepdim=True)
+    tail = torch.flip(torch.cumsum(torch.flip(s2, (1,)), 1), (1,)) / total.clamp_min(1e-300)
+    tail = torch.where(total > 0, tail, torch.zeros_like(tail))
+    return torch.cat([tail, tail.new_zeros(t.shape[0], 1)], 1).clamp_min(0.0)
+
+
+def _cp_proxy(t: torch.Tensor, ranks: Sequence[Any]) -> torch.Tensor:
+    """The ``cp`` proxy (module doc) of every tensor of the batch ``t`` (B, *dims) at each
+    rank: (B, len(ranks)), float64."""
+    dims = t.shape[1:]
+    tails = [_batch_tails(t, n) for n in range(len(dims))]
+    spans = [_max_rank([d for j, d in enumerate(dims) if j != n]) for n in range(len(dims))]
+
+    def col(tl: torch.Tensor, k: int) -> torch.Tensor:
+        return tl[:, min(max(int(k), 0), tl.shape[1] - 1)]
+
+    out = []
+    for r in ranks:
+        lower = torch.stack([col(tl, r) for tl in tails]).amax(0)
+        upper = torch.stack([col(tl, int(r) // c) for tl, c in zip(tails, spans)]).amin(0)
+        out.append((lower + upper) / 2)
+    return torch.stack(out, 1)
+
+
 def _group_proxy(w: torch.Tensor, method: str, ranks: Sequence[Any], g: int,
                  options: dict) -> list[float]:
     """Proxies of one group's kernel ``w`` for per-group ``ranks``."""
@@ -92,11 +124,13 @@ def _group_proxy(w: torch.Tensor, method: str, ranks: Sequence[Any], g: int,
         t_in, t_out = tail_energy(unfold(w, 1)), tail_energy(unfold(w, 0))
         return [_at(t_in, r[0]) + _at(t_out, r[1]) for r in ranks]
     if method == "cp":
-        tails = [tail_energy(unfold(w, n)) for n in range(w.dim())]
-        spans = [_max_rank([d for j, d in enumerate(w.shape) if j != n]) for n in range(w.dim())]
-        lower = [max(_at(t, r) for t in tails) for r in ranks]
-        upper = [min(_at(t, r // c) for t, c in zip(tails, spans)) for r in ranks]
-        return [(a + b) / 2 for a, b in zip(lower, upper)]
+        return _cp_proxy(w.unsqueeze(0), ranks)[0].tolist()
+    if method == "filtercp":
+        if w.dim() < 3:
+            raise ValueError(f"filtercp decomposes conv filters; got a weight of shape {tuple(w.shape)}")
+        energy = (w * w).flatten(1).sum(1)
+        share = energy / energy.sum().clamp_min(1e-300)
+        return (share[:, None] * _cp_proxy(w, ranks)).sum(0).tolist()
     if method == "tt":
         tails = [tail_energy(u) for u in _tt_unfoldings(w, options["in_modes"], options["out_modes"])]
         return [sum(_at(t, r) for t in tails) for r in ranks]
