@@ -32,6 +32,16 @@ them, cached between runs with ``--cache``; no latency, no distillation, no embe
       --latency-reps 0 --distill-steps 0 --embedding --limits 128 256 256 --cache /tmp/h20_cal.pt \
       --variants whiten/measured whiten/measured+inputs whiten/measured+outputs:0.01
   ... --keep --whole 0.5 --variants whiten/measured+outputs:0.1
+Distillation (``--distill-steps N``): on ``--distill-batches`` batches of each kind (default the
+calibration's; 16 is what ``tensorslim compress --hf-model`` distils on), ``--distill-target``
+sentence | tokens | both, ``--distill-lr``, ``--distill-train all | factorized``, ``--distill-cycle``, scored after
+every step of ``--distill-evals`` (the loss column: mean of the 48 steps before). Session-7
+reduced run (the half-Linear ``inputs`` model, 4 calibration batches of each kind from the
+cache, distilled on 16 of each kind, 1 thread):
+  python benchmarks/bench_transformer.py --threads 1 --calib-batches 4 --calib-mix --keep 0.5 \
+      --latency-reps 0 --embedding --limits 128 256 256 --cache /tmp/h20_cal.pt \
+      --variants whiten/measured+inputs --distill-variant whiten/measured+inputs --distill-batches 16 \
+      --distill-steps 500 --distill-evals 50 100 200 300 400 [--distill-cycle --distill-lr 2e-5]
 """
 from __future__ import annotations
 
@@ -250,6 +260,35 @@ def whole_model(dense, example, frac: float, cal, batches, mode: str = "off", da
                          f"params; {time.perf_counter() - t:.0f} s; goal {plan.goal.get('calibration')}"), both
 
 
+def distilled(model, dense, batches, args, score) -> list[tuple[int, float, float, float]]:
+    """Distil ``model`` in place (``--distill-*`` options), scoring it (``score(model)`` ->
+    (WordSim353, Lee)) after each step of ``--distill-evals`` and the last: rows (step, mean
+    loss of the 48 steps before it, WordSim353, Lee). ``--distill-train factorized`` trains
+    only the factorized layers (embeddings, LayerNorms and dense layers frozen)."""
+    from tensorslim.layers.base import FactorizedLayer
+
+    if args.distill_train == "factorized":
+        mine = {id(p) for m in model.modules() if isinstance(m, FactorizedLayer) for p in m.parameters()}
+        frozen = [p for p in model.parameters() if id(p) not in mine and p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+    at, rows, losses = set(args.distill_evals) | {args.distill_steps}, [], []
+
+    def on_step(step: int, loss: float) -> None:
+        losses.append(loss)
+        if step in at:
+            rows.append((step, float(np.mean(losses[-48:])), *score(model)))
+            print(f"distill step {step}: loss {rows[-1][1]:.4f}, WordSim353 {rows[-1][2]:.4f}, "
+                  f"Lee {rows[-1][3]:.4f}", flush=True)
+
+    distill_embeddings(model, dense, batches, steps=args.distill_steps, lr=args.distill_lr,
+                       target=args.distill_target, shuffle=not args.distill_cycle, on_step=on_step, progress=True)
+    if args.distill_train == "factorized":
+        for p in frozen:
+            p.requires_grad_(True)
+    return rows
+
+
 def calib_batches(tok, background, n: int, mix: bool, tokens: int) -> list:
     """``n`` lee_background batches of 16 documents; with ``mix`` also ``n`` of 32 sentences
     and ``n`` of 128 single words of the same unlabeled corpus (short inputs too)."""
@@ -277,6 +316,15 @@ def main() -> None:
     ap.add_argument("--distill-steps", type=int, default=200)
     ap.add_argument("--distill-keep", type=float, default=0.5, help="distil only this --keep")
     ap.add_argument("--distill-variant", default="whiten", help="distil (and try small embeddings) only this variant")
+    ap.add_argument("--distill-batches", type=int, default=0,
+                    help="distil on this many lee_background batches of each kind (default: the calibration's)")
+    ap.add_argument("--distill-target", default="sentence", choices=("sentence", "tokens", "both"))
+    ap.add_argument("--distill-lr", type=float, default=1e-4)
+    ap.add_argument("--distill-train", default="all", choices=("all", "factorized"))
+    ap.add_argument("--distill-cycle", action="store_true",
+                    help="cycle the batches in their order (default: a new order on every pass, seed 0)")
+    ap.add_argument("--distill-evals", type=int, nargs="*", default=[],
+                    help="also score the distilled model after these steps (the last always)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--latency-reps", type=int, default=3)
@@ -363,10 +411,14 @@ def main() -> None:
                                  *scores(small, tok, pairs, lee, human), float("nan"), f"{args.distill_steps} steps"))
                     print(rows[-1], flush=True)
             if args.distill_steps:
-                distill_embeddings(model, dense, batches, steps=args.distill_steps, progress=True)
-                rows.append((v + " + distill", keep, kept, *scores(model, tok, pairs, lee, human),
-                             float("nan"), f"{args.distill_steps} steps (same ranks as above)"))
-                print(rows[-1], flush=True)
+                dbatches = calib_batches(tok, background, args.distill_batches, args.calib_mix, args.tokens) \
+                    if args.distill_batches else batches
+                for step, loss, ws, le in distilled(model, dense, dbatches, args,
+                                                    lambda m: scores(m, tok, pairs, lee, human)):
+                    rows.append((f"{v} + distill {step}", keep, kept, ws, le, float("nan"),
+                                 f"{args.distill_target} target, train {args.distill_train}, lr {args.distill_lr:g}, "
+                                 f"{len(dbatches)} batches; mean loss of the last 48 steps {loss:.4f}"))
+                    print(rows[-1], flush=True)
     print(f"\n| variant | Linear kept (target / actual) | WordSim353 Spearman | Lee Pearson | "
           f"speed-up vs dense ({args.batch}x{args.tokens}, {args.threads} thr, interleaved) | note |")
     print("|---|---|---|---|---|---|")

