@@ -35,13 +35,14 @@ them, cached between runs with ``--cache``; no latency, no distillation, no embe
 Distillation (``--distill-steps N``): on ``--distill-batches`` batches of each kind (default the
 calibration's; 16 is what ``tensorslim compress --hf-model`` distils on), ``--distill-target``
 sentence | tokens | both, ``--distill-lr``, ``--distill-train all | factorized``, ``--distill-cycle``, scored after
-every step of ``--distill-evals`` (the loss column: mean of the 48 steps before). Session-7
-reduced run (the half-Linear ``inputs`` model, 4 calibration batches of each kind from the
-cache, distilled on 16 of each kind, 1 thread):
+every step of ``--distill-evals`` (the loss column: mean of the 48 steps before). The run in
+``benchmarks/results/transformer/distill_half_linears_s8.log`` (the half-Linear ``inputs``
+model, 4 calibration batches of each kind from the cache, distilled on 16 of each kind, 1
+thread; ``--embedding`` with no kind skips the whole-model embedding rows):
   python benchmarks/bench_transformer.py --threads 1 --calib-batches 4 --calib-mix --keep 0.5 \
       --latency-reps 0 --embedding --limits 128 256 256 --cache /tmp/h20_cal.pt \
       --variants whiten/measured+inputs --distill-variant whiten/measured+inputs --distill-batches 16 \
-      --distill-steps 500 --distill-evals 50 100 200 300 400 [--distill-cycle --distill-lr 2e-5]
+      --distill-steps 500 --distill-evals 50 100 200 300 400 --embedding
 """
 from __future__ import annotations
 
