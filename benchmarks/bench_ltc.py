@@ -55,6 +55,12 @@ fine-tuning steps) at ``--mu-growth 4.92`` (the same final mu as 5 x 3.3) ->
 ``compare{4x,8x}_schedule_resnet20.json`` (targets 0.25, 0.125), at ``--mu-growth 3.3`` ->
 ``compare4x_schedule_g33_resnet20.json``; with ``--seed 1`` the default and the variant schedule
 -> ``compare4x_schedule_ref5x30_seed1_resnet20.json``, ``compare4x_schedule_seed1_resnet20.json``.
+The session-8 runs at 3x the budget (full test set): ``--parts compare --steps 600 --lc-steps 5
+--steps-per-lc 90 --mu0 0.02 --mu-growth 3.3 --test-subset 0`` with ``--model vgg16 --targets
+0.125,0.25 --methods ltc,oneshot,musco`` -> ``full600_vgg16.json``; ``--model resnet20`` with
+``--targets 0.125 --methods ltc,oneshot`` -> ``full600_resnet20_8x.json``, ``--targets 0.25
+--methods ltc,oneshot,musco`` -> ``full600_resnet20_4x.json``, ``--targets 0.125 --methods musco``
+-> ``full600_musco_resnet20_8x.json``.
 The ``*_ltcranks_*.json`` files hold the diagnostic "an LTC run's ranks applied one-shot + 200
 distilled steps" (what ``ltc_ranks`` does, here taken from the saved ranks of the run named in
 their ``source`` instead of re-running LTC).
