@@ -119,7 +119,7 @@ def test_sweep_defaults_differ_from_the_library_where_documented():
     (["compress", "--model", "m", "--ranks", "4"], ["CompressConfig", "Source"],
      {"ranks", "target_macs", "target_params", "target_latency", "layout", "energy", "include", "exclude",
       "rank_rule", "rate", "vbmf_factor", "drop", "lam",
-      "hf_model", "calibration_text", "calibration_batches", "distill_steps"}),
+      "hf_model", "calibration_text", "calibration_batches", "distill_steps", "distill_target", "target_scope"}),
     (["sweep", "--model", "m", "--layers", "a", "--ranks", "4"], ["SweepConfig", "SweepOptions", "Source"], set()),
     (["evaluate"], ["EvaluateConfig", "Source"], {"json"}),
     (["export", "--out", "x.onnx"], ["ExportConfig", "Source"], {"json"}),
