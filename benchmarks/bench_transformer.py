@@ -235,8 +235,8 @@ def compressed(dense, plan, cal, mode: str, damping: float, batches):
     """``dense`` (copied) compressed by ``plan`` with ``cal``: fitted on the dense model's
     inputs (``mode`` off) or sequentially (inputs | outputs, ``damping``)."""
     model = copy.deepcopy(dense)
-    if mode == "off":
-        return ts.compress(model, plan, calibration=cal, progress=False)
+    if mode == "off":  # calibrate() fits sequentially by default: "off" must say so
+        return ts.compress(model, plan, calibration=replace(cal, sequential="off"), progress=False)
     seq = replace(cal, sequential=mode, damping=damping, inputs=tuple(batches))
     return ts.compress(model, plan, calibration=seq, progress=True)
 

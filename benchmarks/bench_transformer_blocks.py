@@ -30,6 +30,7 @@ from scipy.stats import spearmanr
 import bench_transformer as bt
 import tensorslim as ts
 from tensorslim.app.hf import embed, example_inputs, load_hf, sentence_embedding
+from tensorslim.calibration import DEFAULT_DAMPING
 from tensorslim.layers import LowRankLinear
 from tensorslim.surgery import set_submodule
 
@@ -92,7 +93,7 @@ def main() -> None:
         print(f"dense SimLex-999 {word_spearman(dense, tok, sl):.4f}, Lee {bt.scores(dense, tok, pairs, lee, human)[1]:.4f}")
         for extra in ([], ["encoder.layer.0.*"], ["encoder.layer.5.*"], ["encoder.layer.1.*"]):
             plan, kept = plan_excluding(dense, ex, fixed, lin_total, cal, extra)
-            m = bt.compressed(dense, plan, cal, "off", 0.1, batches)
+            m = bt.compressed(dense, plan, cal, "outputs", DEFAULT_DAMPING, batches)
             w, le = bt.scores(m, tok, pairs, lee, human)
             print(f"dense also {extra}: Linears kept {kept:.3f}, WordSim353 {w:.4f} ({w - ws:+.4f}), "
                   f"SimLex-999 {word_spearman(m, tok, sl):.4f}, Lee {le:.4f}", flush=True)
@@ -104,7 +105,7 @@ def main() -> None:
         groups.setdefault("block " + n.split(".")[2], []).append(n)
         groups.setdefault("type " + n.split(".", 3)[3], []).append(n)
     if args.part == "restore":
-        model = bt.compressed(dense, plan, cal, "off", 0.1, batches)
+        model = bt.compressed(dense, plan, cal, "outputs", DEFAULT_DAMPING, batches)
         full = word_spearman(model, tok, pairs)
         print(f"compressed (Linears {kept:.3f}): WordSim353 {full:.4f} ({full - ws:+.4f})")
         for g, members in groups.items():
