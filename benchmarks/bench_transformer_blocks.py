@@ -12,18 +12,23 @@ calibration batches of each kind of lee_background text, latency guard ``--limit
   set) and Lee;
 * ``--part additivity``: the squared change of the unit sentence embeddings (and of their
   similarity matrix) on documents, sentences and single words when one block's Linears are
-  truncated together, i.e. what the ``measured`` rank allocation sees.
+  truncated together, i.e. what the ``measured`` rank allocation sees;
+* ``--part bootstrap``: the default plan and the block-0-dense plan against dense on WordSim353
+  and SimLex-999, with paired-bootstrap 95% intervals of the Spearman differences (2,000
+  resamples of the word pairs, seed 0): what differences these sets can resolve.
 
 1 thread. ``--cache`` reuses the calibration between runs.
   python benchmarks/bench_transformer_blocks.py --part restore --cache /tmp/h20_cal.pt
   python benchmarks/bench_transformer_blocks.py --part exclude --cache /tmp/h20_cal.pt
   python benchmarks/bench_transformer_blocks.py --part additivity --cache /tmp/h20_cal.pt
+  python benchmarks/bench_transformer_blocks.py --part bootstrap --cache /tmp/h20_cal.pt
 """
 from __future__ import annotations
 
 import argparse
 import copy
 
+import numpy as np
 import torch
 from scipy.stats import spearmanr
 
@@ -44,10 +49,27 @@ def simlex_pairs() -> list[tuple[str, str, float]]:
             open(datapath("simlex999.txt"), encoding="utf8") if not line.startswith("#"))]
 
 
-def word_spearman(model, tok, pairs) -> float:
+def pair_similarities(model, tok, pairs) -> np.ndarray:
     words = sorted({w for a, b, _ in pairs for w in (a, b)})
     e = dict(zip(words, embed(model, tok, words, max_length=16)))
-    return float(spearmanr([float(e[a] @ e[b]) for a, b, _ in pairs], [s for *_, s in pairs]).statistic)
+    return np.array([float(e[a] @ e[b]) for a, b, _ in pairs])
+
+
+def word_spearman(model, tok, pairs) -> float:
+    return float(spearmanr(pair_similarities(model, tok, pairs), [s for *_, s in pairs]).statistic)
+
+
+def bootstrap(sims: dict[str, np.ndarray], human: np.ndarray, a: str, b: str, resamples: int = 2000
+              ) -> tuple[float, float, float]:
+    """Spearman(sims[a]) - Spearman(sims[b]) against ``human`` and its paired-bootstrap 95%
+    interval (the same resampled pairs for both)."""
+    def rho(x, i):
+        return spearmanr(x[i], human[i]).statistic
+
+    rng, n = np.random.default_rng(0), len(human)
+    diffs = [rho(sims[a], i) - rho(sims[b], i) for i in (rng.integers(0, n, n) for _ in range(resamples))]
+    full = np.arange(n)
+    return rho(sims[a], full) - rho(sims[b], full), *np.percentile(diffs, [2.5, 97.5])
 
 
 def plan_excluding(dense, ex, fixed: int, lin_total: int, cal, extra, keep: float = 0.5):
@@ -71,7 +93,7 @@ def plan_excluding(dense, ex, fixed: int, lin_total: int, cal, extra, keep: floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["restore", "exclude", "additivity"], default="restore")
+    ap.add_argument("--part", choices=["restore", "exclude", "additivity", "bootstrap"], default="restore")
     ap.add_argument("--cache", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -88,6 +110,20 @@ def main() -> None:
     cal = bt.calibrations(dense, batches, ["whiten/measured"], 3, args.cache)["whiten/measured"]
     ws = word_spearman(dense, tok, pairs)
     print(f"dense WordSim353 {ws:.4f}")
+    if args.part == "bootstrap":
+        sets = {"WordSim353": pairs, "SimLex-999": simlex_pairs()}
+        sims = {k: {"dense": pair_similarities(dense, tok, ps)} for k, ps in sets.items()}
+        for name, extra in (("default", []), ("block 0 dense", ["encoder.layer.0.*"])):
+            plan, _ = plan_excluding(dense, ex, fixed, lin_total, cal, extra)
+            m = bt.compressed(dense, plan, cal, "outputs", DEFAULT_DAMPING, batches)
+            for k, ps in sets.items():
+                sims[k][name] = pair_similarities(m, tok, ps)
+        for k, ps in sets.items():
+            human = np.array([s for *_, s in ps])
+            for a, b in (("default", "dense"), ("block 0 dense", "dense"), ("block 0 dense", "default")):
+                d, lo, hi = bootstrap(sims[k], human, a, b)
+                print(f"{k}: {a} - {b} = {d:+.4f}, paired bootstrap 95% [{lo:+.4f}, {hi:+.4f}]", flush=True)
+        return
     if args.part == "exclude":
         sl = simlex_pairs()
         print(f"dense SimLex-999 {word_spearman(dense, tok, sl):.4f}, Lee {bt.scores(dense, tok, pairs, lee, human)[1]:.4f}")
