@@ -79,10 +79,20 @@ def _data():
     return pairs, lee, human, background
 
 
-def scores(model, tok, pairs, lee, human) -> tuple[float, float]:
+def pair_similarities(model, tok, pairs) -> np.ndarray:
+    """The model's cosine similarity of each (word, word, human score) pair."""
     words = sorted({w for a, b, _ in pairs for w in (a, b)})
     e = dict(zip(words, embed(model, tok, words, max_length=16)))
-    ws = spearmanr([float(e[a] @ e[b]) for a, b, _ in pairs], [s for *_, s in pairs]).statistic
+    return np.array([float(e[a] @ e[b]) for a, b, _ in pairs])
+
+
+def word_spearman(model, tok, pairs) -> float:
+    """Spearman correlation of the model's pair similarities with the human scores."""
+    return float(spearmanr(pair_similarities(model, tok, pairs), [s for *_, s in pairs]).statistic)
+
+
+def scores(model, tok, pairs, lee, human) -> tuple[float, float]:
+    ws = word_spearman(model, tok, pairs)
     if not lee:
         return float(ws), float("nan")
     d = embed(model, tok, lee, max_length=256)
@@ -162,14 +172,16 @@ def _keep(spec: LayerSpec, why: str) -> LayerSpec:
                    macs_after=spec.macs_before, options={}, reason=why)
 
 
-def plan_for(model, example, keep: float, lin_total: int, fixed: int, cal, limits, rule: str = "min_error"):
+def plan_for(model, example, keep: float, lin_total: int, fixed: int, cal, limits, rule: str = "min_error",
+             exclude=(), tries: int = 6):
     """The plan keeping ``keep`` of the encoder Linear params, latency-aware: layers above their
-    break-even rank stay dense and the target is tightened until the Linear budget holds."""
+    break-even rank stay dense and the target is tightened until the Linear budget holds.
+    ``exclude``: more layer globs kept dense (they count in the budget, so the rest is cut deeper)."""
     goal = keep
-    for _ in range(6):
+    for _ in range(tries):
         total = fixed + lin_total
         plan = ts.make_plan(model, "svd", example, target_params=(fixed + goal * lin_total) / total,
-                            exclude=["pooler*", "embeddings*"], calibration=cal, rank_rule=rule)
+                            exclude=["pooler*", "embeddings*", *exclude], calibration=cal, rank_rule=rule)
         specs = []
         for s in plan.layers:
             lim = limits.get(tuple(s.weight_shape[::-1]), 0) if s.compressed else None

@@ -34,7 +34,7 @@ from scipy.stats import spearmanr
 
 import bench_transformer as bt
 import tensorslim as ts
-from tensorslim.app.hf import embed, example_inputs, load_hf, sentence_embedding
+from tensorslim.app.hf import example_inputs, load_hf, sentence_embedding
 from tensorslim.calibration import DEFAULT_DAMPING
 from tensorslim.layers import LowRankLinear
 from tensorslim.surgery import set_submodule
@@ -47,16 +47,6 @@ def simlex_pairs() -> list[tuple[str, str, float]]:
 
     return [(a, b, float(s)) for a, b, s in (line.strip().split("\t")[:3] for line in
             open(datapath("simlex999.txt"), encoding="utf8") if not line.startswith("#"))]
-
-
-def pair_similarities(model, tok, pairs) -> np.ndarray:
-    words = sorted({w for a, b, _ in pairs for w in (a, b)})
-    e = dict(zip(words, embed(model, tok, words, max_length=16)))
-    return np.array([float(e[a] @ e[b]) for a, b, _ in pairs])
-
-
-def word_spearman(model, tok, pairs) -> float:
-    return float(spearmanr(pair_similarities(model, tok, pairs), [s for *_, s in pairs]).statistic)
 
 
 def bootstrap(sims: dict[str, np.ndarray], human: np.ndarray, a: str, b: str, resamples: int = 2000
@@ -73,22 +63,8 @@ def bootstrap(sims: dict[str, np.ndarray], human: np.ndarray, a: str, b: str, re
 
 
 def plan_excluding(dense, ex, fixed: int, lin_total: int, cal, extra, keep: float = 0.5):
-    """``bench_transformer.plan_for`` with the layers matching ``extra`` also kept dense
-    (they count in the Linear budget, so the others are cut deeper)."""
-    goal = keep
-    for _ in range(8):
-        plan = ts.make_plan(dense, "svd", ex, target_params=(fixed + goal * lin_total) / (fixed + lin_total),
-                            exclude=["pooler*", "embeddings*", *extra], calibration=cal)
-        specs = []
-        for s in plan.layers:
-            lim = LIMITS.get(tuple(s.weight_shape[::-1]), 0) if s.compressed else None
-            specs.append(bt._keep(s, "latency") if lim is not None and s.rank > lim else s)
-        plan = plan.with_layers(tuple(specs))
-        kept = (plan.params_after - fixed) / lin_total
-        if kept <= keep + 0.01:
-            break
-        goal -= kept - keep
-    return plan, kept
+    """The half-Linear plan of ``bench_transformer`` with the layers matching ``extra`` kept dense too."""
+    return bt.plan_for(dense, ex, keep, lin_total, fixed, cal, LIMITS, exclude=extra, tries=8)
 
 
 def main() -> None:
@@ -108,16 +84,16 @@ def main() -> None:
     fixed = report.total_params - lin_total
     batches = bt.calib_batches(tok, background, 4, True, 128)
     cal = bt.calibrations(dense, batches, ["whiten/measured"], 3, args.cache)["whiten/measured"]
-    ws = word_spearman(dense, tok, pairs)
+    ws = bt.word_spearman(dense, tok, pairs)
     print(f"dense WordSim353 {ws:.4f}")
     if args.part == "bootstrap":
         sets = {"WordSim353": pairs, "SimLex-999": simlex_pairs()}
-        sims = {k: {"dense": pair_similarities(dense, tok, ps)} for k, ps in sets.items()}
+        sims = {k: {"dense": bt.pair_similarities(dense, tok, ps)} for k, ps in sets.items()}
         for name, extra in (("default", []), ("block 0 dense", ["encoder.layer.0.*"])):
             plan, _ = plan_excluding(dense, ex, fixed, lin_total, cal, extra)
             m = bt.compressed(dense, plan, cal, "outputs", DEFAULT_DAMPING, batches)
             for k, ps in sets.items():
-                sims[k][name] = pair_similarities(m, tok, ps)
+                sims[k][name] = bt.pair_similarities(m, tok, ps)
         for k, ps in sets.items():
             human = np.array([s for *_, s in ps])
             for a, b in (("default", "dense"), ("block 0 dense", "dense"), ("block 0 dense", "default")):
@@ -126,13 +102,13 @@ def main() -> None:
         return
     if args.part == "exclude":
         sl = simlex_pairs()
-        print(f"dense SimLex-999 {word_spearman(dense, tok, sl):.4f}, Lee {bt.scores(dense, tok, pairs, lee, human)[1]:.4f}")
+        print(f"dense SimLex-999 {bt.word_spearman(dense, tok, sl):.4f}, Lee {bt.scores(dense, tok, pairs, lee, human)[1]:.4f}")
         for extra in ([], ["encoder.layer.0.*"], ["encoder.layer.5.*"], ["encoder.layer.1.*"]):
             plan, kept = plan_excluding(dense, ex, fixed, lin_total, cal, extra)
             m = bt.compressed(dense, plan, cal, "outputs", DEFAULT_DAMPING, batches)
             w, le = bt.scores(m, tok, pairs, lee, human)
             print(f"dense also {extra}: Linears kept {kept:.3f}, WordSim353 {w:.4f} ({w - ws:+.4f}), "
-                  f"SimLex-999 {word_spearman(m, tok, sl):.4f}, Lee {le:.4f}", flush=True)
+                  f"SimLex-999 {bt.word_spearman(m, tok, sl):.4f}, Lee {le:.4f}", flush=True)
         return
     plan, kept = plan_excluding(dense, ex, fixed, lin_total, cal, [])
     names = [s.name for s in plan.layers if s.compressed and s.name.startswith("encoder.")]
@@ -142,13 +118,13 @@ def main() -> None:
         groups.setdefault("type " + n.split(".", 3)[3], []).append(n)
     if args.part == "restore":
         model = bt.compressed(dense, plan, cal, "outputs", DEFAULT_DAMPING, batches)
-        full = word_spearman(model, tok, pairs)
+        full = bt.word_spearman(model, tok, pairs)
         print(f"compressed (Linears {kept:.3f}): WordSim353 {full:.4f} ({full - ws:+.4f})")
         for g, members in groups.items():
             m = copy.deepcopy(model)
             for n in members:
                 set_submodule(m, n, copy.deepcopy(dense.get_submodule(n)))
-            v = word_spearman(m, tok, pairs)
+            v = bt.word_spearman(m, tok, pairs)
             print(f"{g} ({len(members)} Linears) dense again: {v:.4f}, recovers {v - full:+.4f}", flush=True)
         return
     low = {n: LowRankLinear.from_dense(dense.get_submodule(n), {s.name: s for s in plan.layers}[n].rank,
