@@ -26,6 +26,13 @@ layers sequentially on the partially compressed model (``SEQ`` = inputs | output
 variant: the word table's lookups are measured like the Linears (``calibrate(layers=[table])``)
 and ``min_error`` prices it against them (needs the planner to price measured tables).
 ``--fit-batches N`` fits the layers on N batches of each kind (plans from --calib-batches).
+A variant ``V/ERROR=FIT`` plans as ``V/ERROR`` and fits the layers as FIT (plain | whiten | asvd
+| fwsvd; FWSVD's row weights from a Gaussian probe of the sentence embeddings, see
+``tensorslim.calibration``), so the fits are compared at the same ranks. The fit table in README
+(session 10; 1 thread, the cached session-6 calibration, fitted on the dense model's inputs):
+  python benchmarks/bench_transformer.py --threads 1 --calib-batches 4 --calib-mix --latency-reps 0 \
+      --distill-steps 0 --embedding --limits 128 256 256 --cache /tmp/h20_cal.pt --variants plain \
+      whiten/measured=plain whiten/measured=asvd whiten/measured=fwsvd whiten/measured
 Session-6 reduced runs (1 thread, 4 calibration batches of each kind, sensitivities on 3 of
 them, cached between runs with ``--cache``; no latency, no distillation, no embedding rows):
   python benchmarks/bench_transformer.py --threads 1 --calib-batches 4 --calib-mix --keep 0.5 \
@@ -58,10 +65,11 @@ from scipy.stats import pearsonr, spearmanr
 
 import tensorslim as ts
 from tensorslim.app.hf import distill_embeddings, embed, example_inputs, load_hf, sentence_embedding, text_batches
-from tensorslim.calibration import (DEFAULT_DAMPING, DEFAULT_ERROR, calibrate, collect_input_stats,
-                                    with_error)
+from tensorslim.calibration import (DEFAULT_DAMPING, DEFAULT_ERROR, VARIANTS, calibrate, collect_input_stats,
+                                    fisher_row_weights, with_error)
 from tensorslim.layers import LowRankLinear
 from tensorslim.plan import LayerSpec
+from tensorslim.sensitivity import probe_loss
 
 
 def _data():
@@ -199,12 +207,32 @@ def plan_for(model, example, keep: float, lin_total: int, fixed: int, cal, limit
     return plan, kept
 
 
-def parse_variant(name: str) -> tuple[str, str, str, float]:
-    """``V[/ERROR][+SEQ[:DAMPING]][@RULE]`` -> (``V[/ERROR]``, RULE, SEQ or "off", DAMPING)."""
+def parse_variant(name: str) -> tuple[str, str, str, float, str]:
+    """``V[/ERROR][=FIT][+SEQ[:DAMPING]][@RULE]`` -> (``V[/ERROR]``, RULE, SEQ or "off",
+    DAMPING, FIT or ""); FIT (plain | whiten | asvd | fwsvd): fit the layers of V/ERROR's plan
+    with that variant instead (the same statistics; plain: no calibration)."""
     head, _, rule = name.partition("@")
     head, _, seq = head.partition("+")
+    head, _, fit = head.partition("=")
     mode, _, damp = seq.partition(":")
-    return head, rule, mode or "off", float(damp) if damp else DEFAULT_DAMPING
+    if fit not in ("", "plain", *VARIANTS):
+        raise SystemExit(f"variant {name!r}: fit {fit!r} is not one of plain, {', '.join(VARIANTS)}")
+    return head, rule, mode or "off", float(damp) if damp else DEFAULT_DAMPING, fit
+
+
+def refit(cal, fit: str, dense, batches, memo: dict):
+    """``cal`` (its statistics and batches) fitting the layers as ``fit`` (see parse_variant):
+    None for plain SVD; FWSVD's row weights from a Gaussian probe of the sentence embeddings on
+    ``batches`` (computed once, kept in ``memo``)."""
+    if not fit or fit == cal.variant:
+        return cal
+    if fit == "plain":
+        return None
+    if fit == "fwsvd" and "fwsvd" not in memo:
+        t = time.perf_counter()
+        memo["fwsvd"] = fisher_row_weights(dense, batches, probe_loss(sentence_embedding), layers=list(cal.stats))
+        print(f"FWSVD row weights: {time.perf_counter() - t:.1f} s", flush=True)
+    return replace(cal, variant=fit, row_weights=memo.get("fwsvd", {}) if fit == "fwsvd" else {})
 
 
 def calibrations(dense, batches, names, sensitivity_batches: int, cache: str | None = None) -> dict:
@@ -233,7 +261,7 @@ def calibrations(dense, batches, names, sensitivity_batches: int, cache: str | N
             continue
         v, _, e = head.partition("/")
         if v not in base:
-            base[v] = calibrate(dense, batches, variant=v, error="relative")
+            base[v] = calibrate(dense, batches, variant=v, error="relative", output=sentence_embedding)
         t = time.perf_counter()
         out[head] = with_error(base[v], dense, batches, e or DEFAULT_ERROR, sensitivity_batches=sensitivity_batches,
                                output=sentence_embedding)
@@ -247,6 +275,8 @@ def compressed(dense, plan, cal, mode: str, damping: float, batches):
     """``dense`` (copied) compressed by ``plan`` with ``cal``: fitted on the dense model's
     inputs (``mode`` off) or sequentially (inputs | outputs, ``damping``)."""
     model = copy.deepcopy(dense)
+    if cal is None:  # plain SVD of the weights
+        return ts.compress(model, plan, progress=False)
     if mode == "off":  # calibrate() fits sequentially by default: "off" must say so
         return ts.compress(model, plan, calibration=replace(cal, sequential="off"), progress=False)
     seq = replace(cal, sequential=mode, damping=damping, inputs=tuple(batches))
@@ -380,7 +410,7 @@ def main() -> None:
     base = scores(dense, tok, pairs, lee, human)
     rows = [("dense", 1.0, 1.0, *base, 1.0, f"{report.total_params:,} params")]
     for frac in args.whole:  # whole-model targets: the word table priced against the Linears
-        head, _, mode, damping = parse_variant(args.variants[0])
+        head, _, mode, damping, _ = parse_variant(args.variants[0])
         plan, model, note, both = whole_model(dense, ex, frac, cals[head], batches, mode, damping)
         if args.cache and both is not cals[head]:
             cals[head] = both
@@ -388,18 +418,19 @@ def main() -> None:
         rows.append((f"{args.variants[0]} whole model", frac, plan.params_after / report.total_params,
                      *scores(model, tok, pairs, lee, human), float("nan"), note))
         print(rows[-1], flush=True)
-    plans = {}
+    plans, memo = {}, {}
     for keep in args.keep:
         for v in args.variants:
-            head, rule, mode, damping = parse_variant(v)
+            head, rule, mode, damping, fit_as = parse_variant(v)
             rule = rule or args.rank_rule
             if (head, rule, keep) not in plans:  # one plan per calibration: sequential fits share it
                 plans[head, rule, keep] = plan_for(dense, ex, keep, lin_total, fixed, cals[head], limits, rule)
             plan, kept = plans[head, rule, keep]
             t0 = time.perf_counter()
             cal = cals[head]
-            if fit is not batches and mode == "off":  # the same plan, the layers fitted on more batches
+            if fit is not batches and mode == "off" and cal is not None:  # the same plan, the layers fitted on more batches
                 cal = replace(cal, stats=collect_input_stats(dense, fit, layers=list(cal.stats)))
+            cal = refit(cal, fit_as, dense, fit, memo) if cal is not None else None
             model = compressed(dense, plan, cal, mode, damping, fit)
             print(f"{v}: compressed in {time.perf_counter() - t0:.1f} s", flush=True)
             t_d, t_m = interleaved_ms(dense, model, lat_in, args.latency_reps)

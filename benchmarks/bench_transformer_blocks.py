@@ -13,6 +13,10 @@ calibration batches of each kind of lee_background text, latency guard ``--limit
 * ``--part additivity``: the squared change of the unit sentence embeddings (and of their
   similarity matrix) on documents, sentences and single words when one block's Linears are
   truncated together, i.e. what the ``measured`` rank allocation sees;
+* ``--part context``: in the compressed model (``outputs`` fit), restores one block to dense at
+  a time and measures the squared change of the unit sentence embeddings against dense on the
+  calibration's documents, sentences and single words: whether the calibration data alone, in
+  the context of the compressed model, points at the block WordSim353 reacts to;
 * ``--part bootstrap``: the default plan and the block-0-dense plan against dense on WordSim353
   and SimLex-999, with paired-bootstrap 95% intervals of the Spearman differences (2,000
   resamples of the word pairs, seed 0): what differences these sets can resolve.
@@ -22,6 +26,7 @@ calibration batches of each kind of lee_background text, latency guard ``--limit
   python benchmarks/bench_transformer_blocks.py --part exclude --cache /tmp/h20_cal.pt
   python benchmarks/bench_transformer_blocks.py --part additivity --cache /tmp/h20_cal.pt
   python benchmarks/bench_transformer_blocks.py --part bootstrap --cache /tmp/h20_cal.pt
+  python benchmarks/bench_transformer_blocks.py --part context --cache /tmp/h20_cal.pt
 """
 from __future__ import annotations
 
@@ -67,9 +72,14 @@ def plan_excluding(dense, ex, fixed: int, lin_total: int, cal, extra, keep: floa
     return bt.plan_for(dense, ex, keep, lin_total, fixed, cal, LIMITS, exclude=extra, tries=8)
 
 
+@torch.no_grad()
+def _emb(model, b) -> torch.Tensor:
+    return sentence_embedding(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]), b)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["restore", "exclude", "additivity", "bootstrap"], default="restore")
+    ap.add_argument("--part", choices=["restore", "exclude", "additivity", "bootstrap", "context"], default="restore")
     ap.add_argument("--cache", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -116,6 +126,25 @@ def main() -> None:
     for n in names:
         groups.setdefault("block " + n.split(".")[2], []).append(n)
         groups.setdefault("type " + n.split(".", 3)[3], []).append(n)
+    kinds = {"documents": batches[0:4], "sentences": batches[4:8], "words": batches[8:12]}
+    if args.part == "context":
+        model = bt.compressed(dense, plan, cal, "outputs", DEFAULT_DAMPING, batches)
+        ref = {k: [_emb(dense, b) for b in bs] for k, bs in kinds.items()}
+
+        def change(m) -> str:
+            return " | ".join(f"{sum(float((_emb(m, b) - r).square().sum(-1).mean()) for b, r in zip(bs, ref[k])) / len(bs):.5f}"
+                              for k, bs in kinds.items())
+
+        print(f"| dense again | {' | '.join(kinds)} | WordSim353 |\n|---|---|---|---|---|")
+        print(f"| none | {change(model)} | {bt.word_spearman(model, tok, pairs):.4f} |", flush=True)
+        for g, members in groups.items():
+            if not g.startswith("block"):
+                continue
+            m = copy.deepcopy(model)
+            for n in members:
+                set_submodule(m, n, copy.deepcopy(dense.get_submodule(n)))
+            print(f"| {g} | {change(m)} | {bt.word_spearman(m, tok, pairs):.4f} |", flush=True)
+        return
     if args.part == "restore":
         model = bt.compressed(dense, plan, cal, "outputs", DEFAULT_DAMPING, batches)
         full = bt.word_spearman(model, tok, pairs)
@@ -129,7 +158,7 @@ def main() -> None:
         return
     low = {n: LowRankLinear.from_dense(dense.get_submodule(n), {s.name: s for s in plan.layers}[n].rank,
                                        **cal.layer_options(n)) for n in names}
-    kinds = {"documents": batches[0:2], "sentences": batches[4:6], "words": batches[8:10]}
+    kinds = {k: bs[:2] for k, bs in kinds.items()}
 
     @torch.no_grad()
     def emb(b, swap):

@@ -122,6 +122,52 @@ def test_compress_with_calibration_and_asvd_variant():
     assert errs["whiten"] < errs["asvd"]
 
 
+def test_fwsvd_variant_weights_rows_by_probed_output_gradients():
+    from tensorslim.sensitivity import probe_loss
+    from tensorslim.tensor import row_weighted_svd
+
+    torch.manual_seed(5)
+    m = _Two().double().eval()
+    xs = [torch.randn(4, 3, 6, dtype=torch.float64) * torch.logspace(0, 2, 6) for _ in range(4)]
+    cal = calibrate(m, xs, variant="fwsvd", error="relative", sequential="off")
+    # the row weights: FWSVD's gradient norms of a Gaussian probe of the outputs (seed 0)
+    ref = fisher_row_weights(m, xs, probe_loss(None))
+    assert set(cal.row_weights) == {"a", "b"}
+    for n in ("a", "b"):
+        assert torch.allclose(cal.row_weights[n], ref[n], rtol=1e-10)
+        assert float(cal.row_weights[n].min()) > 0
+    assert m.a.weight.grad is None
+    plan = ts.make_plan(m, "svd", xs[0], ranks=2)
+    built = {}
+    for name, c in [("plain", None), ("whiten", calibrate(m, xs, error="relative", sequential="off")), ("fwsvd", cal)]:
+        built[name] = ts.compress(copy.deepcopy(m), plan, calibration=c, progress=False)
+    d, w = cal.row_weights["a"], m.a.weight.detach()
+    lay = built["fwsvd"].a
+    approx = (lay.project_out.weight @ lay.project_in.weight).detach()
+    assert torch.allclose(approx, row_weighted_svd(w, d, 2).to_tensor(), atol=1e-10)
+    # FWSVD is the optimum of the row-weighted weight error: no lower for plain or whitened SVD
+    mine = float((d[:, None] * (w - approx)).norm())
+    for other in ("plain", "whiten"):
+        o = built[other].a
+        assert mine <= float((d[:, None] * (w - o.project_out.weight.detach() @ o.project_in.weight.detach())).norm()) \
+            + 1e-12
+    # its rank allocation prices the FWSVD fit: the curve at the plan's rank is the fit's output error
+    curve = cal.error_curve("a", m.a.weight)
+    assert abs(float(curve[2]) - lay.output_error ** 2) < 1e-10
+    # fitted sequentially the row weights still apply (a differs from whitening on the same inputs)
+    seq = ts.compress(copy.deepcopy(m), plan, calibration=calibrate(m, xs, variant="fwsvd", sequential="inputs",
+                                                                     error="relative"), progress=False)
+    white = ts.compress(copy.deepcopy(m), plan, calibration=calibrate(m, xs, sequential="inputs", error="relative"),
+                        progress=False)
+    assert not torch.allclose(seq.b.project_in.weight, white.b.project_in.weight, atol=1e-6)
+    # the FWSVD layer refuses mixed or data-free options
+    with pytest.raises(TypeError, match="not both"):
+        LowRankLinear.from_linear_data(m.a, 2, torch.eye(6, dtype=torch.float64), scale=torch.ones(6),
+                                       row_weights=torch.ones(5))
+    with pytest.raises(TypeError, match="need gram"):
+        LowRankLinear.from_dense(m.a, 2, row_weights=torch.ones(5))
+
+
 def test_fisher_row_weights_are_gradient_norms():
     torch.manual_seed(4)
     m = _Two().double()

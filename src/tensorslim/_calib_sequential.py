@@ -122,18 +122,21 @@ def fit_output_error(layer_weight: Tensor, weight: Tensor, st: PairStats, centre
 
 
 def fit_layer(lin: nn.Linear, spec: Any, st: PairStats | None, mode: str, *, build: Build,
-              variant: str = "whiten", alpha: float = 0.5, damping: float = DEFAULT_DAMPING) -> nn.Module:
+              variant: str = "whiten", alpha: float = 0.5, damping: float = DEFAULT_DAMPING,
+              row_weights: Tensor | None = None) -> nn.Module:
     """The plan's factorised layer for ``lin`` (``spec``: its LayerSpec) fitted on ``st``
     (``"inputs"``: whitened SVD on the compressed inputs; ``"outputs"``: the closed-form
     update; ``variant="asvd"``: ASVD scaling by the compressed inputs' mean |x^| instead of
-    whitening). Without statistics (the layer never ran) a plain SVD, as ``compress`` does.
+    whitening; ``variant="fwsvd"`` with ``row_weights``: FWSVD's row weighting). Without
+    statistics (the layer never ran) a plain SVD, as ``compress`` does.
     ``build(module, spec, data=...)``: the plan's layer builder (``surgery.build_layer``)."""
     from .tensor import rel_error
 
     if st is None or st.samples == 0:
         return build(lin, spec)
     n = st.samples
-    scale = {"scale": st.abs_hat / n, "alpha": alpha} if variant == "asvd" else {}
+    scale = {"scale": st.abs_hat / n, "alpha": alpha} if variant == "asvd" else \
+        {"row_weights": row_weights} if variant == "fwsvd" and row_weights is not None else {}
     if mode == "inputs":
         return build(lin, spec, data={"gram": st.gram_hat / n, "input_mean": st.total_hat / n, **scale})
     w0, b0, metric, mu_hat = closed_form_target(lin.weight, lin.bias, st, damping)
@@ -223,7 +226,7 @@ class _Replaced:
 
 def sequential_layers(model: nn.Module, specs: Sequence[Any], batches: Sequence[Any], mode: str, *,
                       variant: str = "whiten", alpha: float = 0.5, damping: float = DEFAULT_DAMPING,
-                      build: Build,
+                      row_weights: Mapping[str, Tensor] | None = None, build: Build,
                       progress: bool = False) -> dict[str, nn.Module]:
     """The factorised layer of every spec in ``specs`` (the plan's compressed layers; ``model``
     dense, left as it was): SVD Linears fitted sequentially on ``batches`` with ``mode``
@@ -250,7 +253,7 @@ def sequential_layers(model: nn.Module, specs: Sequence[Any], batches: Sequence[
             stats = _group_stats(model, batches, {n: dense[n] for n in group}, calls, new, dense, mode, device)
             for n in group:
                 new[n] = fit_layer(dense[n], by_name[n], stats[n], mode, build=build, variant=variant,
-                                   alpha=alpha, damping=damping)
+                                   alpha=alpha, damping=damping, row_weights=(row_weights or {}).get(n))
         for n in fitted:  # never called on the calibration batches: plain SVD
             if n not in new:
                 new[n] = build(dense[n], by_name[n])

@@ -8,8 +8,12 @@ of a (B, L, N) Linear input at padded positions are left out, so padding does no
 statistics. Sums are streamed batch by batch in float64 (nothing is stored per sample).
 
 :class:`Calibration` carries the statistics and the data-aware variant (``"whiten"``: SVD-LLM,
-``"asvd"``: activation-scaled) through ``make_plan(..., calibration=)`` and
-``compress(..., calibration=)``, so the statistics are collected once and reused.
+``"asvd"``: activation-scaled, ``"fwsvd"``: Fisher-row-weighted) through
+``make_plan(..., calibration=)`` and ``compress(..., calibration=)``, so the statistics are
+collected once and reused. FWSVD (Hsu et al. 2022) weighs each output row of a Linear by
+sqrt(sum_j (dL/dW_ij)^2); without task labels, L is a random Gaussian probe of the model's
+outputs (or of ``output``), sum(r * outputs), so the weights are the Gauss-Newton Fisher of the
+outputs that count (:func:`fisher_row_weights` takes any loss).
 
 For rank allocation, :meth:`Calibration.error_curve` prices every rank of a layer by the
 ``error`` it causes (:data:`ERRORS`): ``relative`` (the layer's output error over its output
@@ -44,7 +48,7 @@ from ._calib_embedding import collect_token_counts, embedding_curve, named_embed
 from ._calib_sequential import DEFAULT_DAMPING, SEQUENTIAL, sequential_layers
 from .batches import OutputFn, batch_mask, named_linears, run_batch, unpadded
 
-VARIANTS = ("whiten", "asvd")
+VARIANTS = ("whiten", "asvd", "fwsvd")
 ERRORS = ("relative", "output", "fisher", "measured")
 DEFAULT_ERROR = "measured"  # what calibrate() and make_plan(calibration=batches) allocate by
 DEFAULT_SEQUENTIAL = "outputs"  # how calibrate() / compress(calibration=batches) fit the layers
@@ -85,7 +89,8 @@ class InputStats:
 @dataclass(frozen=True, eq=False)
 class Calibration:
     """Per-layer input statistics (qualified name -> :class:`InputStats`) and the variant used
-    to decompose with them (``whiten`` | ``asvd``; ``alpha``: ASVD's exponent). ``batches``:
+    to decompose with them (``whiten`` | ``asvd`` | ``fwsvd``; ``alpha``: ASVD's exponent;
+    ``row_weights``: FWSVD's name -> (M,) row weights, a layer without them is whitened). ``batches``:
     how many calibration batches were seen. ``error``: what rank allocation minimises (see the
     module docstring); ``row_energy`` (``fisher``: name -> (M,) mean squared model-output
     gradient per output channel and row) and ``measured`` (``measured``: name -> (ranks,
@@ -107,6 +112,7 @@ class Calibration:
     inputs: Sequence[Any] = field(default=(), repr=False)
     tokens: Mapping[str, Tensor] = field(default_factory=dict, repr=False)
     pending: Callable[[], "Calibration"] | None = field(default=None, repr=False)
+    row_weights: Mapping[str, Tensor] = field(default_factory=dict, repr=False)
     _done: dict = field(default_factory=dict, repr=False)
 
     def resolved(self) -> "Calibration":
@@ -134,13 +140,16 @@ class Calibration:
 
     def layer_options(self, name: str) -> dict[str, Any]:
         """Keyword arguments for ``LowRankLinear.from_dense`` of layer ``name`` ({} if unseen):
-        ``gram`` = E[x x^T], ``input_mean`` = E[x] and, for ASVD, ``scale`` = E|x|."""
+        ``gram`` = E[x x^T], ``input_mean`` = E[x] and, for ASVD, ``scale`` = E|x|, for FWSVD
+        ``row_weights``."""
         st = self.stats.get(name)
         if st is None or st.samples == 0:
             return {}
         opts: dict[str, Any] = {"gram": st.gram / st.samples, "input_mean": st.mean}
         if self.variant == "asvd":
             opts.update(scale=st.abs_mean, alpha=self.alpha)
+        elif self.variant == "fwsvd" and name in self.row_weights:
+            opts.update(row_weights=self.row_weights[name])
         return opts
 
     def error_curve(self, name: str, weight: Tensor) -> Tensor | None:
@@ -157,15 +166,17 @@ class Calibration:
         st = self.stats.get(name)
         if st is None or st.samples == 0:
             return None
-        method, scale = ("asvd", st.abs_mean) if self.variant == "asvd" else ("whiten", None)
+        opts = self.layer_options(name)
+        method = "asvd" if "scale" in opts else "fwsvd" if "row_weights" in opts else "whiten"
+        fit = dict(scale=opts.get("scale"), row_weights=opts.get("row_weights"), alpha=self.alpha)
         w = weight.detach()
         if self.error == "relative":
-            return output_error_curve(w, st.centered_gram / st.samples, method, scale)
+            return output_error_curve(w, st.centered_gram / st.samples, method, **fit)
         energy = self.row_energy.get(name)
         if self.error == "fisher" and energy is None or self.error == "measured" and name not in self.measured:
             return None
-        curve = output_error_curve(w, st.centered_gram, method, scale, row_energy=energy if self.error == "fisher"
-                                   else None, relative=False)
+        curve = output_error_curve(w, st.centered_gram, method, row_energy=energy if self.error == "fisher"
+                                   else None, relative=False, **fit)
         if self.error == "measured":
             ranks, change = self.measured[name]
             curve = _rescaled(curve, ranks, change * st.samples)
@@ -271,7 +282,8 @@ def calibrate(model: nn.Module, calibration: Iterable[Any], *, variant: str = "w
     :func:`~tensorslim.sensitivity.measure_truncation` on
     ``sensitivity_batches`` batches spread evenly over the calibration batches, on the model's
     outputs or on ``output(model_output, batch)`` (what the model is used for, e.g. pooled
-    sentence embeddings). ``sequential`` / ``damping``: how compression fits the layers
+    sentence embeddings); ``variant="fwsvd"`` takes its row weights from a random probe of
+    those outputs on every calibration batch (:func:`fisher_row_weights`). ``sequential`` / ``damping``: how compression fits the layers
     (:data:`SEQUENTIAL`; the batches are kept in the Calibration for it)."""
     if variant not in VARIANTS:
         raise ValueError(f"calibrate: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
@@ -289,8 +301,13 @@ def calibrate(model: nn.Module, calibration: Iterable[Any], *, variant: str = "w
     stats = collect_input_stats(model, batches, layers=linears, max_batches=max_batches, progress=progress) \
         if linears is None or linears else {}
     tokens = collect_token_counts(model, batches[:n], tables)
+    rows = {}
+    if variant == "fwsvd" and stats:
+        from .sensitivity import probe_loss
+
+        rows = fisher_row_weights(model, batches[:n], probe_loss(output), layers=list(stats))
     cal = Calibration(stats, variant, alpha, n, sequential=sequential, damping=damping, inputs=tuple(batches[:n]),
-                      tokens=tokens)
+                      tokens=tokens, row_weights=rows)
     return with_error(cal, model, batches[:n], error, output=output,
                       sensitivity_batches=sensitivity_batches, probes=probes, progress=progress)
 

@@ -58,6 +58,20 @@ def _rows(t: Tensor, mask: Tensor | None) -> int:
     return t.numel() // max(t.shape[-1], 1)
 
 
+def _probe(outs: Sequence[Tensor], mask: Tensor | None, gen: torch.Generator) -> Tensor:
+    """sum(r * outputs) for a fresh standard Gaussian r per element (0 at padded positions)."""
+    return sum((torch.randn(o.shape, generator=gen).to(o) * _row_weight(o, mask) * o).sum() for o in outs)
+
+
+def probe_loss(output: OutputFn | None = None, seed: int = 0) -> Callable[[Any, Any], Tensor]:
+    """A loss ``(model_output, batch) -> sum(r * outputs)`` with a fresh Gaussian probe r on
+    every call (padding masked; ``output(model_output, batch)``: the outputs that count): its
+    squared gradients average to the Gauss-Newton Fisher of the outputs, a label-free task loss
+    (FWSVD's row weights, ``calibrate(variant="fwsvd")``)."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda out, batch: _probe(_floats(out if output is None else output(out, batch)), batch_mask(batch), gen)
+
+
 def output_sensitivity(model: nn.Module, calibration: Iterable[Any], *, layers: Sequence[str] | None = None,
                        probes: int = 2, seed: int = 0, output: OutputFn | None = None) -> dict[str, Tensor]:
     """Per Linear (or ``layers``): (M,) float64, the mean over input rows and ``probes`` random
@@ -82,7 +96,7 @@ def output_sensitivity(model: nn.Module, calibration: Iterable[Any], *, layers: 
             outs = _outputs(model, batch, p.device if p is not None else None, output)
             seen_now = [(n, o) for n, o in seen if o.requires_grad]
             for k in range(probes):
-                loss = sum((torch.randn(o.shape, generator=gen).to(o) * _row_weight(o, mask) * o).sum() for o in outs)
+                loss = _probe(outs, mask, gen)
                 grads = torch.autograd.grad(loss, [o for _, o in seen_now], retain_graph=k < probes - 1,
                                             allow_unused=True)
                 for (n, o), g in zip(seen_now, grads):

@@ -101,6 +101,11 @@ def test_curves_are_true_output_errors_for_every_variant():
     curve = output_error_curve(w, gram)
     assert curve[0] == 1.0 and float(curve[-1]) < 1e-20 and bool((curve[1:] <= curve[:-1] + 1e-15).all())
     assert torch.allclose(output_error_curve(w, gram, "asvd", scale), a.curve)
+    assert torch.allclose(output_error_curve(w, gram, "fwsvd", row_weights=rows), f.curve)
+    # ASVD's exponent reaches the curve (it was fixed at 0.5 before)
+    assert torch.allclose(output_error_curve(w, gram, "asvd", scale, alpha=1.0),
+                          asvd(w, scale, alpha=1.0, gram=gram).curve)
+    assert not torch.allclose(output_error_curve(w, gram, "asvd", scale, alpha=1.0), a.curve)
 
 
 def test_factors_multiply_back_and_fwsvd_weights_rows():
@@ -128,6 +133,8 @@ def test_input_checks():
         whitening_factor(-torch.eye(4, dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown method"):
         output_error_curve(w, torch.eye(w.shape[1], dtype=torch.float64), "fisher")
+    with pytest.raises(ValueError, match="needs row_weights"):
+        output_error_curve(w, torch.eye(w.shape[1], dtype=torch.float64), "fwsvd")
 
 
 @pytest.mark.parametrize("bias", [False, True])

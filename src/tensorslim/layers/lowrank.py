@@ -185,28 +185,30 @@ class LowRankLinear(FactorizedLayer):
     @classmethod
     def from_dense(cls, module: nn.Module, rank: Rank, *, gram: Optional[Tensor] = None,
                    input_mean: Optional[Tensor] = None, scale: Optional[Tensor] = None,
-                   alpha: float = 0.5, **opts: Any) -> "LowRankLinear":
+                   alpha: float = 0.5, row_weights: Optional[Tensor] = None, **opts: Any) -> "LowRankLinear":
         """Truncated SVD of the weight, or with ``gram`` (N, N), the mean input second moment
         E[x x^T] the layer sees, the data-aware factorisation (:meth:`from_linear_data`)."""
         if gram is None:
-            if input_mean is not None or scale is not None:
-                raise TypeError(f"{cls.__name__}.from_dense: input_mean / scale need gram= (E[x x^T])")
+            if input_mean is not None or scale is not None or row_weights is not None:
+                raise TypeError(f"{cls.__name__}.from_dense: input_mean / scale / row_weights need gram= (E[x x^T])")
             return cls.from_linear(module, rank, **opts)  # type: ignore[arg-type]
         if opts:
             raise TypeError(f"{cls.__name__}.from_dense: unexpected options {sorted(opts)} with gram=")
-        return cls.from_linear_data(module, rank, gram, input_mean=input_mean, scale=scale, alpha=alpha)
+        return cls.from_linear_data(module, rank, gram, input_mean=input_mean, scale=scale, alpha=alpha,
+                                    row_weights=row_weights)
 
     @classmethod
     def from_linear_data(cls, linear: nn.Module, rank: int, gram: Tensor, *,
                          input_mean: Optional[Tensor] = None, scale: Optional[Tensor] = None,
-                         alpha: float = 0.5) -> "LowRankLinear":
+                         alpha: float = 0.5, row_weights: Optional[Tensor] = None) -> "LowRankLinear":
         """The rank-``rank`` layer with the least output error on inputs of second moment
         ``gram`` = E[x x^T] (N, N): SVD-LLM's whitened SVD (``tensorslim.tensor.whitened_svd``),
-        or with ``scale`` (N,) = E|x| ASVD's activation-scaled SVD. With ``input_mean`` (N,) =
+        or with ``scale`` (N,) = E|x| ASVD's activation-scaled SVD, or with ``row_weights`` (M,)
+        FWSVD's row-weighted SVD (``tensorslim.tensor.row_weighted_svd``). With ``input_mean`` (N,) =
         E[x] and a bias, the error is measured centred and its mean (W - W^) E[x] moves into the
         bias (the exact optimum with a free bias). Sets ``approx_error`` (weight, as
         :meth:`from_linear`) and ``output_error`` (relative output error on those inputs)."""
-        from ..tensor import asvd, whitened_svd
+        from ..tensor import asvd, row_weighted_svd, whitened_svd
 
         lin = cls._linear(linear)
         r = cls._check_rank(lin.in_features, lin.out_features, rank)
@@ -215,10 +217,14 @@ class LowRankLinear(FactorizedLayer):
         g = gram.detach().to(device=w.device, dtype=torch.float64)
         mu = None if input_mean is None or lin.bias is None else input_mean.detach().to(w)
         metric = g - torch.outer(mu, mu) if mu is not None else g
-        if scale is None:
-            res = whitened_svd(w, metric, r)
-        else:
+        if scale is not None and row_weights is not None:
+            raise TypeError(f"{cls.__name__}.from_linear_data: give scale= (ASVD) or row_weights= (FWSVD), not both")
+        if scale is not None:
             res = asvd(w, scale.detach().to(w), r, alpha=alpha, gram=metric)
+        elif row_weights is not None:
+            res = row_weighted_svd(w, row_weights.detach().to(w), r, gram=metric)
+        else:
+            res = whitened_svd(w, metric, r)
         approx = res.to_tensor()
         bias = lin.bias
         if mu is not None:

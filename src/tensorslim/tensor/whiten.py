@@ -195,17 +195,23 @@ def _nested_curve(u: torch.Tensor, s: torch.Tensor, m: torch.Tensor, relative: b
 
 def output_error_curve(weight: torch.Tensor, gram: torch.Tensor, method: str = "whiten",
                        scale: torch.Tensor | None = None, *, row_energy: torch.Tensor | None = None,
-                       relative: bool = True) -> torch.Tensor:
+                       relative: bool = True, row_weights: torch.Tensor | None = None,
+                       alpha: float = 0.5) -> torch.Tensor:
     """Squared output error ||D (W - W^_k) X^T||^2 of the rank-k approximation of ``method``
-    (``whiten``: the optimum; ``asvd``: needs ``scale``) for k = 0 .. min(M, N), where
+    (``whiten``: the optimum; ``asvd``: needs ``scale``, exponent ``alpha``; ``fwsvd``: needs ``row_weights``) for
+    k = 0 .. min(M, N), where
     ``gram`` = X^T X and D = diag(sqrt(``row_energy``)) weighs the output channels (M,) >= 0
     (None: all 1). ``relative``: divided by the error at rank 0 (the output energy). (min(M,
     N) + 1,) float64, decreasing to 0."""
-    check_choice(method, "method", ("whiten", "asvd"))
+    check_choice(method, "method", ("whiten", "asvd", "fwsvd"))
     if method == "asvd":
         if scale is None:
             raise ValueError("output_error_curve(method='asvd') needs scale= (mean |x| per channel)")
-        res = asvd(weight, scale, gram=gram)
+        res = asvd(weight, scale, alpha=alpha, gram=gram)
+    elif method == "fwsvd":
+        if row_weights is None:
+            raise ValueError("output_error_curve(method='fwsvd') needs row_weights= (one per output channel)")
+        res = row_weighted_svd(weight, row_weights, gram=gram)
     else:
         res = whitened_svd(weight, gram)
     if row_energy is None and relative:
