@@ -235,12 +235,13 @@ def refit(cal, fit: str, dense, batches, memo: dict):
     return replace(cal, variant=fit, row_weights=memo.get("fwsvd", {}) if fit == "fwsvd" else {})
 
 
-def calibrations(dense, batches, names, sensitivity_batches: int, cache: str | None = None) -> dict:
+def calibrations(dense, batches, names, sensitivity_batches: int, cache: str | None = None,
+                 weighting: str = "token") -> dict:
     """Per calibration head ``V[/ERROR]`` of the variant names (``plain`` = no calibration):
     its Calibration, the input statistics collected once per V and reused for every ERROR
     (default DEFAULT_ERROR; ``fisher`` / ``measured`` on the sentence embeddings, as
     ``tensorslim compress --hf-model``); prints the seconds each sensitivity took. ``cache``:
-    a file the calibrations are loaded from / saved to (same batches assumed)."""
+    a file the calibrations are loaded from / saved to (same batches and ``weighting`` assumed)."""
     import os
 
     base, out = {}, {}
@@ -261,7 +262,8 @@ def calibrations(dense, batches, names, sensitivity_batches: int, cache: str | N
             continue
         v, _, e = head.partition("/")
         if v not in base:
-            base[v] = calibrate(dense, batches, variant=v, error="relative", output=sentence_embedding)
+            base[v] = calibrate(dense, batches, variant=v, error="relative", output=sentence_embedding,
+                                weighting=weighting)
         t = time.perf_counter()
         out[head] = with_error(base[v], dense, batches, e or DEFAULT_ERROR, sensitivity_batches=sensitivity_batches,
                                output=sentence_embedding)
@@ -378,6 +380,8 @@ def main() -> None:
     ap.add_argument("--fit-batches", type=int, default=0,
                     help="fit the layers on this many batches of each kind (plans still from --calib-batches)")
     ap.add_argument("--cache", default=None, help="file to load / save the calibrations (same batches)")
+    ap.add_argument("--weighting", default="token", choices=("token", "sequence"),
+                    help="calibrate(weighting=): every token or every text counts once in the statistics")
     ap.add_argument("--no-lee", action="store_true", help="WordSim353 only (Lee reported as NaN)")
     ap.add_argument("--whole", type=float, nargs="*", default=[],
                     help="also plan these fractions of ALL params (word table priced by its measured effect) "
@@ -404,7 +408,7 @@ def main() -> None:
     print("break-even ranks (N, M) -> r:", limits)
     batches = calib_batches(tok, background, args.calib_batches, args.calib_mix, args.tokens)
     fit = calib_batches(tok, background, args.fit_batches, args.calib_mix, args.tokens) if args.fit_batches else batches
-    cals = calibrations(dense, batches, args.variants, args.sensitivity_batches, args.cache)
+    cals = calibrations(dense, batches, args.variants, args.sensitivity_batches, args.cache, args.weighting)
     if args.no_lee:
         lee = []
     base = scores(dense, tok, pairs, lee, human)

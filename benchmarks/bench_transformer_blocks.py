@@ -17,6 +17,9 @@ calibration batches of each kind of lee_background text, latency guard ``--limit
   a time and measures the squared change of the unit sentence embeddings against dense on the
   calibration's documents, sentences and single words: whether the calibration data alone, in
   the context of the compressed model, points at the block WordSim353 reacts to;
+* ``--part reallocate``: re-measures every Linear's truncation change in that context (each
+  truncated with all the other planned layers already truncated), re-plans the same budget
+  with those changes, fits it (``outputs`` and ``inputs``) and scores WordSim353, SimLex-999, Lee;
 * ``--part bootstrap``: the default plan and the block-0-dense plan against dense on WordSim353
   and SimLex-999, with paired-bootstrap 95% intervals of the Spearman differences (2,000
   resamples of the word pairs, seed 0): what differences these sets can resolve.
@@ -27,15 +30,18 @@ calibration batches of each kind of lee_background text, latency guard ``--limit
   python benchmarks/bench_transformer_blocks.py --part additivity --cache /tmp/h20_cal.pt
   python benchmarks/bench_transformer_blocks.py --part bootstrap --cache /tmp/h20_cal.pt
   python benchmarks/bench_transformer_blocks.py --part context --cache /tmp/h20_cal.pt
+  python benchmarks/bench_transformer_blocks.py --part reallocate --cache /tmp/h20_cal.pt
 """
 from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import replace
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
+from tqdm.auto import tqdm
 
 import bench_transformer as bt
 import tensorslim as ts
@@ -73,13 +79,45 @@ def plan_excluding(dense, ex, fixed: int, lin_total: int, cal, extra, keep: floa
 
 
 @torch.no_grad()
-def _emb(model, b) -> torch.Tensor:
-    return sentence_embedding(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]), b)
+def _emb(model, b, swaps=None) -> torch.Tensor:
+    """The unit sentence embeddings of batch ``b``, with ``swaps`` (name -> module) computing
+    those Linears' outputs instead (forward hooks; ``model`` is not changed)."""
+    hs = [model.get_submodule(n).register_forward_hook(lambda _m, a, _o, f=f: f(a[0])) for n, f in (swaps or {}).items()]
+    try:
+        return sentence_embedding(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]), b)
+    finally:
+        for h in hs:
+            h.remove()
+
+
+def reallocated(dense, cal, plan, few) -> dict:
+    """``cal.measured`` re-measured in the context of ``plan``: for every Linear, at its probe
+    ranks, the squared change of the sentence embeddings (per input row, on ``few`` batches)
+    that truncating it adds when every OTHER planned layer is already truncated (whitened fit
+    on the dense inputs), against the same model with it dense."""
+    from tensorslim.batches import batch_mask
+
+    low = {s.name: LowRankLinear.from_dense(dense.get_submodule(s.name), s.rank, **cal.layer_options(s.name))
+           for s in plan.layers if s.compressed}
+    refs = [_emb(dense, b) for b in few]
+    rows = sum(int(batch_mask(b).sum()) for b in few)
+    out = {}
+    for name in tqdm(list(cal.stats), desc="in-context truncation"):
+        others = {k: v for k, v in low.items() if k != name}
+
+        def total(extra):
+            return sum(float((_emb(dense, b, {**others, **extra}) - r).double().square().sum()) for b, r in zip(few, refs))
+
+        base, ranks = total({}), cal.measured[name][0]
+        change = [(total({name: LowRankLinear.from_dense(dense.get_submodule(name), int(r), **cal.layer_options(name))})
+                   - base) / rows for r in ranks.tolist()]
+        out[name] = (ranks, torch.tensor(change, dtype=torch.float64))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["restore", "exclude", "additivity", "bootstrap", "context"], default="restore")
+    ap.add_argument("--part", choices=["restore", "exclude", "additivity", "bootstrap", "context", "reallocate"], default="restore")
     ap.add_argument("--cache", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -127,6 +165,21 @@ def main() -> None:
         groups.setdefault("block " + n.split(".")[2], []).append(n)
         groups.setdefault("type " + n.split(".", 3)[3], []).append(n)
     kinds = {"documents": batches[0:4], "sentences": batches[4:8], "words": batches[8:12]}
+    if args.part == "reallocate":
+        few = [batches[round(i * (len(batches) - 1) / 2)] for i in range(3)]  # as calibrate() measures
+        again = replace(cal, measured=reallocated(dense, cal, plan, few))
+        plan2, kept2 = plan_excluding(dense, ex, fixed, lin_total, again, [])
+        before = {s.name: s.rank if s.compressed else "dense" for s in plan.layers}
+        print("ranks (default -> re-allocated):", ", ".join(
+            f"{s.name[14:]} {before[s.name]}->{s.rank if s.compressed else 'dense'}"
+            for s in plan2.layers if s.name.startswith("encoder.")))
+        sl = simlex_pairs()
+        for mode in ("outputs", "inputs"):
+            m = bt.compressed(dense, plan2, cal, mode, DEFAULT_DAMPING, batches)
+            w, le = bt.scores(m, tok, pairs, lee, human)
+            print(f"re-allocated in context, {mode} fit: Linears kept {kept2:.3f}, WordSim353 {w:.4f} ({w - ws:+.4f}), "
+                  f"SimLex-999 {bt.word_spearman(m, tok, sl):.4f}, Lee {le:.4f}", flush=True)
+        return
     if args.part == "context":
         model = bt.compressed(dense, plan, cal, "outputs", DEFAULT_DAMPING, batches)
         ref = {k: [_emb(dense, b) for b in bs] for k, bs in kinds.items()}
@@ -159,23 +212,13 @@ def main() -> None:
     low = {n: LowRankLinear.from_dense(dense.get_submodule(n), {s.name: s for s in plan.layers}[n].rank,
                                        **cal.layer_options(n)) for n in names}
     kinds = {k: bs[:2] for k, bs in kinds.items()}
-
-    @torch.no_grad()
-    def emb(b, swap):
-        hs = [dense.get_submodule(n).register_forward_hook(lambda _m, a, _o, n=n: low[n](a[0])) for n in swap]
-        try:
-            return sentence_embedding(dense(input_ids=b["input_ids"], attention_mask=b["attention_mask"]), b)
-        finally:
-            for h in hs:
-                h.remove()
-
-    ref = {k: [emb(b, []) for b in bs] for k, bs in kinds.items()}
+    ref = {k: [_emb(dense, b) for b in bs] for k, bs in kinds.items()}
     print("| Linears truncated | inputs | embedding change | similarity-matrix change |\n|---|---|---|---|")
     for g, members in [*((g, m) for g, m in groups.items() if g.startswith("block")), ("all", names)]:
         for k, bs in kinds.items():
             e = s = 0.0
             for b, r in zip(bs, ref[k]):
-                h = emb(b, members)
+                h = _emb(dense, b, {n: low[n] for n in members})
                 e += float((h - r).square().sum(-1).mean()) / len(bs)
                 s += float((h @ h.T - r @ r.T).square().mean()) / len(bs)
             print(f"| {g} | {k} | {e:.5f} | {s:.6f} |", flush=True)

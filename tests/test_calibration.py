@@ -180,3 +180,69 @@ def test_fisher_row_weights_are_gradient_norms():
         m(x).square().sum().backward()
         ref += m.b.weight.grad.square().sum(1)
     assert torch.allclose(w["b"], ref.sqrt(), atol=1e-10)
+
+
+class _MaskedTwo(_Two):
+    """_Two called with a tokenizer-like dict: ``x`` (B, L, 6) and an ``attention_mask`` (B, L)."""
+
+    def forward(self, x, attention_mask=None):
+        return super().forward(x)
+
+
+def _padded(seed: int, n: int = 3) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        mask = torch.zeros(4, 9, dtype=torch.long)
+        for i, length in enumerate(torch.randint(1, 10, (4,), generator=g).tolist()):
+            mask[i, :length] = 1
+        out.append({"x": torch.randn(4, 9, 6, generator=g, dtype=torch.float64) * torch.logspace(0, 1, 6),
+                    "attention_mask": mask})
+    return out
+
+
+def test_sequence_weighting_counts_every_text_once():
+    from tensorslim.batches import weighted_rows
+
+    m = _MaskedTwo().double()
+    batches = _padded(7)
+    st = collect_input_stats(m, batches, weighting="sequence")["a"]
+    gram, total, seqs, rows = torch.zeros(6, 6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64), 0, 0
+    for b in batches:
+        for x, mk in zip(b["x"], b["attention_mask"].bool()):
+            r = x[mk]
+            gram += r.T @ r / r.shape[0]
+            total += r.sum(0) / r.shape[0]
+            seqs, rows = seqs + 1, rows + r.shape[0]
+    assert torch.allclose(st.gram, gram, atol=1e-10) and torch.allclose(st.total, total, atol=1e-10)
+    assert abs(st.samples - seqs) < 1e-12 and st.rows == rows
+    tok = collect_input_stats(m, batches)["a"]
+    assert tok.samples == rows == tok.rows
+    # a 2-D input (no sequence axis) keeps weight 1 per row
+    assert torch.equal(weighted_rows(torch.ones(5, 3), None, "sequence")[1], torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown weighting 'words'"):
+        collect_input_stats(m, batches, weighting="words")
+    with pytest.raises(ValueError, match="unknown weighting"):
+        calibrate(m, batches, weighting="words")
+
+
+@torch.no_grad()
+def test_sequence_weighting_reaches_the_fits():
+    torch.manual_seed(8)
+    m = _MaskedTwo().double().eval()
+    batches = _padded(9, n=4)
+    plan = ts.make_plan(m, "svd", (batches[0]["x"],), ranks=2)
+    for seq in ("off", "inputs", "outputs"):
+        cal = calibrate(m, batches, weighting="sequence", sequential=seq, error="relative")
+        assert cal.weighting == "sequence"
+        got = ts.compress(copy.deepcopy(m), plan, calibration=cal, progress=False).a
+        # layer a sees the dense inputs in every mode: its fit is the weighted whitened SVD
+        st = collect_input_stats(m, batches, layers=["a"], weighting="sequence")["a"]
+        want = LowRankLinear.from_dense(m.a, 2, gram=st.gram / st.samples, input_mean=st.mean)
+        if seq != "outputs":  # the outputs fit also pulls towards the dense weight (damping)
+            assert torch.allclose(got.project_out.weight @ got.project_in.weight,
+                                  want.project_out.weight @ want.project_in.weight, atol=1e-9), seq
+            assert torch.allclose(got.project_out.bias, want.project_out.bias, atol=1e-9), seq
+        token = ts.compress(copy.deepcopy(m), plan, calibration=calibrate(m, batches, sequential=seq,
+                                                                           error="relative"), progress=False).a
+        assert not torch.allclose(got.project_in.weight, token.project_in.weight, atol=1e-6), seq

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .batches import StopPass, batch_mask, run_batch, unpadded
+from .batches import StopPass, batch_mask, run_batch, weighted_rows
 
 SEQUENTIAL = ("off", "inputs", "outputs")
 DEFAULT_DAMPING = 0.1  # the "outputs" fit's pull towards the dense weight, x mean(diag A)
@@ -41,9 +41,10 @@ Build = Callable[..., nn.Module]  # (module, spec, data=...) -> the plan's layer
 class PairStats:
     """Streaming float64 sums over input rows of one layer: ``gram_hat`` = sum x^ x^^T,
     ``total_hat`` = sum x^, ``abs_hat`` = sum |x^|, and with dense rows paired,
-    ``cross`` = sum x^ x^T, ``gram`` = sum x x^T, ``total`` = sum x; ``samples`` rows."""
+    ``cross`` = sum x^ x^T, ``gram`` = sum x x^T, ``total`` = sum x; ``samples`` rows (rows
+    weighted as ``weighting`` says, ``samples`` then the sum of the weights)."""
 
-    def __init__(self, n: int, paired: bool, device: Any = None) -> None:
+    def __init__(self, n: int, paired: bool, device: Any = None, weighting: str = "token") -> None:
         f64 = dict(dtype=torch.float64, device=device)
         self.gram_hat, self.total_hat, self.abs_hat = torch.zeros(n, n, **f64), torch.zeros(n, **f64), \
             torch.zeros(n, **f64)
@@ -51,29 +52,26 @@ class PairStats:
         if paired:
             self.cross, self.gram, self.total = torch.zeros(n, n, **f64), torch.zeros(n, n, **f64), \
                 torch.zeros(n, **f64)
-        self.samples = 0
+        self.samples: float = 0
+        self.weighting = weighting
 
     def add(self, x_hat: Tensor, x: Tensor | None, mask: Tensor | None) -> None:
         """Add the rows of ``x_hat`` (and the same rows of the dense ``x``), padding dropped."""
-        xh = _rows(x_hat, mask)
-        self.gram_hat.addmm_(xh.T, xh)
-        self.total_hat += xh.sum(0)
-        self.abs_hat += xh.abs().sum(0)
-        self.samples += xh.shape[0]
+        xh, w = weighted_rows(x_hat, mask, self.weighting)
+        xw = xh * w[:, None]
+        self.gram_hat.addmm_(xw.T, xh)
+        self.total_hat += xw.sum(0)
+        self.abs_hat += w @ xh.abs()
+        self.samples += float(w.sum()) if self.weighting != "token" else xh.shape[0]
         if self.paired:
             if x is None or tuple(x.shape) != tuple(x_hat.shape):
                 raise ValueError("sequential calibration: the dense and the compressed pass gave inputs of "
                                  f"different shapes ({None if x is None else tuple(x.shape)} vs "
                                  f"{tuple(x_hat.shape)}); the model must be deterministic in eval mode")
-            xd = _rows(x, mask)
-            self.cross.addmm_(xh.T, xd)
-            self.gram.addmm_(xd.T, xd)
-            self.total += xd.sum(0)
-
-
-def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
-    x = unpadded(x, mask)
-    return x.detach().reshape(-1, x.shape[-1]).double()
+            xd = weighted_rows(x, mask)[0]
+            self.cross.addmm_(xw.T, xd)
+            self.gram.addmm_((xd * w[:, None]).T, xd)
+            self.total += w @ xd
 
 
 def closed_form_target(weight: Tensor, bias: Tensor | None, st: PairStats, damping: float
@@ -226,14 +224,14 @@ class _Replaced:
 
 def sequential_layers(model: nn.Module, specs: Sequence[Any], batches: Sequence[Any], mode: str, *,
                       variant: str = "whiten", alpha: float = 0.5, damping: float = DEFAULT_DAMPING,
-                      row_weights: Mapping[str, Tensor] | None = None, build: Build,
+                      row_weights: Mapping[str, Tensor] | None = None, weighting: str = "token", build: Build,
                       progress: bool = False) -> dict[str, nn.Module]:
     """The factorised layer of every spec in ``specs`` (the plan's compressed layers; ``model``
     dense, left as it was): SVD Linears fitted sequentially on ``batches`` with ``mode``
     (``"inputs"`` | ``"outputs"``, see the module docstring), every other layer built by
     ``build(module, spec)`` (``surgery.build_layer``, which also builds the fitted ones) and
     already in effect (by forward hooks; ``model`` is never changed) for the passes that fit
-    the layers after it."""
+    the layers after it. ``weighting``: how the input rows count (``tensorslim.calibration.calibrate``)."""
 
     if mode not in SEQUENTIAL[1:]:
         raise ValueError(f"sequential_layers: mode must be one of {SEQUENTIAL[1:]}, got {mode!r}")
@@ -250,7 +248,8 @@ def sequential_layers(model: nn.Module, specs: Sequence[Any], batches: Sequence[
     try:
         groups, calls = call_order(model, batches[0], fitted, device)
         for group in tqdm(groups, desc=f"sequential calibration ({mode})", disable=not progress):
-            stats = _group_stats(model, batches, {n: dense[n] for n in group}, calls, new, dense, mode, device)
+            stats = _group_stats(model, batches, {n: dense[n] for n in group}, calls, new, dense, mode, device,
+                                 weighting)
             for n in group:
                 new[n] = fit_layer(dense[n], by_name[n], stats[n], mode, build=build, variant=variant,
                                    alpha=alpha, damping=damping, row_weights=(row_weights or {}).get(n))
@@ -262,11 +261,11 @@ def sequential_layers(model: nn.Module, specs: Sequence[Any], batches: Sequence[
     return new
 
 
-def _group_stats(model, batches, mods, calls, new, dense, mode, device) -> dict[str, PairStats]:
+def _group_stats(model, batches, mods, calls, new, dense, mode, device, weighting="token") -> dict[str, PairStats]:
     """Per module of one group: its input sums with every layer in ``new`` swapped in (and,
     for ``"outputs"``, the dense model's inputs of the same rows)."""
     paired = mode == "outputs"
-    stats = {n: PairStats(m.in_features, paired, device) for n, m in mods.items()}
+    stats = {n: PairStats(m.in_features, paired, device, weighting) for n, m in mods.items()}
     swap_in = {dense[n]: layer for n, layer in new.items()}
     for b in batches:
         mask = batch_mask(b)

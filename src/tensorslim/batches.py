@@ -38,6 +38,26 @@ def unpadded(t: Tensor, mask: Tensor | None) -> Tensor:
     return t
 
 
+WEIGHTINGS = ("token", "sequence")  # how the rows of a (B, L, C) layer input count in the statistics
+
+
+def weighted_rows(x: Tensor, mask: Tensor | None, weighting: str = "token") -> tuple[Tensor, Tensor]:
+    """The rows (R, C) of a layer input ``x`` in float64, padding dropped (see :func:`unpadded`),
+    and their weights (R,): all 1 for ``"token"``; for ``"sequence"`` 1 / (real tokens of its
+    sequence) per row of a (B, L, C) input, so every text weighs the same however long it is
+    (what a mean-pooled sentence embedding sees), 1 per row of any other input."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; known: {', '.join(WEIGHTINGS)}")
+    rows = unpadded(x, mask).detach().reshape(-1, x.shape[-1]).double()
+    if weighting == "token" or x.dim() != 3:
+        return rows, torch.ones(rows.shape[0], dtype=torch.float64, device=rows.device)
+    if mask is not None and tuple(x.shape[:2]) == tuple(mask.shape):
+        m = mask.to(device=x.device, dtype=torch.float64)
+        per = (m / m.sum(1, keepdim=True).clamp_min(1.0))[mask.to(x.device)]
+        return rows, per
+    return rows, torch.full((rows.shape[0],), 1.0 / x.shape[1], dtype=torch.float64, device=rows.device)
+
+
 def batch_mask(batch: Any) -> Tensor | None:
     """A tokenizer batch's (B, L) attention mask as booleans (True: a real token), else None."""
     if isinstance(batch, Mapping):

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ._calib_embedding import collect_token_counts, embedding_curve, named_embeddings
 from ._calib_sequential import DEFAULT_DAMPING, SEQUENTIAL, sequential_layers
-from .batches import OutputFn, batch_mask, named_linears, run_batch, unpadded
+from .batches import WEIGHTINGS, OutputFn, batch_mask, named_linears, run_batch, weighted_rows
 
 VARIANTS = ("whiten", "asvd", "fwsvd")
 ERRORS = ("relative", "output", "fisher", "measured")
@@ -61,12 +61,15 @@ __all__ = ["InputStats", "Calibration", "run_batch", "collect_input_stats", "cal
 @dataclass(frozen=True, eq=False)
 class InputStats:
     """Sums over the ``samples`` input rows x (N,) one Linear saw: ``gram`` = sum x x^T (N, N),
-    ``total`` = sum x (N,), ``abs_total`` = sum |x| (N,); all float64."""
+    ``total`` = sum x (N,), ``abs_total`` = sum |x| (N,); all float64. With a ``"sequence"``
+    weighting (:data:`~tensorslim.batches.WEIGHTINGS`) every sum is weighted per row and
+    ``samples`` is the sum of the weights; ``rows`` counts the rows themselves (0: = samples)."""
 
     gram: Tensor
     total: Tensor
     abs_total: Tensor
-    samples: int
+    samples: float
+    rows: int = 0
 
     @property
     def mean(self) -> Tensor:
@@ -90,7 +93,8 @@ class InputStats:
 class Calibration:
     """Per-layer input statistics (qualified name -> :class:`InputStats`) and the variant used
     to decompose with them (``whiten`` | ``asvd`` | ``fwsvd``; ``alpha``: ASVD's exponent;
-    ``row_weights``: FWSVD's name -> (M,) row weights, a layer without them is whitened). ``batches``:
+    ``row_weights``: FWSVD's name -> (M,) row weights, a layer without them is whitened;
+    ``weighting``: how the statistics weighed the rows, see :func:`calibrate`). ``batches``:
     how many calibration batches were seen. ``error``: what rank allocation minimises (see the
     module docstring); ``row_energy`` (``fisher``: name -> (M,) mean squared model-output
     gradient per output channel and row) and ``measured`` (``measured``: name -> (ranks,
@@ -113,6 +117,7 @@ class Calibration:
     tokens: Mapping[str, Tensor] = field(default_factory=dict, repr=False)
     pending: Callable[[], "Calibration"] | None = field(default=None, repr=False)
     row_weights: Mapping[str, Tensor] = field(default_factory=dict, repr=False)
+    weighting: str = "token"
     _done: dict = field(default_factory=dict, repr=False)
 
     def resolved(self) -> "Calibration":
@@ -130,6 +135,8 @@ class Calibration:
             raise ValueError(f"Calibration: unknown variant {self.variant!r}; known: {', '.join(VARIANTS)}")
         if self.error not in ERRORS:
             raise ValueError(f"Calibration: unknown error {self.error!r}; known: {', '.join(ERRORS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"Calibration: unknown weighting {self.weighting!r}; known: {', '.join(WEIGHTINGS)}")
         if self.sequential not in SEQUENTIAL:
             raise ValueError(f"Calibration: unknown sequential {self.sequential!r}; known: {', '.join(SEQUENTIAL)}")
         if self.sequential != "off" and not self.inputs:
@@ -179,7 +186,7 @@ class Calibration:
                                    else None, relative=False, **fit)
         if self.error == "measured":
             ranks, change = self.measured[name]
-            curve = _rescaled(curve, ranks, change * st.samples)
+            curve = _rescaled(curve, ranks, change * (st.rows or st.samples))  # change is per row
         return curve
 
     def _table_curve(self, name: str, weight: Tensor) -> Tensor | None:
@@ -214,30 +221,34 @@ def _rescaled(curve: Tensor, ranks: Tensor, change: Tensor) -> Tensor:
 class _Acc:
     """Streaming float64 sums of one layer's input rows."""
 
-    def __init__(self, n: int, device: torch.device) -> None:
+    def __init__(self, n: int, device: torch.device, weighting: str = "token") -> None:
         f64 = dict(dtype=torch.float64, device=device)
         self.gram = torch.zeros(n, n, **f64)
         self.total = torch.zeros(n, **f64)
         self.abs_total = torch.zeros(n, **f64)
-        self.samples = 0
+        self.samples: float = 0
+        self.rows = 0
+        self.weighting = weighting
 
     def add(self, x: Tensor, mask: Tensor | None) -> None:
-        x = unpadded(x, mask)
-        rows = x.detach().reshape(-1, x.shape[-1]).double()
-        self.gram.addmm_(rows.T, rows)
-        self.total += rows.sum(0)
-        self.abs_total += rows.abs().sum(0)
-        self.samples += rows.shape[0]
+        rows, w = weighted_rows(x, mask, self.weighting)
+        self.gram.addmm_((rows * w[:, None]).T, rows)
+        self.total += w @ rows
+        self.abs_total += w @ rows.abs()
+        self.samples += float(w.sum()) if self.weighting != "token" else rows.shape[0]
+        self.rows += rows.shape[0]
 
     def result(self) -> InputStats:
-        return InputStats(self.gram, self.total, self.abs_total, self.samples)
+        return InputStats(self.gram, self.total, self.abs_total, self.samples, self.rows)
 
 
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, calibration: Iterable[Any], *, layers: Sequence[str] | None = None,
-                        max_batches: int | None = None, progress: bool = False) -> dict[str, InputStats]:
+                        max_batches: int | None = None, progress: bool = False,
+                        weighting: str = "token") -> dict[str, InputStats]:
     """Input statistics of every ``nn.Linear`` of ``model`` (or the names in ``layers``) over the
-    ``calibration`` batches (see the module docstring), at most ``max_batches`` of them. The
+    ``calibration`` batches (see the module docstring), at most ``max_batches`` of them, each row
+    weighted as ``weighting`` says (:func:`~tensorslim.batches.weighted_rows`). The
     model runs in eval mode (restored afterwards); a module called several times accumulates
     every call. ValueError when no batch is given."""
     if not isinstance(model, nn.Module):
@@ -248,7 +259,9 @@ def collect_input_stats(model: nn.Module, calibration: Iterable[Any], *, layers:
     mods = named_linears(model, layers)
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
-    accs = {n: _Acc(m.in_features, device) for n, m in mods.items()}
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"collect_input_stats: unknown weighting {weighting!r}; known: {', '.join(WEIGHTINGS)}")
+    accs = {n: _Acc(m.in_features, device, weighting) for n, m in mods.items()}
     current: dict[str, Tensor | None] = {"mask": None}
     hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: accs[n].add(args[0], current["mask"]))
              for n, m in mods.items()]
@@ -274,7 +287,7 @@ def calibrate(model: nn.Module, calibration: Iterable[Any], *, variant: str = "w
               layers: Sequence[str] | None = None, max_batches: int | None = None, error: str = DEFAULT_ERROR,
               sensitivity_batches: int = 3, probes: int = 2, output: OutputFn | None = None,
               sequential: str = DEFAULT_SEQUENTIAL, damping: float = DEFAULT_DAMPING,
-              progress: bool = False) -> Calibration:
+              weighting: str = "token", progress: bool = False) -> Calibration:
     """:func:`collect_input_stats` wrapped as a :class:`Calibration` of ``variant`` that
     allocates ranks by ``error`` (:data:`ERRORS`; ``nn.Embedding`` tables named in ``layers``
     get their lookup counts instead); ``fisher`` and ``measured`` also run
@@ -284,7 +297,10 @@ def calibrate(model: nn.Module, calibration: Iterable[Any], *, variant: str = "w
     outputs or on ``output(model_output, batch)`` (what the model is used for, e.g. pooled
     sentence embeddings); ``variant="fwsvd"`` takes its row weights from a random probe of
     those outputs on every calibration batch (:func:`fisher_row_weights`). ``sequential`` / ``damping``: how compression fits the layers
-    (:data:`SEQUENTIAL`; the batches are kept in the Calibration for it)."""
+    (:data:`SEQUENTIAL`; the batches are kept in the Calibration for it). ``weighting``:
+    ``"token"`` (every input row counts once) or ``"sequence"`` (every text counts once, its
+    rows weighted 1 / its length: the statistics of what mean-pooled embeddings average), for
+    the statistics and the sequential fits."""
     if variant not in VARIANTS:
         raise ValueError(f"calibrate: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     if error not in ERRORS:
@@ -298,8 +314,8 @@ def calibrate(model: nn.Module, calibration: Iterable[Any], *, variant: str = "w
     n = len(batches) if max_batches is None else min(len(batches), max_batches)
     tables = list(named_embeddings(model, layers or []))
     linears = None if layers is None else [x for x in layers if x not in tables]
-    stats = collect_input_stats(model, batches, layers=linears, max_batches=max_batches, progress=progress) \
-        if linears is None or linears else {}
+    stats = collect_input_stats(model, batches, layers=linears, max_batches=max_batches, progress=progress,
+                                weighting=weighting) if linears is None or linears else {}
     tokens = collect_token_counts(model, batches[:n], tables)
     rows = {}
     if variant == "fwsvd" and stats:
@@ -307,7 +323,7 @@ def calibrate(model: nn.Module, calibration: Iterable[Any], *, variant: str = "w
 
         rows = fisher_row_weights(model, batches[:n], probe_loss(output), layers=list(stats))
     cal = Calibration(stats, variant, alpha, n, sequential=sequential, damping=damping, inputs=tuple(batches[:n]),
-                      tokens=tokens, row_weights=rows)
+                      tokens=tokens, row_weights=rows, weighting=weighting)
     return with_error(cal, model, batches[:n], error, output=output,
                       sensitivity_batches=sensitivity_batches, probes=probes, progress=progress)
 

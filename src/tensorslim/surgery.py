@@ -210,7 +210,8 @@ def _calibration_options(model: nn.Module, specs: Iterable[LayerSpec], modules: 
     if cal.sequential != "off":
         return {}, lambda todo: sequential_layers(model, todo, list(cal.inputs), cal.sequential, build=build_layer,
                                                   variant=cal.variant, alpha=cal.alpha, damping=cal.damping,
-                                                  row_weights=cal.row_weights, progress=progress)
+                                                  row_weights=cal.row_weights, weighting=cal.weighting,
+                                                  progress=progress)
     return {n: cal.layer_options(n) for n in names}, None
 
 
