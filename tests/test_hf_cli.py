@@ -126,6 +126,12 @@ def test_whole_model_scope_prices_the_word_table_and_meets_the_target(folder, tm
 def test_scope_and_distill_target_are_validated():
     with pytest.raises(ValueError, match="target_scope must be one of linears, model, got 'all'"):
         HFCompressConfig(model="m", out_dir="o", target_scope="all")
+    with pytest.raises(ValueError, match="fit must be one of whiten, asvd, fwsvd, got 'svd'"):
+        HFCompressConfig(model="m", out_dir="o", fit="svd")
+    with pytest.raises(ValueError, match="sequential must be one of off, inputs, outputs, got 'both'"):
+        HFCompressConfig(model="m", out_dir="o", sequential="both")
+    with pytest.raises(ValueError, match="weighting must be one of token, sequence, got 'word'"):
+        HFCompressConfig(model="m", out_dir="o", weighting="word")
     with pytest.raises(ValueError, match="distill_target must be one of sentence, tokens, both, got 'cls'"):
         HFCompressConfig(model="m", out_dir="o", distill_target="cls")
 
@@ -185,3 +191,23 @@ def test_distill_targets_are_the_documented_losses_and_frozen_parameters_stay(fo
     assert shuffled == pytest.approx(expected, abs=1e-12) and shuffled[:3] != plain
     with pytest.raises(ValueError, match="target must be one of sentence, tokens, both, got 'cls'"):
         distill_embeddings(student, teacher, [batch], steps=1, target="cls")
+
+
+def test_cli_fit_sequential_and_weighting_reach_the_plan_and_the_checkpoint(folder, tmp_path, capsys):
+    import json
+
+    from tensorslim.plan import CompressionPlan
+
+    out = tmp_path / "cli_fit"
+    assert main(["compress", "--hf-model", str(folder), "--method", "svd", "--target-params", "0.8", "--fit", "fwsvd",
+                 "--sequential", "inputs", "--weighting", "sequence", "--calibration-batches", "1", "--threads", "1",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    rec = CompressionPlan.load(out / "plan.json").goal["calibration"]
+    assert (rec["variant"], rec["sequential"], rec["weighting"]) == ("fwsvd", "inputs", "sequence")
+    extra = json.loads(next(p for p in out.iterdir() if p.name.endswith(".json") and p.name != "plan.json")
+                       .read_text())
+    assert json.dumps(extra).count('"fit": "fwsvd"') == 1
+    assert main(["compress", "--model", "vgg16", "--fit", "asvd", "--target-params", "0.5",
+                 "--out", str(tmp_path / "u")]) == 2
+    assert "only apply with --hf-model" in capsys.readouterr().err

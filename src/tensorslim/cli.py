@@ -74,9 +74,9 @@ def _compress(args: argparse.Namespace) -> int:
     if args.hf_model is not None:
         return _compress_hf(args)
     if args.calibration_text is not None or args.distill_steps or args.target_scope is not None \
-            or args.distill_target is not None:
-        raise ValueError("--calibration-text, --distill-steps, --distill-target and --target-scope "
-                         "only apply with --hf-model")
+            or args.distill_target is not None or args.fit or args.sequential or args.weighting:
+        raise ValueError("--calibration-text, --distill-steps, --distill-target, --target-scope, --fit, "
+                         "--sequential and --weighting only apply with --hf-model")
     _out("--out", lambda: check_save_target(args.out_dir, overwrite=args.overwrite))
     run_compress(_compress_config(args))
     return 0
@@ -85,6 +85,7 @@ def _compress(args: argparse.Namespace) -> int:
 def _compress_hf(args: argparse.Namespace) -> int:
     """--hf-model: the Hugging Face encoder pipeline (tensorslim.app.hf.run_compress_hf)."""
     from .app.hf import HFCompressConfig, run_compress_hf
+    from .calibration import DEFAULT_SEQUENTIAL
     from .io import check_save_target
 
     if args.model is not None or args.checkpoint is not None:
@@ -97,7 +98,9 @@ def _compress_hf(args: argparse.Namespace) -> int:
         model=args.hf_model, out_dir=args.out_dir, method=args.method, goal=_goal(args),
         calibration_text=args.calibration_text, calibration_batches=args.calibration_batches,
         distill_steps=args.distill_steps, distill_target=args.distill_target or "sentence",
-        target_scope=args.target_scope or "linears", overwrite=args.overwrite, threads=args.threads))
+        target_scope=args.target_scope or "linears", fit=args.fit or "whiten",
+        sequential=args.sequential or DEFAULT_SEQUENTIAL, weighting=args.weighting or "token",
+        overwrite=args.overwrite, threads=args.threads))
     return 0
 
 

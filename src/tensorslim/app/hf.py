@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..calibration import DEFAULT_SEQUENTIAL
+
 __all__ = ["HFSource", "load_hf", "resolve_hf_path", "example_inputs", "text_batches", "embed", "sentence_embedding",
            "distill_embeddings", "DISTILL_TARGETS", "calibration_batches", "wordsim353", "lee_correlation", "HFCompressConfig", "HFCompressResult",
            "run_compress_hf"]
@@ -252,7 +254,8 @@ class HFCompressConfig:
     (32 per batch, 64 tokens) and of its single words (128 per batch, 16 tokens), so short
     inputs (a word's embedding) shape the statistics too. ``distill_steps`` > 0 distils the
     model on the same batches afterwards, matching ``distill_target`` (:func:`distill_embeddings`).
-    Latency: ``latency_batch`` x ``latency_tokens``, ``threads`` threads, dense and compressed
+    ``fit`` (whiten | asvd | fwsvd), ``sequential`` (off | inputs | outputs) and ``weighting``
+    (token | sequence): how the layers are fitted (``tensorslim.calibration.calibrate``). Latency: ``latency_batch`` x ``latency_tokens``, ``threads`` threads, dense and compressed
     timed alternately ``latency_repeats`` times."""
 
     model: str
@@ -265,6 +268,9 @@ class HFCompressConfig:
     distill_steps: int = 0
     distill_target: str = "sentence"
     target_scope: str = "linears"
+    fit: str = "whiten"
+    sequential: str = DEFAULT_SEQUENTIAL
+    weighting: str = "token"
     overwrite: bool = False
     threads: int = 2
     latency_batch: int = 32
@@ -280,6 +286,12 @@ class HFCompressConfig:
         check_int("distill_steps", self.distill_steps, 0)
         if self.target_scope not in SCOPES:
             raise ValueError(f"target_scope must be one of {', '.join(SCOPES)}, got {self.target_scope!r}")
+        from ..batches import WEIGHTINGS
+        from ..calibration import SEQUENTIAL, VARIANTS
+
+        for name, known in (("fit", VARIANTS), ("sequential", SEQUENTIAL), ("weighting", WEIGHTINGS)):
+            if getattr(self, name) not in known:
+                raise ValueError(f"{name} must be one of {', '.join(known)}, got {getattr(self, name)!r}")
         if self.distill_target not in DISTILL_TARGETS:
             raise ValueError(f"distill_target must be one of {', '.join(DISTILL_TARGETS)}, "
                              f"got {self.distill_target!r}")
@@ -400,7 +412,8 @@ def run_compress_hf(config: HFCompressConfig) -> HFCompressResult:
         if not batches:
             raise ValueError(f"--calibration-text {str(text)!r} holds no text")
         goal, skip, layers = _plan_goal(dense, config.goal, config.target_scope)
-        cal = calibrate(dense, batches, layers=layers, output=sentence_embedding, progress=config.progress)
+        cal = calibrate(dense, batches, layers=layers, output=sentence_embedding, variant=config.fit,
+                        sequential=config.sequential, weighting=config.weighting, progress=config.progress)
         plan = ts.make_plan(dense, config.method, example_inputs(tok, 1, config.latency_tokens),
                             calibration=cal, **goal)
         print(plan.table())
@@ -418,7 +431,8 @@ def run_compress_hf(config: HFCompressConfig) -> HFCompressResult:
         extra = {"hf_model": str(src.path), "evaluation": rows, "threads": config.threads,
                  "calibration": {"text": str(text), "batches": len(batches)},
                  "distill_steps": config.distill_steps, "distill_target": config.distill_target,
-                 "target_scope": config.target_scope}
+                 "target_scope": config.target_scope, "fit": config.fit, "sequential": config.sequential,
+                 "weighting": config.weighting}
         ts.save(model, plan, out, extra=extra, overwrite=config.overwrite)
     finally:
         torch.set_num_threads(old_threads)

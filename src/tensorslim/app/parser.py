@@ -201,6 +201,14 @@ def _add_hf(c: argparse.ArgumentParser) -> None:
                    help="what --target-params is a fraction of: the encoder's Linear parameters "
                         "(linears, default) or ALL parameters, the word-embedding table calibrated "
                         "and priced against the Linears (model)")
+    h.add_argument("--fit", choices=("whiten", "asvd", "fwsvd"), default=None,
+                   help="how each Linear is factorised on the calibration data: whitened SVD (SVD-LLM, "
+                        "default), ASVD or FWSVD (Fisher row weights from a probe of the embeddings)")
+    h.add_argument("--sequential", choices=("off", "inputs", "outputs"), default=None,
+                   help="fit each Linear on the dense model's inputs (off), on the partially compressed "
+                        "model's inputs (inputs) or to match the dense outputs from them (outputs, default)")
+    h.add_argument("--weighting", choices=("token", "sequence"), default=None,
+                   help="every token (default) or every text counts once in the calibration statistics")
     h.add_argument("--distill-target", choices=("sentence", "tokens", "both"), default=None,
                    help="what --distill-steps matches: the sentence embeddings (default), every "
                         "token's last hidden state, or both")

@@ -61,7 +61,8 @@ def data_context(ctx: PlanContext, layers: Sequence[PlannedLayer], calibration: 
         raise ValueError(f"calibration: the {cal.error!r} error needs every SVD Linear to be reached by the "
                          f"calibration batches, but {missing[:6]} were not; exclude them or use error='relative'")
     record = {"variant": cal.variant, "error": cal.error, "batches": cal.batches, "layers": len(curves),
-              **({"sequential": cal.sequential} if cal.sequential != "off" else {}), **({"note": note} if note else {})}
+              **({"sequential": cal.sequential} if cal.sequential != "off" else {}),
+              **({"weighting": cal.weighting} if cal.weighting != "token" else {}), **({"note": note} if note else {})}
     return DataPlanContext(**fields_, output_errors=curves, error_kind=cal.error), record
 
 
