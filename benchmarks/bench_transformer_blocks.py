@@ -9,7 +9,8 @@ calibration batches of each kind of lee_background text, latency guard ``--limit
   carries;
 * ``--part exclude``: re-plans the same budget with some blocks kept dense (the rest cut
   deeper) and scores WordSim353, SimLex-999 (gensim ``simlex999.txt``, a second word-similarity
-  set) and Lee;
+  set) and Lee, and the sentence-embedding change on the calibration batches (documents,
+  sentences, words): whether the calibration data alone would prefer the plan;
 * ``--part additivity``: the squared change of the unit sentence embeddings (and of their
   similarity matrix) on documents, sentences and single words when one block's Linears are
   truncated together, i.e. what the ``measured`` rank allocation sees;
@@ -90,6 +91,13 @@ def _emb(model, b, swaps=None) -> torch.Tensor:
             h.remove()
 
 
+def calibration_change(model, kinds: dict, refs: dict) -> dict[str, float]:
+    """Per kind of calibration input: the mean squared change of ``model``'s unit sentence
+    embeddings against ``refs`` (the dense model's, per batch)."""
+    return {k: sum(float((_emb(model, b) - r).square().sum(-1).mean()) for b, r in zip(bs, refs[k])) / len(bs)
+            for k, bs in kinds.items()}
+
+
 def reallocated(dense, cal, plan, few) -> dict:
     """``cal.measured`` re-measured in the context of ``plan``: for every Linear, at its probe
     ranks, the squared change of the sentence embeddings (per input row, on ``few`` batches)
@@ -148,6 +156,9 @@ def main() -> None:
                 d, lo, hi = bootstrap(sims[k], human, a, b)
                 print(f"{k}: {a} - {b} = {d:+.4f}, paired bootstrap 95% [{lo:+.4f}, {hi:+.4f}]", flush=True)
         return
+    kinds = {"documents": batches[0:4], "sentences": batches[4:8], "words": batches[8:12]}
+    if args.part in ("exclude", "context"):
+        refs = {k: [_emb(dense, b) for b in bs] for k, bs in kinds.items()}
     if args.part == "exclude":
         sl = simlex_pairs()
         print(f"dense SimLex-999 {bt.word_spearman(dense, tok, sl):.4f}, Lee {bt.scores(dense, tok, pairs, lee, human)[1]:.4f}")
@@ -156,7 +167,8 @@ def main() -> None:
             m = bt.compressed(dense, plan, cal, "outputs", DEFAULT_DAMPING, batches)
             w, le = bt.scores(m, tok, pairs, lee, human)
             print(f"dense also {extra}: Linears kept {kept:.3f}, WordSim353 {w:.4f} ({w - ws:+.4f}), "
-                  f"SimLex-999 {bt.word_spearman(m, tok, sl):.4f}, Lee {le:.4f}", flush=True)
+                  f"SimLex-999 {bt.word_spearman(m, tok, sl):.4f}, Lee {le:.4f}; calibration embedding change "
+                  + ", ".join(f"{k} {v:.5f}" for k, v in calibration_change(m, kinds, refs).items()), flush=True)
         return
     plan, kept = plan_excluding(dense, ex, fixed, lin_total, cal, [])
     names = [s.name for s in plan.layers if s.compressed and s.name.startswith("encoder.")]
@@ -164,7 +176,6 @@ def main() -> None:
     for n in names:
         groups.setdefault("block " + n.split(".")[2], []).append(n)
         groups.setdefault("type " + n.split(".", 3)[3], []).append(n)
-    kinds = {"documents": batches[0:4], "sentences": batches[4:8], "words": batches[8:12]}
     if args.part == "reallocate":
         few = [batches[round(i * (len(batches) - 1) / 2)] for i in range(3)]  # as calibrate() measures
         again = replace(cal, measured=reallocated(dense, cal, plan, few))
@@ -182,11 +193,9 @@ def main() -> None:
         return
     if args.part == "context":
         model = bt.compressed(dense, plan, cal, "outputs", DEFAULT_DAMPING, batches)
-        ref = {k: [_emb(dense, b) for b in bs] for k, bs in kinds.items()}
 
         def change(m) -> str:
-            return " | ".join(f"{sum(float((_emb(m, b) - r).square().sum(-1).mean()) for b, r in zip(bs, ref[k])) / len(bs):.5f}"
-                              for k, bs in kinds.items())
+            return " | ".join(f"{v:.5f}" for v in calibration_change(m, kinds, refs).values())
 
         print(f"| dense again | {' | '.join(kinds)} | WordSim353 |\n|---|---|---|---|---|")
         print(f"| none | {change(model)} | {bt.word_spearman(model, tok, pairs):.4f} |", flush=True)
