@@ -85,7 +85,6 @@ def _compress(args: argparse.Namespace) -> int:
 def _compress_hf(args: argparse.Namespace) -> int:
     """--hf-model: the Hugging Face encoder pipeline (tensorslim.app.hf.run_compress_hf)."""
     from .app.hf import HFCompressConfig, run_compress_hf
-    from .calibration import DEFAULT_SEQUENTIAL
     from .io import check_save_target
 
     if args.model is not None or args.checkpoint is not None:
@@ -98,9 +97,8 @@ def _compress_hf(args: argparse.Namespace) -> int:
         model=args.hf_model, out_dir=args.out_dir, method=args.method, goal=_goal(args),
         calibration_text=args.calibration_text, calibration_batches=args.calibration_batches,
         distill_steps=args.distill_steps, distill_target=args.distill_target or "sentence",
-        target_scope=args.target_scope or "linears", fit=args.fit or "whiten",
-        sequential=args.sequential or DEFAULT_SEQUENTIAL, weighting=args.weighting or "token",
-        overwrite=args.overwrite, threads=args.threads))
+        target_scope=args.target_scope or "linears", overwrite=args.overwrite, threads=args.threads,
+        **{k: getattr(args, k) for k in ("fit", "sequential", "weighting") if getattr(args, k) is not None}))
     return 0
 
 

@@ -255,7 +255,8 @@ class HFCompressConfig:
     inputs (a word's embedding) shape the statistics too. ``distill_steps`` > 0 distils the
     model on the same batches afterwards, matching ``distill_target`` (:func:`distill_embeddings`).
     ``fit`` (whiten | asvd | fwsvd), ``sequential`` (off | inputs | outputs) and ``weighting``
-    (token | sequence): how the layers are fitted (``tensorslim.calibration.calibrate``). Latency: ``latency_batch`` x ``latency_tokens``, ``threads`` threads, dense and compressed
+    (token | sequence): how the layers are fitted (``tensorslim.calibration.calibrate``).
+    Latency: ``latency_batch`` x ``latency_tokens``, ``threads`` threads, dense and compressed
     timed alternately ``latency_repeats`` times."""
 
     model: str
