@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 import bench_transformer as bt
 import tensorslim as ts
 from tensorslim.app.hf import example_inputs, load_hf, sentence_embedding
-from tensorslim.calibration import DEFAULT_DAMPING
+from tensorslim.calibration import DEFAULT_DAMPING, evenly_spaced
 from tensorslim.layers import LowRankLinear
 from tensorslim.surgery import set_submodule
 
@@ -91,6 +91,20 @@ def _emb(model, b, swaps=None) -> torch.Tensor:
             h.remove()
 
 
+def restored(model, dense, names):
+    """A copy of the compressed ``model`` with the Linears ``names`` dense again (from ``dense``)."""
+    m = copy.deepcopy(model)
+    for n in names:
+        set_submodule(m, n, copy.deepcopy(dense.get_submodule(n)))
+    return m
+
+
+def truncated(dense, cal, specs) -> dict:
+    """name -> the whitened-fit ``LowRankLinear`` of every compressed spec (fitted on the dense inputs)."""
+    return {s.name: LowRankLinear.from_dense(dense.get_submodule(s.name), s.rank, **cal.layer_options(s.name))
+            for s in specs if s.compressed}
+
+
 def calibration_change(model, kinds: dict, refs: dict) -> dict[str, float]:
     """Per kind of calibration input: the mean squared change of ``model``'s unit sentence
     embeddings against ``refs`` (the dense model's, per batch)."""
@@ -105,8 +119,7 @@ def reallocated(dense, cal, plan, few) -> dict:
     on the dense inputs), against the same model with it dense."""
     from tensorslim.batches import batch_mask
 
-    low = {s.name: LowRankLinear.from_dense(dense.get_submodule(s.name), s.rank, **cal.layer_options(s.name))
-           for s in plan.layers if s.compressed}
+    low = truncated(dense, cal, plan.layers)
     refs = [_emb(dense, b) for b in few]
     rows = sum(int(batch_mask(b).sum()) for b in few)
     out = {}
@@ -177,7 +190,7 @@ def main() -> None:
         groups.setdefault("block " + n.split(".")[2], []).append(n)
         groups.setdefault("type " + n.split(".", 3)[3], []).append(n)
     if args.part == "reallocate":
-        few = [batches[round(i * (len(batches) - 1) / 2)] for i in range(3)]  # as calibrate() measures
+        few = evenly_spaced(batches, 3)  # the batches calibrate() measured the sensitivities on
         again = replace(cal, measured=reallocated(dense, cal, plan, few))
         plan2, kept2 = plan_excluding(dense, ex, fixed, lin_total, again, [])
         before = {s.name: s.rank if s.compressed else "dense" for s in plan.layers}
@@ -202,9 +215,7 @@ def main() -> None:
         for g, members in groups.items():
             if not g.startswith("block"):
                 continue
-            m = copy.deepcopy(model)
-            for n in members:
-                set_submodule(m, n, copy.deepcopy(dense.get_submodule(n)))
+            m = restored(model, dense, members)
             print(f"| {g} | {change(m)} | {bt.word_spearman(m, tok, pairs):.4f} |", flush=True)
         return
     if args.part == "restore":
@@ -212,14 +223,10 @@ def main() -> None:
         full = bt.word_spearman(model, tok, pairs)
         print(f"compressed (Linears {kept:.3f}): WordSim353 {full:.4f} ({full - ws:+.4f})")
         for g, members in groups.items():
-            m = copy.deepcopy(model)
-            for n in members:
-                set_submodule(m, n, copy.deepcopy(dense.get_submodule(n)))
-            v = bt.word_spearman(m, tok, pairs)
+            v = bt.word_spearman(restored(model, dense, members), tok, pairs)
             print(f"{g} ({len(members)} Linears) dense again: {v:.4f}, recovers {v - full:+.4f}", flush=True)
         return
-    low = {n: LowRankLinear.from_dense(dense.get_submodule(n), {s.name: s for s in plan.layers}[n].rank,
-                                       **cal.layer_options(n)) for n in names}
+    low = truncated(dense, cal, plan.layers)
     kinds = {k: bs[:2] for k, bs in kinds.items()}
     ref = {k: [_emb(dense, b) for b in bs] for k, bs in kinds.items()}
     print("| Linears truncated | inputs | embedding change | similarity-matrix change |\n|---|---|---|---|")

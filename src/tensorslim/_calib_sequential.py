@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .batches import StopPass, batch_mask, run_batch, weighted_rows
+from .batches import StopPass, add_rows, batch_mask, run_batch, weighted_rows
 
 SEQUENTIAL = ("off", "inputs", "outputs")
 DEFAULT_DAMPING = 0.1  # the "outputs" fit's pull towards the dense weight, x mean(diag A)
@@ -58,18 +58,14 @@ class PairStats:
     def add(self, x_hat: Tensor, x: Tensor | None, mask: Tensor | None) -> None:
         """Add the rows of ``x_hat`` (and the same rows of the dense ``x``), padding dropped."""
         xh, w = weighted_rows(x_hat, mask, self.weighting)
-        xw = xh * w[:, None]
-        self.gram_hat.addmm_(xw.T, xh)
-        self.total_hat += xw.sum(0)
-        self.abs_hat += w @ xh.abs()
-        self.samples += float(w.sum()) if self.weighting != "token" else xh.shape[0]
+        self.samples += add_rows(self.gram_hat, self.total_hat, self.abs_hat, xh, w, self.weighting)
         if self.paired:
             if x is None or tuple(x.shape) != tuple(x_hat.shape):
                 raise ValueError("sequential calibration: the dense and the compressed pass gave inputs of "
                                  f"different shapes ({None if x is None else tuple(x.shape)} vs "
                                  f"{tuple(x_hat.shape)}); the model must be deterministic in eval mode")
             xd = weighted_rows(x, mask)[0]
-            self.cross.addmm_(xw.T, xd)
+            self.cross.addmm_((xh * w[:, None]).T, xd)
             self.gram.addmm_((xd * w[:, None]).T, xd)
             self.total += w @ xd
 
@@ -119,6 +115,17 @@ def fit_output_error(layer_weight: Tensor, weight: Tensor, st: PairStats, centre
     return (max(err, 0.0) / ref) ** 0.5 if ref > 0 else 0.0
 
 
+def variant_options(variant: str, abs_mean: Tensor, alpha: float, row_weights: Tensor | None) -> dict[str, Any]:
+    """What a data-aware ``variant`` adds to ``LowRankLinear.from_dense``'s gram / input_mean:
+    ASVD's ``scale`` (the mean |x| per input channel) and ``alpha``, FWSVD's ``row_weights``
+    (without them the layer is whitened), nothing for ``whiten``."""
+    if variant == "asvd":
+        return {"scale": abs_mean, "alpha": alpha}
+    if variant == "fwsvd" and row_weights is not None:
+        return {"row_weights": row_weights}
+    return {}
+
+
 def fit_layer(lin: nn.Linear, spec: Any, st: PairStats | None, mode: str, *, build: Build,
               variant: str = "whiten", alpha: float = 0.5, damping: float = DEFAULT_DAMPING,
               row_weights: Tensor | None = None) -> nn.Module:
@@ -133,10 +140,9 @@ def fit_layer(lin: nn.Linear, spec: Any, st: PairStats | None, mode: str, *, bui
     if st is None or st.samples == 0:
         return build(lin, spec)
     n = st.samples
-    scale = {"scale": st.abs_hat / n, "alpha": alpha} if variant == "asvd" else \
-        {"row_weights": row_weights} if variant == "fwsvd" and row_weights is not None else {}
+    extra = variant_options(variant, st.abs_hat / n, alpha, row_weights)
     if mode == "inputs":
-        return build(lin, spec, data={"gram": st.gram_hat / n, "input_mean": st.total_hat / n, **scale})
+        return build(lin, spec, data={"gram": st.gram_hat / n, "input_mean": st.total_hat / n, **extra})
     w0, b0, metric, mu_hat = closed_form_target(lin.weight, lin.bias, st, damping)
     target = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
     target.to(device=lin.weight.device, dtype=lin.weight.dtype)
@@ -146,7 +152,7 @@ def fit_layer(lin: nn.Linear, spec: Any, st: PairStats | None, mode: str, *, bui
             target.bias.copy_(b0)
     # from_dense whitens by gram - m^ m^T (with a bias): hand it (A + lam I) / n + m^ m^T
     gram = metric / n + (torch.outer(mu_hat, mu_hat) if mu_hat is not None else 0)
-    layer = build(target, spec, data={"gram": gram, "input_mean": mu_hat, **scale})
+    layer = build(target, spec, data={"gram": gram, "input_mean": mu_hat, **extra})
     approx = layer.project_out.weight.detach().double() @ layer.project_in.weight.detach().double()
     layer.approx_error = rel_error(lin.weight.detach().double(), approx)
     layer.output_error = fit_output_error(approx, lin.weight, st, centred=lin.bias is not None)

@@ -58,6 +58,18 @@ def weighted_rows(x: Tensor, mask: Tensor | None, weighting: str = "token") -> t
     return rows, torch.full((rows.shape[0],), 1.0 / x.shape[1], dtype=torch.float64, device=rows.device)
 
 
+def add_rows(gram: Tensor, total: Tensor, abs_total: Tensor, rows: Tensor, weights: Tensor,
+             weighting: str) -> float:
+    """Adds ``rows`` (R, C) weighted by ``weights`` (R,) (from :func:`weighted_rows`) to the sums
+    in place: ``gram`` += sum w x x^T, ``total`` += sum w x, ``abs_total`` += sum w |x|. Returns
+    what they add to the sample count: R for ``"token"``, the sum of the weights otherwise."""
+    xw = rows * weights[:, None]
+    gram.addmm_(xw.T, rows)
+    total += xw.sum(0)
+    abs_total += weights @ rows.abs()
+    return rows.shape[0] if weighting == "token" else float(weights.sum())
+
+
 def batch_mask(batch: Any) -> Tensor | None:
     """A tokenizer batch's (B, L) attention mask as booleans (True: a real token), else None."""
     if isinstance(batch, Mapping):

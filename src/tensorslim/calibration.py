@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._calib_embedding import collect_token_counts, embedding_curve, named_embeddings
-from ._calib_sequential import DEFAULT_DAMPING, SEQUENTIAL, sequential_layers
-from .batches import WEIGHTINGS, OutputFn, batch_mask, named_linears, run_batch, weighted_rows
+from ._calib_sequential import DEFAULT_DAMPING, SEQUENTIAL, sequential_layers, variant_options
+from .batches import WEIGHTINGS, OutputFn, add_rows, batch_mask, named_linears, run_batch, weighted_rows
 
 VARIANTS = ("whiten", "asvd", "fwsvd")
 ERRORS = ("relative", "output", "fisher", "measured")
@@ -152,12 +152,8 @@ class Calibration:
         st = self.stats.get(name)
         if st is None or st.samples == 0:
             return {}
-        opts: dict[str, Any] = {"gram": st.gram / st.samples, "input_mean": st.mean}
-        if self.variant == "asvd":
-            opts.update(scale=st.abs_mean, alpha=self.alpha)
-        elif self.variant == "fwsvd" and name in self.row_weights:
-            opts.update(row_weights=self.row_weights[name])
-        return opts
+        return {"gram": st.gram / st.samples, "input_mean": st.mean,
+                **variant_options(self.variant, st.abs_mean, self.alpha, self.row_weights.get(name))}
 
     def error_curve(self, name: str, weight: Tensor) -> Tensor | None:
         """The ``error`` of layer ``name`` (weight (M, N)) at every rank 0..min(M, N) with this
@@ -173,9 +169,8 @@ class Calibration:
         st = self.stats.get(name)
         if st is None or st.samples == 0:
             return None
-        opts = self.layer_options(name)
-        method = "asvd" if "scale" in opts else "fwsvd" if "row_weights" in opts else "whiten"
-        fit = dict(scale=opts.get("scale"), row_weights=opts.get("row_weights"), alpha=self.alpha)
+        fit = variant_options(self.variant, st.abs_mean, self.alpha, self.row_weights.get(name))
+        method = "asvd" if "scale" in fit else "fwsvd" if "row_weights" in fit else "whiten"
         w = weight.detach()
         if self.error == "relative":
             return output_error_curve(w, st.centered_gram / st.samples, method, **fit)
@@ -232,10 +227,7 @@ class _Acc:
 
     def add(self, x: Tensor, mask: Tensor | None) -> None:
         rows, w = weighted_rows(x, mask, self.weighting)
-        self.gram.addmm_((rows * w[:, None]).T, rows)
-        self.total += w @ rows
-        self.abs_total += w @ rows.abs()
-        self.samples += float(w.sum()) if self.weighting != "token" else rows.shape[0]
+        self.samples += add_rows(self.gram, self.total, self.abs_total, rows, w, self.weighting)
         self.rows += rows.shape[0]
 
     def result(self) -> InputStats:
@@ -338,8 +330,7 @@ def with_error(cal: Calibration, model: nn.Module, batches: Sequence[Any], error
 
     if error not in ERRORS:
         raise ValueError(f"with_error: unknown error {error!r}; known: {', '.join(ERRORS)}")
-    n = len(batches)
-    few = [batches[round(i * (n - 1) / max(sensitivity_batches - 1, 1))] for i in range(min(sensitivity_batches, n))]
+    few = evenly_spaced(batches, sensitivity_batches)
     cal = replace(cal, error=error, row_energy={}, measured={}, pending=None, _done={})
     if error == "fisher":
         cal = replace(cal, row_energy=output_sensitivity(model, few, layers=list(cal.stats), probes=probes,
@@ -349,6 +340,13 @@ def with_error(cal: Calibration, model: nn.Module, batches: Sequence[Any], error
         cal = replace(cal, measured=measure_truncation(model, few, ranks, cal.layer_options, output=output,
                                                        progress=progress))
     return cal
+
+
+def evenly_spaced(batches: Sequence[Any], k: int) -> list[Any]:
+    """``k`` of ``batches`` spread evenly, the first and the last included (all when fewer):
+    the batches the model sensitivities are measured on."""
+    n = len(batches)
+    return [batches[round(i * (n - 1) / max(k - 1, 1))] for i in range(min(k, n))]
 
 
 def as_calibration(model: nn.Module, calibration: Any, layers: Sequence[str] | None = None,
